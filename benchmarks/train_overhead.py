@@ -1,0 +1,153 @@
+"""Time and memory of one stage-1 optimizer step against the bare frozen parts doing the same work.
+
+Ours: the full `MiniGPT5` step (LLM forward/backward, mapper, VAE encode, UNet forward/backward,
+caption target, optimizer). Bare: the LLM forward and backward on the same tokens (to its input
+embeddings), plus the UNet forward and backward to its conditioning input, with nothing trained.
+Both run interleaved in one process, so machine noise hits them alike; the ratio of medians is
+printed. Peak memory is read per variant in a child process, as the growth over the memory held
+after setup (CPU: peak resident set; GPU: peak allocated), so it counts activations, gradients
+and optimizer state, not the weights both share.
+
+    python benchmarks/train_overhead.py                       # debug recipe, tiny backbones
+    python benchmarks/train_overhead.py --steps 40 train.mixed_precision=bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def setup(overrides: list[str]):
+    from minigpt5_cli import recipe as R
+    from minigpt5_cli.data import Collator, TrainSet, read_jsonl
+    from minigpt5_cli.model import build_model
+
+    recipe = R.load(REPO / "recipes/debug/stage1.yaml",
+                    [f"data.train={REPO}/recipes/debug/data/pairs.jsonl", "data.instruction_prob=0", *overrides])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = build_model(recipe).to(device)
+    ds = TrainSet(read_jsonl(recipe.data.train, 1), 1, model.gen_info.resolution, 0, 0, 0.0,
+                  model.llm_info.accepts_images)
+    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
+                       recipe.model.n_vokens, recipe.data.max_length)
+    batch = {k: v.to(device) for k, v in collate([ds[i] for i in range(recipe.train.batch_size)]).items()}
+    groups = model.trainable_groups()
+    opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"], "lr": 1e-4}], lr=1e-5)
+    model.train()
+    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.train.mixed_precision]
+
+    def autocast():
+        return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+
+    def ours():
+        with autocast():
+            loss = model(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # The bare parts see the same tokens, and latents and conditioning of the same shapes.
+    n_img = batch["target_pixels"].shape[0]
+    with torch.no_grad():
+        latents = model.vae.encode(batch["target_pixels"].to(model.vae.dtype)).latent_dist.sample()
+    length, width = model.gen_info.cond_shape
+    embed = model.llm.get_input_embeddings()
+    llm_inputs = {k: batch[k] for k in ("attention_mask", "pixel_values") if k in batch}
+
+    def bare():
+        with autocast():
+            embeds = embed(batch["input_ids"]).detach().requires_grad_(True)
+            logits = model.llm(inputs_embeds=embeds, **llm_inputs, output_hidden_states=True).logits
+            text = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                                     batch["labels"][:, 1:].flatten(), ignore_index=-100)
+            cond = torch.randn(n_img, length, width, device=device, dtype=model.unet.dtype, requires_grad=True)
+            t = torch.randint(0, 1000, (n_img,), device=device)
+            pred = model.unet(latents, t, encoder_hidden_states=cond).sample
+            loss = text + pred.float().pow(2).mean()
+        loss.backward()
+
+    return ours, bare, device
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timing(overrides, steps, warmup):
+    ours, bare, device = setup(overrides)
+    for _ in range(warmup):
+        ours(), bare()
+    times = {"ours": [], "bare": []}
+    for _ in range(steps):
+        for name, fn in (("ours", ours), ("bare", bare)):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in times.items()}, device
+
+
+def peak_memory(variant, overrides, steps):
+    """Runs in a child process: how far `steps` calls of one variant raise peak memory over setup."""
+    ours, bare, device = setup(overrides)
+    fn = ours if variant == "ours" else bare
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    for _ in range(steps):
+        fn()
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() - base
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, key.sub=value")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--memory-child", choices=["ours", "bare"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        print(json.dumps({"peak": peak_memory(args.memory_child, args.overrides, 5)}))
+        return
+    medians, device = timing(args.overrides, args.steps, args.warmup)
+    peaks = {}
+    for variant in ("ours", "bare"):
+        out = subprocess.run([sys.executable, __file__, "--memory-child", variant, *args.overrides],
+                             capture_output=True, text=True, check=True)
+        peaks[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak"]
+    ratio = medians["ours"] / medians["bare"]
+    print(f"device: {device}; recipe: recipes/debug/stage1.yaml {' '.join(args.overrides)}")
+    print(f"step time: ours {medians['ours'] * 1e3:.1f} ms, bare {medians['bare'] * 1e3:.1f} ms (median of {args.steps})")
+    print(f"time ratio ours/bare: {ratio:.3f}  (target <= 1.15)")
+    memory = f"peak memory over setup: ours {peaks['ours'] / 2**20:.1f} MiB, bare {peaks['bare'] / 2**20:.1f} MiB"
+    if min(peaks.values()) >= 2**20:
+        memory += f", ratio {peaks['ours'] / peaks['bare']:.3f}"
+    else:  # the resident set moves in pages and reuses freed memory: below 1 MiB a ratio means nothing
+        memory += " (too small to compare on this configuration)"
+    print(memory)
+    print(f"reproduce: python benchmarks/train_overhead.py {' '.join(sys.argv[1:])}".rstrip())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from minigpt5_cli.cli import main
+
+main()

@@ -1,0 +1,218 @@
+"""`minigpt5 train`: stage 1 (vokens + mapper on pairs) and stage 2 (plus LoRA or prefix tuning on
+interleaved sequences), with accelerate, so the same code runs on one process or many.
+
+Checkpoints are `OUTPUT/checkpoint-STEP/` folders holding only the trained weights (vokens as
+safetensors, the mapper via `save_pretrained`, the PEFT adapter folder), `recipe.yaml`, and the
+optimizer, scheduler and sampler state for `--resume`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from minigpt5_cli import recipe as recipes
+from minigpt5_cli.data import Collator, TrainSet, read_jsonl
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.model import MiniGPT5, build_model
+from minigpt5_cli.params import table
+
+STATE_FILE = "trainer_state.json"
+_CKPT = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    folder = Path(output_dir)
+    found = [p for p in folder.glob("checkpoint-*") if _CKPT.search(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_CKPT.search(p.name).group(1)))
+
+
+def _step_seed(seed: int, rank: int, micro: int) -> int:
+    # Noise, timesteps, CFG drops and dropout depend on the step alone, so a resumed run replays them.
+    return (seed * 1_000_003 + micro * 7919 + rank) % (2**63)
+
+
+def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
+    """Train one stage; return the last checkpoint folder."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import DataLoaderConfiguration, set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    t = recipe.train
+    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision="no"))
+        t = recipe.train
+    if t.stage == 2 and not t.init_from:
+        raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from")
+    if not recipe.data.train:
+        raise UserError("no training data: set data.train")
+    out = Path(t.output_dir)
+    existing = checkpoints(out)
+    if existing and not resume:
+        raise UserError(f"{out} already holds checkpoints; pass --resume to continue, or pick another output_dir")
+
+    accelerator = Accelerator(
+        mixed_precision=t.mixed_precision,
+        log_with=None if t.tracker == "none" else t.tracker,
+        project_dir=str(out),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
+        # Stage-2 batches may hold no image, leaving the mapper unused for a step.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    console = console or Console(stderr=True)
+    main = accelerator.is_main_process
+    set_seed(t.seed)
+    records = read_jsonl(recipe.data.train, t.stage)
+    model = build_model(recipe, init_from=_init_folder(t.init_from) if t.stage == 2 else None)
+    if main:
+        console.print(table(model, recipe))
+        if model.processor is None and t.stage == 2 and any(s["image"] for r in records for s in r["steps"][:-1]):
+            console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
+
+    dataset = TrainSet(records, t.stage, model.gen_info.resolution, recipe.data.history, t.seed,
+                       recipe.data.instruction_prob, model.llm_info.accepts_images)
+    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
+                       recipe.model.n_vokens, recipe.data.max_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=recipe.data.num_workers)
+    groups = model.trainable_groups()
+    optimizer = torch.optim.AdamW(
+        [g for g in ({"params": groups["vokens"] + groups["adapter"], "lr": t.lr},
+                     {"params": groups["mapper"], "lr": t.lr * t.mapper_lr_scale}) if g["params"]],
+        lr=t.lr, eps=t.adam_eps, weight_decay=t.weight_decay,
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    per_epoch = len(loader)
+    total = t.max_steps or math.ceil(t.epochs * per_epoch / t.grad_accum)
+    # Stepped once per optimizer step on every process, so it is not handed to accelerate.
+    scheduler = get_linear_schedule_with_warmup(optimizer, min(t.warmup_steps, total), total)
+    accelerator.register_for_checkpointing(scheduler)
+    raw: MiniGPT5 = accelerator.unwrap_model(model)
+    _register_hooks(accelerator)
+
+    step = 0
+    if resume and existing:
+        accelerator.load_state(str(existing[-1]))
+        step = json.loads((existing[-1] / STATE_FILE).read_text())["step"]
+        if main:
+            console.print(f"resumed from {existing[-1]} at step {step}")
+    elif resume and main:
+        console.print(f"no checkpoint in {out}; starting fresh")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        recipes.save(recipe, out / "recipe.yaml")
+    accelerator.init_trackers("minigpt5", config=_flat(recipes.to_dict(recipe)))
+
+    trainable = [p for ps in raw.trainable_groups().values() for p in ps]
+    last = existing[-1] if existing and resume else None
+    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
+                        disable=not main)
+    model.train()
+    iterator, epoch = None, -1
+    try:
+        with progress:
+            task = progress.add_task("train", total=total, completed=step, losses="")
+            for micro in range(step * t.grad_accum, total * t.grad_accum):
+                if micro // per_epoch != epoch or iterator is None:
+                    epoch = micro // per_epoch
+                    loader.set_epoch(epoch)
+                    skip = micro % per_epoch
+                    iterator = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+                batch = next(iterator)
+                torch.manual_seed(_step_seed(t.seed, accelerator.process_index, micro))
+                sync = (micro + 1) % t.grad_accum == 0
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    losses = model(batch)
+                    accelerator.backward(losses["loss"] / t.grad_accum)
+                if not sync:
+                    continue
+                if t.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logs = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+                progress.update(task, completed=step,
+                                losses=" ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+                if step % t.log_every == 0 or step == total:
+                    accelerator.log({**logs, "lr": scheduler.get_last_lr()[0]}, step=step)
+                if step % t.save_every == 0 or step == total:
+                    last = save_checkpoint(accelerator, raw, recipe, step)
+    except KeyboardInterrupt:
+        # Keep what was done: the state at the last finished optimizer step. One process only, since
+        # a collective save could hang when the other processes were interrupted too.
+        saved = {p.name for p in checkpoints(out)}
+        if accelerator.num_processes == 1 and step and f"checkpoint-{step}" not in saved:
+            last = save_checkpoint(accelerator, raw, recipe, step)
+            console.print(f"interrupted: saved {last}; continue with --resume")
+        raise
+    accelerator.end_training()
+    if main:
+        console.print(f"done: {last}")
+    return last
+
+
+def _init_folder(path: str) -> Path:
+    """A checkpoint folder, or a run folder whose latest checkpoint is taken."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"checkpoint not found: {folder}")
+    found = checkpoints(folder)
+    return found[-1] if found else folder
+
+
+def _register_hooks(accelerator) -> None:
+    """Let accelerate save optimizer and RNG state while we write only the trained weights."""
+
+    def save(models, weights, output_dir):
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(models[0]).save_trainables(output_dir)
+        weights.clear()  # no full-model state dict on disk
+
+    def load(models, input_dir):
+        accelerator.unwrap_model(models.pop()).load_trainables(input_dir)
+
+    accelerator.register_save_state_pre_hook(save)
+    accelerator.register_load_state_pre_hook(load)
+
+
+def save_checkpoint(accelerator, model: MiniGPT5, recipe: recipes.Recipe, step: int) -> Path:
+    """Write `checkpoint-STEP` beside a temporary name and rename, then rotate old ones out."""
+    out = Path(recipe.train.output_dir)
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        recipes.save(recipe, tmp / "recipe.yaml")
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in checkpoints(out)[:-recipe.train.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from minigpt5_cli import tiny
+from minigpt5_cli.backbones import load_generator, load_llm
+from minigpt5_cli.errors import UserError
+
+
+@pytest.mark.parametrize("name", ["tiny:llama", "tiny:llava"])
+def test_tiny_llm_saved_and_loaded_through_production_path(name, tmp_path):
+    folder = tiny.build(name, tmp_path / "llm")
+    assert (tmp_path / "llm" / "config.json").is_file() and (tmp_path / "llm" / "model.safetensors").is_file()
+    llm = load_llm(folder)
+    assert llm.accepts_images == (name == "tiny:llava")
+    assert llm.tokenizer.pad_token is not None
+    ids = llm.tokenizer("a red circle", return_tensors="pt").input_ids
+    out = llm.model(input_ids=ids, output_hidden_states=True)
+    # The last hidden state is after the final norm: the LM head reads it directly.
+    torch.testing.assert_close(llm.model.get_output_embeddings()(out.hidden_states[-1]), out.logits)
+
+
+def test_tiny_generator_conditioning_shape_comes_from_the_pipeline(tmp_path):
+    gen = load_generator(tiny.build("tiny:sd", tmp_path / "sd"))
+    assert gen.cond_shape == (16, 32)  # deliberately not SD's 77 x 1024
+    assert gen.resolution == 32
+    ids = gen.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
+    assert gen.text_encoder(ids).last_hidden_state.shape == (1, *gen.cond_shape)
+
+
+def test_tiny_resolve_caches_once():
+    first = tiny.resolve("tiny:sd")
+    assert tiny.resolve("tiny:sd") == first
+    with pytest.raises(UserError, match="unknown tiny backbone"):
+        tiny.resolve("tiny:gpt")
+
+
+def test_offline_hub_id_gives_clear_error():
+    with pytest.raises(UserError, match="cannot load the LLM 'no-such-org/no-such-model'.*local folder"):
+        load_llm("no-such-org/no-such-model")
+    with pytest.raises(UserError, match="cannot load the generator"):
+        load_generator("no-such-org/no-such-sd")
+
+
+def test_non_sd_generator_refused(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
+    with pytest.raises(UserError, match="Stable Diffusion-style"):
+        load_generator(str(tmp_path / "ddpm"))

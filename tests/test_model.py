@@ -1,0 +1,153 @@
+import copy
+
+import pytest
+import torch
+
+from minigpt5_cli import recipe as R
+from minigpt5_cli.data import Collator, TrainSet, read_jsonl
+from minigpt5_cli.mapper import FeatureMapper
+from minigpt5_cli.model import build_model
+from minigpt5_cli.params import paper_counts
+
+from conftest import DEBUG
+
+
+def make(stage=1, adapter="none", llm="tiny:llava", extra=()):
+    name = "stage1.yaml" if stage == 1 else f"stage2_{adapter}.yaml"
+    data = DEBUG / "data" / ("pairs.jsonl" if stage == 1 else "sequences.jsonl")
+    recipe = R.load(DEBUG / name, [f"model.llm={llm}", f"data.train={data}", *extra])
+    return recipe, build_model(recipe)
+
+
+def batch_for(model, recipe, size=4):
+    records = read_jsonl(recipe.data.train, recipe.train.stage)
+    ds = TrainSet(records, recipe.train.stage, model.gen_info.resolution, recipe.data.history, 0,
+                  recipe.data.instruction_prob, model.llm_info.accepts_images)
+    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
+                       recipe.model.n_vokens, recipe.data.max_length)
+    return collate([ds[i] for i in range(min(size, len(ds)))])
+
+
+@pytest.mark.parametrize("llm", ["tiny:llava", "tiny:llama"])
+def test_vokens_added_with_mean_rows(llm):
+    recipe, model = make(llm=llm)
+    tok, n = model.tokenizer, recipe.model.n_vokens
+    ids = tok.convert_tokens_to_ids([f"[IMG{i}]" for i in range(n)])
+    assert ids == list(range(model.first_voken, model.first_voken + n))
+    base = model.llm.get_input_embeddings().weight
+    mean = base[:model.first_voken].mean(0)
+    torch.testing.assert_close(model.vokens.rows_in, mean.expand(n, -1))
+    # Only voken rows train: the embedding and LM head matrices stay frozen.
+    assert not base.requires_grad and not model.llm.get_output_embeddings().weight.requires_grad
+    assert sum(p.numel() for p in model.trainable_groups()["vokens"]) == 2 * n * base.shape[1]
+
+
+def test_voken_hooks_route_rows_into_embeddings_and_logits():
+    _, model = make()
+    with torch.no_grad():
+        model.vokens.rows_in[0] = 3.0
+        model.vokens.rows_out[1] = 0.0
+    ids = torch.tensor([[1, model.first_voken, model.first_voken + 1]])
+    emb = model.llm.get_input_embeddings()(ids)
+    assert torch.all(emb[0, 1] == 3.0) and not torch.all(emb[0, 0] == 3.0)
+    logits = model.llm(input_ids=ids).logits
+    assert torch.all(logits[..., model.first_voken + 1] == 0.0)
+
+
+@pytest.mark.parametrize("stage,adapter,llm", [(1, "none", "tiny:llava"), (1, "none", "tiny:llama"),
+                                               (2, "lora", "tiny:llava"), (2, "prefix", "tiny:llava"),
+                                               (2, "lora", "tiny:llama")])
+def test_step_changes_exactly_the_trainable_tensors(stage, adapter, llm):
+    extra = ["loss.cfg_drop=0.0"]
+    recipe, model = make(stage, adapter, llm, extra)
+    if stage == 2:  # stage 2 freezes the mapper's fc and queries
+        model.mapper.fc.requires_grad_(False)
+        model.mapper.queries.requires_grad_(False)
+    batch = batch_for(model, recipe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {"vokens", "mapper"} | ({"adapter"} if adapter != "none" else set())
+    assert {k for k, v in model.trainable_groups().items() if v} == expected
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    model(batch)["loss"].backward()
+    opt.step()
+    after = dict(model.named_parameters())
+    frozen_changed = [n for n in before if n not in trainable and not torch.equal(before[n], after[n])]
+    trainable_same = [n for n in trainable if torch.equal(before[n], after[n])]
+    assert frozen_changed == []
+    assert trainable_same == []
+    if stage == 2:
+        assert torch.equal(before["mapper.queries"], after["mapper.queries"])
+
+
+@pytest.mark.parametrize("stage,adapter", [(1, "none"), (2, "lora")])
+def test_loss_falls_when_overfitting_one_batch(stage, adapter):
+    recipe, model = make(stage, adapter, extra=["loss.cfg_drop=0.0"])
+    batch = batch_for(model, recipe)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    history = []
+    for _ in range(40):
+        torch.manual_seed(0)  # the same noise and timesteps each step: a true overfit
+        out = model(batch)
+        history.append({k: v.item() for k, v in out.items()})
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    first, last = history[0], history[-1]
+    parts = ["loss", "text", "image"] + (["caption"] if stage == 1 else [])
+    assert all(last[k] < first[k] for k in parts), (first, last)
+    assert last["loss"] < 0.95 * first["loss"], (first, last)
+    if stage == 1:  # the text and caption targets are easy for vokens + mapper to fit
+        assert last["text"] < 0.7 * first["text"] and last["caption"] < 0.3 * first["caption"], (first, last)
+
+
+def test_text_labels_supervise_first_voken_only():
+    recipe, model = make()
+    batch = batch_for(model, recipe, size=2)
+    ids, labels = batch["input_ids"], batch["labels"]
+    first, n = model.first_voken, recipe.model.n_vokens
+    assert torch.all(labels[ids == first] == first)
+    later = (ids > first) & (ids < first + n)
+    assert later.sum() == 2 * (n - 1) and torch.all(labels[later] == -100)
+    states = model.voken_states(torch.arange(ids.numel()).view(*ids.shape, 1).float(), ids)
+    row, col = (ids == first).nonzero()[0]
+    assert states.shape == (2, n, 1)
+    assert states[0, :, 0].tolist() == [float(row * ids.shape[1] + col - 1 + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("kind", ["paper", "compact"])
+def test_mapper_shapes_and_round_trip(kind, tmp_path):
+    mapper = FeatureMapper(llm_width=24, cond_len=5, cond_width=16, kind=kind, heads=4, encoder_layers=1,
+                           decoder_layers=1, ffn=32)
+    x = torch.randn(3, 8, 24)
+    assert mapper(x).shape == (3, 5, 16)
+    mapper.save_pretrained(tmp_path / "m")
+    loaded = FeatureMapper.from_pretrained(tmp_path / "m")
+    torch.testing.assert_close(loaded(x), mapper(x))
+
+
+def test_paper_counts_match_the_architecture():
+    d, w, length = 4096, 1024, 77
+    fc = d * w + w + w * w + w
+    attn, ffn, norm = 4 * w * w + 4 * w, 2 * w * 4096 + 4096 + w, 2 * w
+    encoder = 4 * (attn + ffn + 2 * norm) + norm
+    decoder = 4 * (2 * attn + ffn + 3 * norm) + norm
+    counts = paper_counts("paper", "lora", 8)
+    assert counts["mapper"] == fc + encoder + decoder + length * w
+    assert counts["adapter"] == 32 * 2 * 8 * (d + d)  # LoRA r=8 on q and v of 32 layers
+    assert counts["vokens"] == 2 * 8 * d
+    assert 120e6 < counts["mapper"] < 125e6  # the paper's "about 123M"
+
+
+def test_checkpoint_round_trip(tmp_path):
+    recipe, model = make(2, "lora")
+    with torch.no_grad():
+        for p in (p for ps in model.trainable_groups().values() for p in ps):
+            p.add_(torch.randn_like(p))
+    model.save_trainables(tmp_path / "ckpt")
+    _, fresh = make(2, "lora")
+    fresh.load_trainables(tmp_path / "ckpt")
+    for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), name

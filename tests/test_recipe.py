@@ -1,0 +1,85 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from minigpt5_cli import recipe as R
+from minigpt5_cli.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in ALL_RECIPES}
+    assert {"cc3m_stage1.yaml", "vist_stage2_lora.yaml", "vist_stage2_prefix.yaml", "mmdialog_stage2_lora.yaml",
+            "mmdialog_stage2_prefix.yaml", "debug/stage1.yaml", "debug/stage2_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
+def test_every_recipe_validates(path):
+    recipe = R.load(path)
+    assert isinstance(recipe, R.Recipe)
+    assert path.read_text().startswith("#"), "a recipe opens with a comment giving its command"
+    # Every key written in the file survives into the resolved recipe.
+    assert yaml.safe_load(R.dump(recipe))["train"]["stage"] == yaml.safe_load(path.read_text())["train"]["stage"]
+
+
+def test_paper_hyperparameters():
+    r = R.load(REPO / "recipes" / "vist_stage2_lora.yaml")
+    assert (r.adapter.r, r.adapter.alpha, r.adapter.dropout, r.adapter.target_modules) == (8, 16, 0.05, ["q_proj", "v_proj"])
+    assert (r.train.lr, r.train.mapper_lr_scale, r.train.warmup_steps, r.model.n_vokens) == (2e-5, 10.0, 1000, 8)
+    assert (r.loss.text, r.loss.caption, r.loss.snr_gamma, r.loss.cfg_drop) == (0.01, 0.1, 5.0, 0.1)
+    assert R.load(REPO / "recipes" / "vist_stage2_prefix.yaml").adapter.virtual_tokens == 5
+
+
+def test_override_splits_on_first_equals():
+    r = R.load(None, ["data.train=/data/a=b.jsonl", "train.lr=1e-3", "train.mixed_precision=no",
+                      "adapter.target_modules=[q_proj, k_proj]", "model.llm=007"])
+    assert r.data.train == "/data/a=b.jsonl"
+    assert r.train.lr == 1e-3
+    assert r.train.mixed_precision == "no"
+    assert r.adapter.target_modules == ["q_proj", "k_proj"]
+    assert r.model.llm == "007"  # strings stay verbatim
+
+
+def test_unknown_key_suggests():
+    with pytest.raises(UserError, match=r"unknown recipe key 'train\.lrr'; did you mean 'train\.lr'\?"):
+        R.load(None, ["train.lrr=1"])
+    with pytest.raises(UserError, match="did you mean 'model.mapper.heads'"):
+        R.load(None, ["model.mapper.head=4"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  batchsize: 4\n")
+    with pytest.raises(UserError, match="train.batchsize.*did you mean 'train.batch_size'"):
+        R.load(path)
+
+
+@pytest.mark.parametrize("item,key", [("train.batch_size=two", "train.batch_size"), ("train.lr=fast", "train.lr"),
+                                      ("model.trust_remote_code=3", "model.trust_remote_code"),
+                                      ("adapter.kind=qlora", "adapter.kind"), ("train.stage=3", "train.stage")])
+def test_wrong_type_names_key(item, key):
+    with pytest.raises(UserError, match=f"'{key}'"):
+        R.load(None, [item])
+
+
+def test_bad_override_form_and_missing_recipe(tmp_path):
+    with pytest.raises(UserError, match="key.sub=value"):
+        R.load(None, ["train.lr"])
+    with pytest.raises(UserError, match="recipe not found"):
+        R.load(tmp_path / "nope.yaml")
+    with pytest.raises(UserError, match="is a section"):
+        R.load(None, ["train=1"])
+
+
+def test_save_round_trip(tmp_path):
+    r = R.load(REPO / "recipes" / "debug" / "stage2_lora.yaml", ["train.seed=7"])
+    R.save(r, tmp_path / "recipe.yaml")
+    assert R.load(tmp_path / "recipe.yaml") == r
+
+
+def test_stage1_refuses_adapter():
+    with pytest.raises(UserError, match="adapter.kind=none"):
+        R.load(None, ["train.stage=1", "adapter.kind=lora"])

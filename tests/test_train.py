@@ -1,0 +1,167 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from minigpt5_cli import recipe as R
+from minigpt5_cli import train as train_module
+from minigpt5_cli.model import build_model
+from minigpt5_cli.train import checkpoints
+
+from conftest import DEBUG, REPO, run_cli
+
+PAIRS = DEBUG / "data" / "pairs.jsonl"
+SEQS = DEBUG / "data" / "sequences.jsonl"
+
+
+def stage1_args(out, *extra):
+    return ["train", "--recipe", str(DEBUG / "stage1.yaml"), f"data.train={PAIRS}", f"train.output_dir={out}", *extra]
+
+
+def stage2_args(out, init, kind="lora", *extra):
+    return ["train", "--recipe", str(DEBUG / f"stage2_{kind}.yaml"), f"data.train={SEQS}",
+            f"train.output_dir={out}", f"train.init_from={init}", *extra]
+
+
+def weights(folder: Path) -> dict:
+    found = dict(load_file(folder / "vokens.safetensors"))
+    found.update({f"mapper.{k}": v for k, v in load_file(folder / "mapper" / "diffusion_pytorch_model.safetensors").items()})
+    if (folder / "adapter").is_dir():
+        found.update({f"adapter.{k}": v for k, v in load_file(folder / "adapter" / "adapter_model.safetensors").items()})
+    return found
+
+
+@pytest.fixture(scope="module")
+def stage1_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    assert run_cli(*stage1_args(out)) == 0
+    return out
+
+
+def test_stage1_writes_rotating_checkpoints_that_reload(stage1_run):
+    found = checkpoints(stage1_run)
+    assert [p.name for p in found] == ["checkpoint-2", "checkpoint-4"]
+    last = found[-1]
+    assert {p.name for p in last.iterdir()} >= {"vokens.safetensors", "mapper", "recipe.yaml", "minigpt5.json", "optimizer.bin"}
+    assert not list(last.glob("*.safetensors"))[1:], "only the trained weights are written"
+    recipe = R.load(last / "recipe.yaml")
+    assert recipe.train.output_dir == str(stage1_run)
+    model = build_model(recipe)
+    before = {k: v.clone() for k, v in model.vokens.state_dict().items()}
+    model.load_trainables(last)
+    saved = weights(last)
+    assert torch.equal(model.vokens.rows_in, saved["rows_in"])
+    assert not torch.equal(before["rows_in"], saved["rows_in"]), "training changed the voken rows"
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_stage2_from_stage1(stage1_run, tmp_path, kind):
+    out = tmp_path / kind
+    assert run_cli(*stage2_args(out, stage1_run, kind)) == 0
+    last = checkpoints(out)[-1]
+    assert (last / "adapter" / "adapter_config.json").is_file()
+    config = json.loads((last / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == {"lora": "LORA", "prefix": "PREFIX_TUNING"}[kind]
+    # fc and queries come from stage 1 and stay frozen; the rest of the mapper trained on.
+    s1, s2 = weights(checkpoints(stage1_run)[-1]), weights(last)
+    assert torch.equal(s1["mapper.queries"], s2["mapper.queries"])
+    assert not torch.equal(s1["mapper.out.weight"] if "mapper.out.weight" in s1 else s1["mapper.transformer.decoder.norm.weight"],
+                           s2["mapper.out.weight"] if "mapper.out.weight" in s2 else s2["mapper.transformer.decoder.norm.weight"])
+    model = build_model(R.load(last / "recipe.yaml"))
+    model.load_trainables(last)
+
+
+def test_resume_equals_straight_run(tmp_path, monkeypatch):
+    """4 steps straight == 2 steps, interruption, --resume, 2 steps (stage 2 with LoRA dropout)."""
+    init = tmp_path / "s1"
+    assert run_cli(*stage1_args(init, "train.max_steps=2")) == 0
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    # batch 1 and 2 accumulation steps: the resume lands mid-epoch and mid-shuffle
+    extra = ("train.batch_size=1", "train.grad_accum=2", "train.warmup_steps=1", "adapter.dropout=0.3")
+    assert run_cli(*stage2_args(straight, init, "lora", *extra)) == 0
+
+    real_save = train_module.save_checkpoint
+
+    def save_then_interrupt(accelerator, model, recipe, step):
+        folder = real_save(accelerator, model, recipe, step)
+        if step == 2:
+            raise KeyboardInterrupt
+        return folder
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    assert run_cli(*stage2_args(resumed, init, "lora", *extra)) != 0  # Ctrl-C ends the run
+    assert [p.name for p in checkpoints(resumed)] == ["checkpoint-2"]
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    assert run_cli(*stage2_args(resumed, init, "lora", *extra), "--resume") == 0
+
+    a, b = weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4")
+    assert a.keys() == b.keys() and len(a) > 3
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+    # and the run really moved between step 2 and 4
+    mid = weights(straight / "checkpoint-2")
+    assert any(not torch.equal(mid[k], a[k]) for k in a)
+
+
+def test_two_processes_write_one_loadable_checkpoint(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "minigpt5_cli", *stage1_args(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("done:") == 1, "one process reports and writes"
+    last = checkpoints(out)[-1]
+    assert last.name == "checkpoint-4"
+    assert sorted(p.name for p in last.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert not list(out.glob(".checkpoint-*")), "no half-written checkpoint is left"
+    model = build_model(R.load(last / "recipe.yaml"))
+    model.load_trainables(last)
+
+
+def _error(capsys, *argv) -> str:
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: ")
+    return last
+
+
+def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, stage1_run):
+    assert "recipe not found" in _error(capsys, "train", "--recipe", str(tmp_path / "missing.yaml"))
+    assert "data file not found" in _error(capsys, *stage1_args(tmp_path / "o1", f"data.train={tmp_path}/none.jsonl"))
+    assert "did you mean 'train.lr'" in _error(capsys, *stage1_args(tmp_path / "o2", "train.lrr=1"))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.png").write_bytes(b"not a png")
+    (bad / "pairs.jsonl").write_text(json.dumps({"caption": "a red circle", "image": "x.png"}) + "\n")
+    assert "image does not decode" in _error(capsys, *stage1_args(tmp_path / "o3", f"data.train={bad}/pairs.jsonl"))
+
+    (bad / "broken.jsonl").write_text("{not json\n")
+    assert "line 1: not valid JSON" in _error(capsys, *stage1_args(tmp_path / "o4", f"data.train={bad}/broken.jsonl"))
+
+    # a stage-1 checkpoint trained on tiny:llava cannot seed a stage 2 on tiny:llama
+    err = _error(capsys, *stage2_args(tmp_path / "o5", stage1_run, "lora", "model.llm=tiny:llama"))
+    assert "made for other backbones" in err
+
+    assert "already holds checkpoints" in _error(capsys, *stage1_args(stage1_run))
+
+
+def test_unbuilt_commands_say_so(capsys):
+    for name in ("prepare-data", "generate", "evaluate"):
+        assert "not built yet" in _error(capsys, name, "--anything")
+
+
+def test_module_entry_point_lists_commands():
+    proc = subprocess.run([sys.executable, "-m", "minigpt5_cli", "--help"], capture_output=True, text=True,
+                          cwd=REPO, timeout=120)
+    assert proc.returncode == 0
+    for name in ("prepare-data", "train", "generate", "evaluate"):
+        assert name in proc.stdout
