@@ -27,6 +27,22 @@ Examples:
 """
 
 
+def _not_built(name: str):
+    def command(ctx: typer.Context) -> None:
+        raise UserError(f"minigpt5 {name} is not built yet in this version")
+
+    command.__doc__ = f"(not built yet) The {name} stage."
+    return command
+
+
+def _register_unbuilt(*names: str) -> None:
+    for name in names:
+        app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_built(name))
+
+
+_register_unbuilt("prepare-data")  # listed in pipeline order
+
+
 @app.command(help=TRAIN_HELP)
 def train(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe under recipes/."),
@@ -39,16 +55,7 @@ def train(
     run(recipes.load(recipe, overrides or []), resume=resume)
 
 
-def _not_built(name: str):
-    def command(ctx: typer.Context) -> None:
-        raise UserError(f"minigpt5 {name} is not built yet in this version")
-
-    command.__doc__ = f"(not built yet) The {name} stage."
-    return command
-
-
-for _name in ("prepare-data", "generate", "evaluate"):
-    app.command(_name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_built(_name))
+_register_unbuilt("generate", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> None:

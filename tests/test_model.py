@@ -151,3 +151,16 @@ def test_checkpoint_round_trip(tmp_path):
     fresh.load_trainables(tmp_path / "ckpt")
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_bf16_keeps_frozen_parts_low_and_trainables_fp32():
+    recipe, model = make(2, "lora", extra=["train.mixed_precision=bf16"])
+    assert model.unet.dtype == torch.bfloat16 and model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    for name, params in model.trainable_groups().items():
+        assert params and all(p.dtype == torch.float32 for p in params), name
+    batch = batch_for(model, recipe)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert all(p.grad is not None for ps in model.trainable_groups().values() for p in ps)

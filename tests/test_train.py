@@ -154,6 +154,12 @@ def test_bad_input_gives_one_line_and_exit_2(tmp_path, capsys, stage1_run):
     assert "already holds checkpoints" in _error(capsys, *stage1_args(stage1_run))
 
 
+def test_tensorboard_tracker_writes_events(tmp_path):
+    out = tmp_path / "tb"
+    assert run_cli(*stage1_args(out, "train.tracker=tensorboard", "train.max_steps=1")) == 0
+    assert list(out.rglob("events.out.tfevents.*"))
+
+
 def test_unbuilt_commands_say_so(capsys):
     for name in ("prepare-data", "generate", "evaluate"):
         assert "not built yet" in _error(capsys, name, "--anything")
