@@ -48,8 +48,10 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
+    console = console or Console(stderr=True)
     t = recipe.train
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+        console.print("[yellow]warning:[/] fp16 needs a GPU; training in fp32 (bf16 works on CPUs)")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision="no"))
         t = recipe.train
     if t.stage == 2 and not t.init_from:
@@ -69,7 +71,6 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         # Stage-2 batches may hold no image, leaving the mapper unused for a step.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    console = console or Console(stderr=True)
     main = accelerator.is_main_process
     set_seed(t.seed)
     records = read_jsonl(recipe.data.train, t.stage)
