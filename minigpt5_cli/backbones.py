@@ -50,6 +50,17 @@ class Generator:
     def resolution(self) -> int:
         return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def pipeline(self):
+        """A diffusers Stable Diffusion pipeline over these components, for rendering."""
+        from diffusers import StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
+            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)  # progress is shown by the caller
+        return pipe
+
 
 def _load_error(what: str, name: str, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

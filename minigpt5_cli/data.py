@@ -155,19 +155,23 @@ class Collator:
             text = (text + " " if text else "") + "".join(vokens)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
-    def encode(self, sample: dict) -> tuple[list[int], list[int], torch.Tensor | None]:
-        target = self._target_ids(sample)
+    def prompt(self, sample: dict, room: int) -> tuple[list[int], torch.Tensor | None]:
+        """Token ids (and pixel values) of the prompt, dropping the oldest steps to fit `room` tokens."""
         history = list(sample["history"])
         while True:
             prompt_ids, pixel_values = self._encode_prompt(*self._prompt(sample, history))
-            if len(prompt_ids) + len(target) <= self.max_length or not history:
+            if len(prompt_ids) <= room or not history:
                 break
             history.pop(0)  # the oldest step goes first
-        room = self.max_length - len(target)
         if len(prompt_ids) > room:
             if pixel_values is not None or room < 1:
                 raise UserError(f"a sample does not fit data.max_length={self.max_length}; raise it")
             prompt_ids = prompt_ids[:room]
+        return prompt_ids, pixel_values
+
+    def encode(self, sample: dict) -> tuple[list[int], list[int], torch.Tensor | None]:
+        target = self._target_ids(sample)
+        prompt_ids, pixel_values = self.prompt(sample, self.max_length - len(target))
         labels = [-100] * len(prompt_ids) + [
             -100 if self.first_voken < t < self.first_voken + self.n_vokens else t for t in target
         ]  # [IMG0] is supervised; the rest of the group is forced at inference

@@ -74,7 +74,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     main = accelerator.is_main_process
     set_seed(t.seed)
     records = read_jsonl(recipe.data.train, t.stage)
-    model = build_model(recipe, init_from=_init_folder(t.init_from) if t.stage == 2 else None)
+    model = build_model(recipe, init_from=checkpoint_folder(t.init_from) if t.stage == 2 else None)
     if main:
         console.print(table(model, recipe))
         if model.processor is None and t.stage == 2 and any(s["image"] for r in records for s in r["steps"][:-1]):
@@ -165,7 +165,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     return last
 
 
-def _init_folder(path: str) -> Path:
+def checkpoint_folder(path: str) -> Path:
     """A checkpoint folder, or a run folder whose latest checkpoint is taken."""
     folder = Path(path)
     if not folder.exists():

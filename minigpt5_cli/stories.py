@@ -1,0 +1,194 @@
+"""Stories in and out of `minigpt5 generate`.
+
+In: a JSON file holding one story, a JSONL file holding one story per line, or plain text. A story
+is `{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training sequence form)
+or just the list of steps; image paths are relative to the file. Plain text is one step.
+
+Out, per story: `story.json` (input, generated segments, settings, seed, model ids), `story.md`,
+a self-contained `story.html`, and the PNGs. Several stories get one folder each plus `index.html`.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt5_cli.data import load_image
+from minigpt5_cli.errors import UserError
+
+STORY_FILE = "story.json"
+_OURS = re.compile(r"(input|image)-\d+\.png")
+
+
+@dataclass
+class Story:
+    id: str
+    index: int  # position in the input: the story's seed offset, whatever the batching
+    steps: list[dict]  # {"text": str, "image": PIL image or None, "source": path or None}
+    generated: list[dict] = field(default_factory=list)  # {"segments": [{"text": str} | {"image": PIL}]}
+
+
+def read_stories(arg: str) -> list[Story]:
+    """Parse `--story`: a .json file, a .jsonl file, or plain text."""
+    path = Path(arg)
+    if path.suffix.lower() in (".json", ".jsonl") or path.is_file():
+        if not path.is_file():
+            raise UserError(f"story file not found: {path}")
+        if path.suffix.lower() == ".jsonl":
+            stories = []
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if line.strip():
+                    where = f"{path} line {number}"
+                    stories.append(_story(_json(line, where), where, path.parent, len(stories)))
+            if not stories:
+                raise UserError(f"story file {path} holds no stories")
+            _check_ids(stories, path)
+            return stories
+        return [_story(_json(path.read_text(), str(path)), str(path), path.parent, 0, default_id=path.stem)]
+    if not arg.strip():
+        raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
+    return [Story(id="story", index=0, steps=[{"text": arg.strip(), "image": None, "source": None}])]
+
+
+def _json(text: str, where: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def _story(rec, where: str, root: Path, index: int, default_id: str | None = None) -> Story:
+    steps = rec.get("steps") if isinstance(rec, dict) else rec
+    if not isinstance(steps, list):
+        raise UserError(f'{where}: a story is {{"id": ..., "steps": [...]}} or a list of steps')
+    out = []
+    for k, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("text", ""), str) or \
+                not isinstance(step.get("image"), (str, type(None))):
+            raise UserError(f'{where}: step {k + 1} needs a "text" string and an optional "image" path')
+        image = source = None
+        if step.get("image"):
+            source = root / step["image"]
+            if not source.is_file():
+                raise UserError(f"{where}: image not found: {source}")
+            image = load_image(str(source))
+        out.append({"text": step.get("text", "").strip(), "image": image, "source": str(source) if source else None})
+    if not any(s["text"] or s["image"] for s in out):
+        raise UserError(f"{where}: the story is empty (no text, no image)")
+    sid = rec.get("id") if isinstance(rec, dict) else None
+    return Story(id=str(sid if sid is not None else default_id or index), index=index, steps=out)
+
+
+def _check_ids(stories: list[Story], path: Path) -> None:
+    seen = set()
+    for s in stories:
+        if s.id in seen:
+            raise UserError(f"{path}: story id {s.id!r} appears twice")
+        seen.add(s.id)
+
+
+def folder_name(story_id: str) -> str:
+    """A safe folder name for a story id."""
+    name = re.sub(r"[^\w.-]+", "_", story_id).strip("._") or "story"
+    return name[:100]
+
+
+def write_story(folder: Path, story: Story, record: dict) -> None:
+    """Write one story's files; `story.json` goes in last, so its presence means the story is complete.
+    Other files in `folder` are left alone."""
+    tmp = folder / ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    inputs = []
+    for k, step in enumerate(story.steps):
+        name = None
+        if step["image"] is not None:
+            name = f"input-{k + 1}.png"
+            step["image"].save(tmp / name)
+        inputs.append({"text": step["text"], "image": name, "source": step["source"]})
+    generated = []
+    count = 0
+    for k, step in enumerate(story.generated):
+        segments, images = [], []
+        for seg in step["segments"]:
+            if "image" in seg:
+                count += 1
+                name = f"image-{count}.png"
+                seg["image"].save(tmp / name)
+                segments.append({"image": name})
+                images.append(name)
+            elif seg["text"]:
+                segments.append({"text": seg["text"]})
+        text = " ".join(s["text"] for s in segments if "text" in s)
+        generated.append({"text": text, "images": images, "segments": segments})
+    doc = {"id": story.id, "input": inputs, "generated": generated, **record}
+    (tmp / STORY_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    (tmp / "story.md").write_text(_markdown(doc))
+    (tmp / "story.html").write_text(_html(doc))
+    for old in sorted(folder.iterdir(), key=lambda f: f.name != STORY_FILE):  # an earlier run's: story.json first
+        if old.name == STORY_FILE or old.name in ("story.md", "story.html") or _OURS.fullmatch(old.name):
+            old.unlink()
+    for f in sorted(tmp.iterdir(), key=lambda f: f.name == STORY_FILE):
+        os.replace(f, folder / f.name)
+    tmp.rmdir()
+
+
+def _markdown(doc: dict) -> str:
+    lines = [f"# {doc['id']}", ""]
+    for step in doc["input"]:
+        lines += [step["text"], ""] + ([f"![input]({step['image']})", ""] if step["image"] else [])
+    for step in doc["generated"]:
+        lines += ["---", ""]
+        for seg in step["segments"]:
+            lines += [f"![generated]({seg['image']})" if "image" in seg else seg["text"], ""]
+    return "\n".join(lines)
+
+
+_STYLE = """body{font-family:system-ui,sans-serif;max-width:40em;margin:0 auto;padding:1em;line-height:1.5}
+img{max-width:100%;height:auto;border-radius:4px;image-rendering:pixelated;min-width:40%}
+.input{color:#555}.generated{border-left:3px solid #36c;padding-left:.8em}
+footer{color:#888;font-size:.8em;margin-top:2em}"""
+
+
+def _page(title: str, body: str) -> str:
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style></head>\n<body>\n{body}\n</body></html>\n")
+
+
+def _html(doc: dict) -> str:
+    e = html.escape
+    parts = [f"<h1>{e(doc['id'])}</h1>"]
+    for step in doc["input"]:
+        parts.append(f'<div class="input"><p>{e(step["text"])}</p>')
+        if step["image"]:
+            parts.append(f'<img src="{e(step["image"])}" alt="input image">')
+        parts.append("</div>")
+    for step in doc["generated"]:
+        parts.append('<div class="generated">')
+        for seg in step["segments"]:
+            parts.append(f'<img src="{e(seg["image"])}" alt="{e(step["text"])}">' if "image" in seg
+                         else f"<p>{e(seg['text'])}</p>")
+        parts.append("</div>")
+    model = doc.get("model", {})
+    parts.append(f"<footer>{e(doc.get('mode', ''))} · {e(str(model.get('llm', '')))} + "
+                 f"{e(str(model.get('generator', '')))} · seed {e(str(doc.get('seed', '')))}</footer>")
+    return _page(str(doc["id"]), "\n".join(parts))
+
+
+def write_index(out: Path, folders: list[Path]) -> None:
+    """`index.html` linking every finished story folder under `out`."""
+    e = html.escape
+    items = []
+    for folder in folders:
+        doc = json.loads((folder / STORY_FILE).read_text())
+        first = next((img for step in doc["generated"] for img in step["images"]), None)
+        thumb = f'<img src="{e(folder.name)}/{e(first)}" alt="" style="width:6em">' if first else ""
+        text = " ".join(step["text"] for step in doc["generated"])[:200]
+        items.append(f'<li><a href="{e(folder.name)}/story.html">{e(doc["id"])}</a> {thumb}<br>{e(text)}</li>')
+    (out / "index.html").write_text(_page("stories", "<h1>Stories</h1>\n<ul>\n" + "\n".join(items) + "\n</ul>"))

@@ -1,0 +1,236 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from minigpt5_cli import generate as G
+from minigpt5_cli.stories import read_stories
+
+from conftest import DEBUG, run_cli
+
+IMAGES = DEBUG / "data" / "images"
+FAST = ["--diffusion-steps", "2", "--max-new-tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Debug checkpoints: stage 1, then stage 2 with LoRA and with prefix tuning."""
+    root = tmp_path_factory.mktemp("runs")
+    data = DEBUG / "data"
+    assert run_cli("train", "--recipe", str(DEBUG / "stage1.yaml"), f"data.train={data / 'pairs.jsonl'}",
+                   f"train.output_dir={root / 's1'}", "train.max_steps=2") == 0
+    for kind in ("lora", "prefix"):
+        assert run_cli("train", "--recipe", str(DEBUG / f"stage2_{kind}.yaml"), f"data.train={data / 'sequences.jsonl'}",
+                       f"train.output_dir={root / kind}", f"train.init_from={root / 's1'}", "train.max_steps=2") == 0
+    return root
+
+
+@pytest.fixture
+def story_file(tmp_path):
+    shutil.copy(IMAGES / "red_circle.png", tmp_path / "a.png")
+    path = tmp_path / "story.json"
+    path.write_text(json.dumps({"id": "s1", "steps": [
+        {"text": "there is a circle.", "image": "a.png"},
+        {"text": "it turns into a <script>alert(1)</script> square."},
+    ]}))
+    return path
+
+
+def pixels(path):
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_generate_writes_story_folder(runs, story_file, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("generate", "--story", str(story_file), "--model", str(runs / "lora"), "--output", str(out),
+                   "--seed", "3", *FAST) == 0
+    doc = json.loads((out / "story.json").read_text())
+    assert doc["id"] == "s1" and doc["mode"] == "vokens" and doc["seed"] == 3
+    assert doc["model"]["llm"] == "tiny:llava" and doc["model"]["checkpoint"].endswith("checkpoint-2")
+    assert doc["settings"]["guidance_scale"] == 7.5 and doc["settings"]["top_p"] == 0.9
+    assert doc["input"][0]["image"] == "input-1.png" and (out / "input-1.png").is_file()
+    images = [name for step in doc["generated"] for name in step["images"]]
+    assert images, "the default --min-images 1 gives every response an image"
+    for name in images:
+        assert Image.open(out / name).size == (32, 32)  # tiny:sd's resolution
+    page = (out / "story.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert all(f'src="{name}"' in page for name in images + ["input-1.png"])
+    assert '<meta name="viewport"' in page
+    md = (out / "story.md").read_text()
+    assert all(f"]({name})" in md for name in images)
+    assert not (out / ".partial").exists()
+
+
+def boost_img0(model):
+    """Make [IMG0] the overwhelming next token, wherever the model is."""
+    head = model.llm.get_output_embeddings()
+    first = model.first_voken
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[..., first] += 1e4
+        return output
+
+    return head.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("run", ["s1", "lora", "prefix"])
+def test_voken_groups_are_forced_in_one_step_at_training_positions(runs, run):
+    model, _ = G.load(str(runs / run))
+    n = model.vokens.n
+    handle = boost_img0(model)
+    settings = G.Settings(max_new_tokens=2 * n, min_images=0)
+    decoder = G.Decoder(model, settings)
+    prompt = model.tokenizer("###Human: there is a circle. ###Assistant: ")["input_ids"]
+    segments, states = decoder([(prompt, None)], [0])
+    handle.remove()
+    # [IMG0] sampled twice; each time the whole group went in as one forward call of n tokens.
+    assert segments == [[{"image": 0}, {"image": 1}]]
+    assert decoder.calls == [len(prompt), n, n]
+    # The kept states are the ones training takes from a full forward over the same tokens.
+    ids = torch.tensor([prompt + list(range(model.first_voken, model.first_voken + n)) * 2])
+    with torch.no_grad():
+        hidden = model.llm(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True).hidden_states[-1]
+    expected = model.voken_states(hidden, ids)
+    assert states.shape == expected.shape == (2, n, model.llm_info.width)
+    torch.testing.assert_close(states, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_two_voken_groups_give_two_images(runs, tmp_path):
+    model, info = G.load(str(runs / "lora"))
+    handle = boost_img0(model)
+    settings = G.Settings(max_new_tokens=2 * model.vokens.n, min_images=0, diffusion_steps=2)
+    G.generate(read_stories("it moves."), model, info, settings, tmp_path, nested=False)
+    handle.remove()
+    doc = json.loads((tmp_path / "story.json").read_text())
+    assert doc["generated"][0]["images"] == ["image-1.png", "image-2.png"]
+    assert not np.array_equal(pixels(tmp_path / "image-1.png"), pixels(tmp_path / "image-2.png"))
+
+
+def test_min_images_zero_lets_the_model_decide(runs, tmp_path):
+    model, info = G.load(str(runs / "lora"))
+    head = model.llm.get_output_embeddings()
+    ban = head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([model.first_voken]), -1e4))
+    for min_images, folder in ((0, tmp_path / "free"), (1, tmp_path / "forced")):
+        settings = G.Settings(max_new_tokens=20, min_images=min_images, diffusion_steps=2)
+        G.generate(read_stories("it moves."), model, info, settings, folder, nested=False)
+    ban.remove()
+    free = json.loads((tmp_path / "free" / "story.json").read_text())["generated"][0]
+    forced = json.loads((tmp_path / "forced" / "story.json").read_text())["generated"][0]
+    assert free["images"] == [] and forced["images"] == ["image-1.png"]
+
+
+@pytest.mark.parametrize("run", ["lora", "prefix"])
+def test_batch_output_equals_one_by_one(runs, tmp_path, run):
+    model, info = G.load(str(runs / run))
+    lines = [
+        {"id": "a", "steps": [{"text": "there is a circle.", "image": str(IMAGES / "red_circle.png")}]},
+        {"id": "b", "steps": [{"text": "a square."}, {"text": "it moves to the right, far away."}]},
+        {"id": "c", "steps": [{"text": "x"}]},
+    ]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    docs = {}
+    for batch in (1, 3):
+        settings = G.Settings(max_new_tokens=30, diffusion_steps=2, batch_size=batch, steps=2)
+        G.generate(read_stories(str(path)), model, info, settings, tmp_path / str(batch), nested=True)
+        docs[batch] = {sid: json.loads((tmp_path / str(batch) / sid / "story.json").read_text()) for sid in "abc"}
+    for sid in "abc":
+        one, many = docs[1][sid]["generated"], docs[3][sid]["generated"]
+        # Same text; images equal up to float rounding in the padded batch (8-bit PNGs: within 2 levels).
+        assert [s["text"] for s in one] == [s["text"] for s in many]
+        assert [s["images"] for s in one] == [s["images"] for s in many]
+        for name in (n for s in one for n in s["images"]):
+            diff = np.abs(pixels(tmp_path / "1" / sid / name) - pixels(tmp_path / "3" / sid / name))
+            assert diff.max() <= 2, (sid, name, diff.max())
+    assert len({docs[1][sid]["generated"][0]["text"] for sid in "abc"}) == 3  # stories get their own seeds
+
+
+def test_two_stage_mode_from_checkpoint_and_from_recipe(runs, tmp_path):
+    for model in (runs / "lora", DEBUG / "stage2_lora.yaml"):
+        out = tmp_path / model.stem
+        assert run_cli("generate", "--story", "there is a circle.", "--model", str(model), "--output", str(out),
+                       "--mode", "two-stage", "--steps", "2", *FAST) == 0
+        doc = json.loads((out / "story.json").read_text())
+        assert doc["mode"] == "two-stage"
+        assert [step["images"] for step in doc["generated"]] == [["image-1.png"], ["image-2.png"]]
+        assert [list(seg) for seg in doc["generated"][0]["segments"]][-1] == ["image"]  # the image follows its text
+
+
+def test_two_stage_never_emits_vokens(runs):
+    model, _ = G.load(str(runs / "lora"))
+    handle = boost_img0(model)
+    segments, states = G.Decoder(model, G.Settings(mode="two-stage", max_new_tokens=12))(
+        [(model.tokenizer("###Human: hi ###Assistant: ")["input_ids"], None)], [0])
+    handle.remove()
+    assert states.shape[0] == 0 and all("image" not in seg for seg in segments[0])
+
+
+def test_jsonl_gives_folders_and_index_and_keeps_finished_stories(runs, tmp_path, capsys):
+    path = tmp_path / "stories.jsonl"
+    path.write_text('{"id": "one/two", "steps": [{"text": "a circle."}]}\n\n{"id": "s2", "steps": [{"text": "b"}]}\n')
+    out = tmp_path / "out"
+    args = ["generate", "--story", str(path), "--model", str(runs / "lora"), "--output", str(out), "-b", "2", *FAST]
+    assert run_cli(*args) == 0
+    index = (out / "index.html").read_text()
+    assert 'href="one_two/story.html"' in index and 'href="s2/story.html"' in index
+    before = (out / "s2" / "story.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert run_cli(*args) == 0
+    assert "2 stories already under" in capsys.readouterr().err
+    assert (out / "s2" / "story.json").stat().st_mtime_ns == before
+    assert run_cli(*args, "--overwrite") == 0
+    assert (out / "s2" / "story.json").stat().st_mtime_ns != before
+
+
+def test_text_only_llm_drops_story_images_with_a_warning(tmp_path, story_file, capsys):
+    recipe = yaml.safe_load((DEBUG / "stage1.yaml").read_text())
+    recipe["model"]["llm"] = "tiny:llama"
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(recipe))
+    assert run_cli("generate", "--story", str(story_file), "--model", str(tmp_path / "r.yaml"),
+                   "--output", str(tmp_path / "out"), *FAST) == 0
+    err = capsys.readouterr().err
+    assert "text-only" in err and "untrained" in err
+    assert (tmp_path / "out" / "image-1.png").is_file()
+
+
+def one_line_error(capsys, *argv) -> str:
+    capsys.readouterr()
+    assert run_cli(*argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_bad_input_gives_one_line_errors(runs, tmp_path, story_file, capsys):
+    def gen(story, model=runs / "lora"):
+        return one_line_error(capsys, "generate", "--story", str(story), "--model", str(model),
+                              "--output", str(tmp_path / "o"), *FAST)
+
+    assert "model not found" in gen(story_file, tmp_path / "nope")
+    assert "not a minigpt5 checkpoint" in gen(story_file, tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(runs / "lora" / "checkpoint-2", other)
+    recipe = yaml.safe_load((other / "recipe.yaml").read_text())
+    recipe["model"]["llm"] = "tiny:llama"
+    (other / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    assert "made for other backbones" in gen(story_file, other)
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"steps": [')
+    assert "not valid JSON" in gen(bad)
+    bad.write_text('{"steps": [{"text": "a", "image": "missing.png"}]}')
+    assert "image not found" in gen(bad)
+    bad.write_text('{"steps": [{"text": ""}]}')
+    assert "empty" in gen(bad)
+    assert "empty" in gen(" ")
+    assert "story file not found" in gen(tmp_path / "none.jsonl")
+    lines = tmp_path / "bad.jsonl"
+    lines.write_text('{"steps": [{"text": "a"}]}\n{"steps": 3}\n')
+    assert "line 2" in gen(lines)
+    assert "--image-size" in one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"),
+                                            "--output", str(tmp_path / "o"), "--image-size", "30")
