@@ -172,7 +172,7 @@ def _html(doc: dict) -> str:
     for step in doc["generated"]:
         parts.append('<div class="generated">')
         for seg in step["segments"]:
-            parts.append(f'<img src="{e(seg["image"])}" alt="{e(step["text"])}">' if "image" in seg
+            parts.append(f'<img src="{e(seg["image"])}" alt="generated image">' if "image" in seg
                          else f"<p>{e(seg['text'])}</p>")
         parts.append("</div>")
     model = doc.get("model", {})
