@@ -86,6 +86,12 @@ def load(model: str, precision: str | None = None, device: str | None = None,
     else:
         recipe = recipes.load(path, [])
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
     precision = precision or recipe.train.mixed_precision
     if precision == "fp16" and not device.startswith("cuda"):
         console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32")

@@ -232,5 +232,8 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, story_file, capsys):
     lines = tmp_path / "bad.jsonl"
     lines.write_text('{"steps": [{"text": "a"}]}\n{"steps": 3}\n')
     assert "line 2" in gen(lines)
+    if not torch.cuda.is_available():
+        assert "no CUDA GPU" in one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"),
+                                               "--output", str(tmp_path / "o"), "--device", "cuda")
     assert "--image-size" in one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"),
                                             "--output", str(tmp_path / "o"), "--image-size", "30")
