@@ -40,7 +40,58 @@ def _register_unbuilt(*names: str) -> None:
         app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_built(name))
 
 
-_register_unbuilt("prepare-data")  # listed in pipeline order
+PREPARE_HELP = """Turn CC3M, VIST or MMDialog, as found on disk, into one Hugging Face dataset that train
+reads directly. Bad records are skipped, counted in DIR/summary.json and listed in DIR/rejects.jsonl.
+
+\b
+CC3M: a TSV (official caption<TAB>url with --images named by row number; MiniGPT-5's
+caption<TAB>image_path; GILL's caption<TAB>image) or img2dataset output (webdataset .tar shards,
+the files layout, or parquet with image bytes).
+VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or the derived
+{story_id: [{caption, image_id, sequence_index}]} form with --image-mapping.
+MMDialog: conversations as JSON Lines or one JSON array; images are <media_key>.jpg beside it.
+
+\b
+Examples:
+  minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --num-proc 8
+  minigpt5 prepare-data vist --input vist/ --split train --output data/vist
+  minigpt5 prepare-data vist --input vist/ --split test --continuation --output data/vist_test
+  minigpt5 prepare-data mmdialog --input mmdialog/train/conversations.json --output data/mmdialog
+  minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --cache-latents --generator stabilityai/stable-diffusion-2-1-base
+"""
+
+
+@app.command("prepare-data", help=PREPARE_HELP)
+def prepare_data(
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist or mmdialog."),
+    input_path: Path = typer.Option(..., "--input", "-i", help="The raw data: a file or a folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="The dataset folder to write."),
+    split: str = typer.Option("train", help="VIST: the split, when --input is the VIST root."),
+    images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
+    image_mapping: Optional[Path] = typer.Option(None, help="VIST derived form: {image_id: path} JSON."),
+    clean_captions: bool = typer.Option(True, help="CC3M: lower-case and strip punctuation as the original."),
+    continuation: bool = typer.Option(False, "--continuation", help="VIST evaluation set: steps 1-4 in, step 5 "
+                                      "as the target."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record."),
+    num_proc: int = typer.Option(1, help="Processes decoding and resizing images."),
+    image_size: int = typer.Option(512, help="Images are downscaled so that their short side is this."),
+    cache_latents: bool = typer.Option(False, "--cache-latents", help="Store VAE latents and caption embeddings."),
+    generator: str = typer.Option("", help="With --cache-latents: the generator, a hub id or folder."),
+    cache_dtype: str = typer.Option("float32", help="float32 or float16 for the cached tensors."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder."),
+) -> None:
+    from minigpt5_cli import prepare as stage
+
+    if cache_dtype not in ("float32", "float16"):
+        raise UserError(f"--cache-dtype must be float32 or float16, got {cache_dtype!r}")
+    settings = stage.Settings(
+        split=split, images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
+        continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size,
+        cache_latents=cache_latents, generator=generator, cache_dtype=cache_dtype,
+    )
+    summary = stage.prepare(fmt, input_path, output, settings, overwrite=overwrite)
+    rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()) or "none"
+    typer.echo(f"{summary['kept']} kept, rejected: {rejected}; written to {output}")
 
 
 @app.command(help=TRAIN_HELP)

@@ -1,11 +1,24 @@
-"""A minimal on-disk format for training, and the collator that turns samples into LLM batches.
+"""Training data: where samples come from, how each stage builds them, and the collator.
 
-Two JSON Lines forms; image paths are relative to the JSONL file's folder:
-- pairs (stage 1):      {"caption": "a red circle", "image": "images/0.png"}
-- sequences (stage 2):  {"id": "s1", "steps": [{"text": "...", "image": "images/1.png"}, ...]}
-  A step's image is optional. Each step k >= 1 becomes one sample: the earlier steps (text, and
-  images when the LLM accepts them) are the prompt; step k's text, plus vokens when it has an
-  image, is the target.
+Sources (`load_source`):
+- a folder written by `minigpt5 prepare-data`: a Hugging Face dataset of rows
+  {"id", "steps": [{"text", "image"}]}, possibly with cached VAE latents and caption embeddings;
+- JSON Lines, for small hand-made sets; image paths are relative to the file:
+    pairs (stage 1):      {"caption": "a red circle", "image": "images/0.png"}
+    sequences (stage 2):  {"id": "s1", "steps": [{"text": "...", "image": "images/1.png"}, ...]}
+
+Samples (`TrainSet`):
+- stage 1: every step with an image is a caption pair: prompt = its text (a share of them in
+  instruction form), target = the vokens.
+- stage 2: for step k of a row, one sample per task in `data.tasks`; the history is the earlier
+  steps (text, and images when the LLM accepts them):
+    turn           history -> "{text_k} [vokens]", for k >= 1 (MMDialog's turn targets)
+    gen            history + "Generate an image with the scene description: {text_k}" -> "[vokens]",
+                   every k with an image
+    multimodal     history + "Tell me the next scene with image." -> "{text_k} [vokens]", k >= 1
+    understanding  history + "Tell me the next scene description by this image: <image k>"
+                   -> "{text_k}", k >= 1 with an image; image-text LLMs only
+  The vokens are there when step k has an image.
 """
 
 from __future__ import annotations
@@ -22,6 +35,10 @@ from PIL import Image
 from minigpt5_cli.errors import UserError
 
 INSTRUCTION = "###Human: Generate an image with caption: {} ###Assistant: "
+TASKS = ("turn", "gen", "multimodal", "understanding")
+GEN = "Generate an image with the scene description: {}"
+NEXT = "Tell me the next scene with image."
+DESCRIBE = "Tell me the next scene description by this image:"
 
 
 def read_jsonl(path: str | Path, stage: int) -> list[dict]:
@@ -87,35 +104,131 @@ def to_pixels(img: Image.Image, size: int) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
-class TrainSet(torch.utils.data.Dataset):
-    """Stage 1: one sample per pair. Stage 2: one sample per step k >= 1 of each sequence."""
+class Source:
+    """Rows {"id", "steps"} by index, with each row's has-image flags known without decoding images."""
 
-    def __init__(self, records: list[dict], stage: int, resolution: int, history: int, seed: int,
-                 instruction_prob: float, images_in_prompt: bool):
-        self.records, self.stage, self.resolution = records, stage, resolution
+    def __init__(self, rows, images: list[list[bool]], summary: dict | None = None):
+        self.rows, self.images, self.summary = rows, images, summary
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        row = self.rows[i]
+        if row.get("target") is not None:  # a continuation set: the target is the last step
+            row = {**row, "steps": row["steps"] + [row["target"]]}
+        return row
+
+    @property
+    def cache(self) -> dict | None:
+        return (self.summary or {}).get("cache")
+
+
+def load_source(path: str | Path, stage: int) -> Source:
+    """A prepared dataset folder, or a JSONL file."""
+    path = Path(path)
+    if path.is_dir():
+        return _prepared(path)
+    records = read_jsonl(path, stage)
+    return Source(records, [[s["image"] is not None for s in r["steps"]] for r in records])
+
+
+def _prepared(folder: Path) -> Source:
+    import datasets
+    import pyarrow.compute as pc
+
+    summary_file = folder / "summary.json"
+    if not summary_file.is_file():
+        raise UserError(f"{folder} is not a dataset written by prepare-data (no summary.json)")
+    try:
+        ds = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot load the dataset in {folder}: {e}") from None
+    if len(ds) == 0:
+        raise UserError(f"the dataset in {folder} holds no rows")
+    columns = ["steps"] + (["target"] if "target" in ds.column_names else [])
+    table = ds.data.table.select(columns)
+    steps = table.column("steps").combine_chunks()
+    flags = pc.is_valid(pc.struct_field(steps.flatten(), "image")).to_pylist()
+    offsets = steps.offsets.to_pylist()
+    images = [flags[a:b] for a, b in zip(offsets, offsets[1:])]
+    if "target" in columns:
+        target = pc.is_valid(pc.struct_field(table.column("target").combine_chunks(), "image")).to_pylist()
+        images = [row + [t] for row, t in zip(images, target)]
+    return Source(ds, images, json.loads(summary_file.read_text()))
+
+
+class TrainSet(torch.utils.data.Dataset):
+    """Stage 1: one sample per step with an image. Stage 2: per step, one sample per task."""
+
+    def __init__(self, source: Source | list[dict], stage: int, resolution: int, history: int, seed: int,
+                 instruction_prob: float, images_in_prompt: bool, tasks: tuple[str, ...] | list[str] = ("turn",)):
+        if isinstance(source, list):
+            source = Source(source, [[s["image"] is not None for s in r["steps"]] for r in source])
+        self.source, self.stage, self.resolution = source, stage, resolution
         self.history, self.seed, self.instruction_prob = history, seed, instruction_prob
         self.images_in_prompt = images_in_prompt
-        self.index = [(r, 0) for r in range(len(records))] if stage == 1 else [
-            (r, k) for r, rec in enumerate(records) for k in range(1, len(rec["steps"]))]
+        self.index = []
+        for r, flags in enumerate(source.images):
+            for k, has_image in enumerate(flags):
+                if stage == 1:
+                    if has_image:
+                        self.index.append((r, k, "pair"))
+                    continue
+                for task in tasks:
+                    if task == "gen" and has_image or task in ("turn", "multimodal") and k >= 1 or \
+                            task == "understanding" and k >= 1 and has_image and images_in_prompt:
+                        self.index.append((r, k, task))
+        if not self.index:
+            raise UserError("the training data yields no samples" + (" (stage 1 needs steps with images)"
+                                                                      if stage == 1 else ""))
 
     def __len__(self) -> int:
         return len(self.index)
 
+    def _target(self, step: dict) -> dict:
+        """The target image as pixels, or as its cached VAE posterior."""
+        if step.get("latent_mean") is not None:
+            return {"image": None, "latent": (_tensor(step["latent_mean"]), _tensor(step["latent_logvar"]))}
+        return {"image": to_pixels(_image(step["image"]), self.resolution), "latent": None}
+
     def __getitem__(self, i: int) -> dict:
-        r, k = self.index[i]
-        steps = self.records[r]["steps"]
-        target = steps[k]
-        pixels = to_pixels(load_image(target["image"]), self.resolution) if target["image"] else None
-        if self.stage == 1:
+        r, k, task = self.index[i]
+        steps = self.source[r]["steps"]
+        step = steps[k]
+        if task == "pair":
             # Decided by the sample's index, not a shared RNG, so resuming replays it exactly.
             instruct = random.Random(f"{self.seed}-{i}").random() < self.instruction_prob
-            return {"history": [], "prompt": INSTRUCTION.format(target["text"]) if instruct else target["text"],
-                    "target": "", "image": pixels, "caption": target["text"]}
+            embed = step.get("caption_embed")
+            return {"history": [], "prompt": INSTRUCTION.format(step["text"]) if instruct else step["text"],
+                    "target": "", "vokens": True, "caption": step["text"],
+                    "caption_embed": _tensor(embed) if embed is not None else None, **self._target(step)}
         history = [
-            (s["text"], load_image(s["image"]) if s["image"] and self.images_in_prompt else None)
+            (s["text"], _image(s["image"]) if s["image"] is not None and self.images_in_prompt else None)
             for s in steps[max(0, k - self.history):k]
         ]
-        return {"history": history, "prompt": None, "target": target["text"], "image": pixels, "caption": None}
+        has_image = step["image"] is not None
+        sample = {"history": history, "prompt": None, "target": step["text"], "vokens": has_image,
+                  "caption": None, "caption_embed": None, "image": None, "latent": None}
+        if task == "gen":
+            history.append((GEN.format(step["text"]), None))
+            sample["target"] = ""
+        elif task == "multimodal":
+            history.append((NEXT, None))
+        elif task == "understanding":
+            history.append((DESCRIBE, _image(step["image"])))
+            sample["vokens"] = False
+        if sample["vokens"]:
+            sample.update(self._target(step))
+        return sample
+
+
+def _image(image) -> Image.Image:
+    return load_image(image) if isinstance(image, str) else image.convert("RGB")
+
+
+def _tensor(value) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(value, dtype=np.float32))
 
 
 @dataclass
@@ -151,7 +264,7 @@ class Collator:
     def _target_ids(self, sample: dict) -> list[int]:
         vokens = self.tokenizer.convert_ids_to_tokens(list(range(self.first_voken, self.first_voken + self.n_vokens)))
         text = sample["target"]
-        if sample["image"] is not None:
+        if sample["vokens"]:
             text = (text + " " if text else "") + "".join(vokens)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
@@ -189,10 +302,19 @@ class Collator:
         pixels = [pv for _, _, pv in encoded if pv is not None]
         if pixels:
             batch["pixel_values"] = torch.cat(pixels)
-        images = [s["image"] for s in samples if s["image"] is not None]
-        batch["target_pixels"] = torch.stack(images) if images else torch.zeros(0, 3, 1, 1)
-        captions = [s["caption"] for s in samples if s["image"] is not None and s["caption"] is not None]
-        if captions:
+        targets = [s for s in samples if s["vokens"]]  # in order: one per voken group
+        cached = [s for s in targets if s["latent"] is not None]
+        if cached and len(cached) < len(targets):
+            raise UserError("some target images have cached latents and some do not; prepare the data again")
+        if cached:
+            batch["latent_mean"] = torch.stack([s["latent"][0] for s in cached])
+            batch["latent_logvar"] = torch.stack([s["latent"][1] for s in cached])
+        else:
+            batch["target_pixels"] = torch.stack([s["image"] for s in targets]) if targets else torch.zeros(0, 3, 1, 1)
+        captions = [s["caption"] for s in targets if s["caption"] is not None]
+        if captions and all(s["caption_embed"] is not None for s in targets):
+            batch["caption_embeds"] = torch.stack([s["caption_embed"] for s in targets])
+        elif captions:
             batch["caption_ids"] = self.caption_tokenizer(
                 captions, padding="max_length", truncation=True, return_tensors="pt",
                 max_length=self.caption_tokenizer.model_max_length,

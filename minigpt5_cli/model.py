@@ -110,14 +110,23 @@ class MiniGPT5(nn.Module):
                 self._null_caption = self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state.float()
         return self._null_caption
 
-    def diffusion_loss(self, cond: torch.Tensor, pixels: torch.Tensor) -> torch.Tensor:
+    def target_latents(self, batch: dict) -> torch.Tensor:
+        """Scaled latents of the target images: sampled from the cached VAE posterior when the data
+        holds one, else encoded now. Both draw the same noise, so the loss is the same either way."""
+        with torch.no_grad():
+            if "latent_mean" in batch:
+                mean = batch["latent_mean"].to(self.vae.dtype)
+                std = torch.exp(0.5 * batch["latent_logvar"].clamp(-30.0, 20.0)).to(self.vae.dtype)
+                latents = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+            else:
+                latents = self.vae.encode(batch["target_pixels"].to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def diffusion_loss(self, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         from diffusers.training_utils import compute_snr
 
         sched = self.noise_scheduler
-        with torch.no_grad():
-            latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample()
-            latents = latents * self.vae.config.scaling_factor
-        noise = torch.randn_like(latents)
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-independent draw
         t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
         noisy = sched.add_noise(latents, noise, t)
         kind = sched.config.prediction_type
@@ -139,16 +148,20 @@ class MiniGPT5(nn.Module):
         zero = logits.new_zeros(())
         image = caption = zero
         states = self.voken_states(out.hidden_states[-1], batch["input_ids"])
-        if states.shape[0] != batch["target_pixels"].shape[0]:
+        targets = batch["latent_mean" if "latent_mean" in batch else "target_pixels"].shape[0]
+        if states.shape[0] != targets:
             raise RuntimeError("voken groups and target images do not match; the collator is out of step")
         if states.shape[0]:
             drop = torch.rand(states.shape[0], device=states.device) < w.cfg_drop  # classifier-free guidance
             states = states.masked_fill(drop[:, None, None], 0.0)
             cond = self.mapper(states.float())
-            image = self.diffusion_loss(cond, batch["target_pixels"])
-            if "caption_ids" in batch and w.caption > 0:
-                with torch.no_grad():
-                    target = self.text_encoder(batch["caption_ids"]).last_hidden_state.float()
+            image = self.diffusion_loss(cond, self.target_latents(batch))
+            if ("caption_ids" in batch or "caption_embeds" in batch) and w.caption > 0:
+                if "caption_embeds" in batch:
+                    target = batch["caption_embeds"].float()
+                else:
+                    with torch.no_grad():
+                        target = self.text_encoder(batch["caption_ids"]).last_hidden_state.float()
                 target = torch.where(drop[:, None, None], self.null_caption(), target)
                 caption = F.mse_loss(cond.float(), target)
         loss = w.text * text + w.image * image + w.caption * caption

@@ -50,7 +50,8 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    train: str = ""  # JSONL of pairs (stage 1) or sequences (stage 2)
+    train: str = ""  # a folder written by prepare-data, or JSONL of pairs (stage 1) / sequences (stage 2)
+    tasks: list[Literal["turn", "gen", "multimodal", "understanding"]] = field(default_factory=lambda: ["turn"])
     max_length: int = 512  # tokens per sample; older history steps are dropped to fit
     history: int = 4  # previous steps kept in a stage-2 prompt
     instruction_prob: float = 0.01  # stage 1: share of samples in instruction form
@@ -229,6 +230,8 @@ def check(recipe: Recipe) -> None:
     for key in ("batch_size", "grad_accum", "keep_checkpoints", "save_every", "log_every"):
         if getattr(t, key) < 1:
             raise UserError(f"recipe key 'train.{key}' must be at least 1")
+    if not recipe.data.tasks:
+        raise UserError("recipe key 'data.tasks' needs at least one task")
     if t.stage == 1 and recipe.adapter.kind != "none":
         raise UserError("stage 1 trains vokens and the mapper only: set adapter.kind=none")
 

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data import Collator, TrainSet, read_jsonl
+from minigpt5_cli import tiny
+from minigpt5_cli.data import Collator, TrainSet, load_source
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.model import MiniGPT5, build_model
 from minigpt5_cli.params import table
@@ -73,15 +74,16 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     )
     main = accelerator.is_main_process
     set_seed(t.seed)
-    records = read_jsonl(recipe.data.train, t.stage)
+    source = load_source(recipe.data.train, t.stage)
+    _check_cache(source, recipe)
     model = build_model(recipe, init_from=checkpoint_folder(t.init_from) if t.stage == 2 else None)
     if main:
         console.print(table(model, recipe))
-        if model.processor is None and t.stage == 2 and any(s["image"] for r in records for s in r["steps"][:-1]):
+        if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
             console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
 
-    dataset = TrainSet(records, t.stage, model.gen_info.resolution, recipe.data.history, t.seed,
-                       recipe.data.instruction_prob, model.llm_info.accepts_images)
+    dataset = TrainSet(source, t.stage, model.gen_info.resolution, recipe.data.history, t.seed,
+                       recipe.data.instruction_prob, model.llm_info.accepts_images, recipe.data.tasks)
     collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
                        recipe.model.n_vokens, recipe.data.max_length)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
@@ -163,6 +165,15 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     if main:
         console.print(f"done: {last}")
     return last
+
+
+def _check_cache(source, recipe: recipes.Recipe) -> None:
+    """Cached latents are only valid for the generator that made them."""
+    cache = source.cache
+    if cache and tiny.resolve(cache["generator"]) != tiny.resolve(recipe.model.generator):
+        raise UserError(f"the training data holds latents cached for generator {cache['generator']!r}, but the "
+                        f"recipe uses {recipe.model.generator!r}; prepare the data again with --generator "
+                        f"{recipe.model.generator}, or without --cache-latents")
 
 
 def checkpoint_folder(path: str) -> Path:

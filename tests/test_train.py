@@ -161,7 +161,7 @@ def test_tensorboard_tracker_writes_events(tmp_path):
 
 
 def test_unbuilt_commands_say_so(capsys):
-    for name in ("prepare-data", "evaluate"):
+    for name in ("evaluate",):
         assert "not built yet" in _error(capsys, name, "--anything")
 
 

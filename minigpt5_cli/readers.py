@@ -1,0 +1,353 @@
+"""Readers for the raw data sets as people have them on disk: CC3M, VIST and MMDialog.
+
+Each reader yields, in a fixed order, either a `Record` (an id and its steps, each a text and an
+image source: a path, raw bytes or nothing) or a `Reject` (an id, a reason from `REASONS`, a detail).
+Images are not decoded here; `prepare.py` decodes them in parallel and may still reject a record.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import tarfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Union
+
+from minigpt5_cli.errors import UserError
+
+REASONS = ("malformed_json", "malformed_record", "empty_caption", "missing_image", "corrupt_image",
+           "missing_step", "too_short", "truncated_tar")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+Source = Union[Path, bytes, None]
+
+
+@dataclass
+class Step:
+    text: str
+    image: Source = None
+
+
+@dataclass
+class Record:
+    id: str
+    steps: list[Step]
+
+
+@dataclass
+class Reject:
+    id: str
+    reason: str
+    detail: str = ""
+
+
+Item = Union[Record, Reject]
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise UserError(f"{what} not found: {path}")
+    return path
+
+
+def _load_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def images_by_stem(folder: Path) -> dict[str, Path]:
+    """Image files under `folder` by file stem, whatever their extension (first in sorted order wins)."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTS and p.is_file():
+            found.setdefault(p.stem, p)
+    return found
+
+
+# -- CC3M ---------------------------------------------------------------------------------------
+
+_CLEAN = re.compile(r'[.!"()*#:;~]')
+
+
+def clean_caption(text: str) -> str:
+    """The original's cleaning: lower-case, `.!"()*#:;~` to spaces, whitespace collapsed."""
+    return " ".join(_CLEAN.sub(" ", text.lower()).split())
+
+
+def read_cc3m(path: Path, images: Path | None = None, clean: bool = True) -> tuple[str, Iterator[Item]]:
+    """Returns the layout found and the items. PATH is a TSV (official, MiniGPT-5 or GILL form) or an
+    img2dataset output folder (webdataset shards, `files` layout, or parquet with image bytes)."""
+    _need(path, "input")
+    if path.is_file():
+        layout, items = _cc3m_tsv(path, images)
+    elif sorted(path.glob("*.tar")):
+        layout, items = "webdataset", _cc3m_tars(sorted(path.glob("*.tar")))
+    elif _parquet_with_images(path):
+        layout, items = "parquet", _cc3m_parquet(_parquet_with_images(path))
+    elif any(p.suffix == ".txt" for p in path.rglob("*.txt")):
+        layout, items = "files", _cc3m_files(path)
+    else:
+        raise UserError(f"{path}: no CC3M layout found (expected a TSV file, or img2dataset output: "
+                        ".tar shards, parquet with image bytes, or the files layout)")
+    return layout, _captioned(items, clean)
+
+
+def _captioned(items: Iterator[Item], clean: bool) -> Iterator[Item]:
+    for item in items:
+        if isinstance(item, Record):
+            text = clean_caption(item.steps[0].text) if clean else item.steps[0].text.strip()
+            if not text:
+                yield Reject(item.id, "empty_caption")
+                continue
+            item.steps[0].text = text
+        yield item
+
+
+def _cc3m_tsv(path: Path, images: Path | None) -> tuple[str, Iterator[Item]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        first = f.readline().rstrip("\r\n").split("\t")
+    header = [c.strip().lower() for c in first]
+    if header[:2] in (["caption", "image_path"], ["caption", "image"]):
+        layout = "minigpt5-tsv" if header[1] == "image_path" else "gill-tsv"
+        root = images or path.parent
+        return layout, _cc3m_tsv_rows(path, skip_header=True, resolve=lambda i, cols: root / cols[1])
+    if images is None:
+        raise UserError(f"{path} looks like the official caption<TAB>url TSV: pass --images, the folder of "
+                        "downloaded images named by their 0-based row number")
+    by_row: dict[int, Path] = {}
+    for stem, p in images_by_stem(_need(images, "images folder")).items():
+        if stem.isdigit():
+            by_row.setdefault(int(stem), p)
+    return "official-tsv", _cc3m_tsv_rows(path, skip_header=False, resolve=lambda i, cols: by_row.get(i))
+
+
+def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve) -> Iterator[Item]:
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if skip_header:
+            next(rows, None)
+        for i, cols in enumerate(rows):
+            rid = f"row{i}"
+            if len(cols) < 2:
+                yield Reject(rid, "malformed_record", "expected 2 tab-separated columns")
+                continue
+            image = resolve(i, cols)
+            if image is None or not Path(image).is_file():
+                yield Reject(rid, "missing_image", str(image or ""))
+                continue
+            yield Record(rid, [Step(cols[0], Path(image))])
+
+
+def _cc3m_tars(shards: list[Path]) -> Iterator[Item]:
+    for shard in shards:
+        groups: dict[str, dict[str, bytes]] = defaultdict(dict)
+        order: list[str] = []
+        broken = ""
+        try:
+            with tarfile.open(shard) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = Path(member.name).name.partition(".")
+                    if key not in groups:
+                        order.append(key)
+                    groups[key][ext.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, EOFError, OSError) as e:
+            broken = f"{shard.name}: {e}"
+        # A truncated shard ends in a partial sample: the complete ones before it are kept.
+        for key in order:
+            sample = groups[key]
+            image = next((sample[e] for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            if broken and key == order[-1]:
+                yield Reject(key, "truncated_tar", broken)
+            elif "txt" not in sample:
+                yield Reject(key, "malformed_record", "no .txt caption")
+            elif image is None:
+                yield Reject(key, "missing_image")
+            else:
+                yield Record(key, [Step(sample["txt"].decode("utf-8", "replace"), image)])
+        if broken and not order:
+            yield Reject(shard.name, "truncated_tar", broken)
+
+
+def _parquet_with_images(folder: Path) -> list[Path]:
+    import pyarrow.parquet as pq
+
+    files = sorted(folder.glob("*.parquet"))
+    return [f for f in files if {"jpg", "txt"} <= set(pq.read_schema(f).names)] if files else []
+
+
+def _cc3m_parquet(files: list[Path]) -> Iterator[Item]:
+    import pyarrow.parquet as pq
+
+    for f in files:
+        table = pq.ParquetFile(f)
+        names = table.schema_arrow.names
+        for batch in table.iter_batches(columns=[c for c in ("key", "jpg", "txt") if c in names], batch_size=256):
+            rows = batch.to_pydict()
+            for i in range(batch.num_rows):
+                key = str(rows["key"][i]) if "key" in rows else f"{f.stem}-{i}"
+                if rows["jpg"][i] is None:
+                    yield Reject(key, "missing_image")
+                else:
+                    yield Record(key, [Step(rows["txt"][i] or "", rows["jpg"][i])])
+
+
+def _cc3m_files(folder: Path) -> Iterator[Item]:
+    images = images_by_stem(folder)
+    for txt in sorted(folder.rglob("*.txt")):
+        key = txt.stem
+        image = images.get(key)
+        if image is None or image.parent != txt.parent:
+            yield Reject(key, "missing_image")
+        else:
+            yield Record(key, [Step(txt.read_text(encoding="utf-8", errors="replace"), image)])
+
+
+# -- VIST ---------------------------------------------------------------------------------------
+
+def vist_paths(path: Path, images: Path | None, split: str) -> tuple[Path, Path | None]:
+    """The annotation file and image folder, from a file (+ --images) or a VIST root + --split."""
+    _need(path, "input")
+    if path.is_dir():
+        ann = path / "sis" / f"{split}.story-in-sequence.json"
+        return _need(ann, "VIST annotation file"), images or path / "images" / split
+    return path, images
+
+
+def read_vist(path: Path, images: Path | None, split: str = "train", mapping: Path | None = None,
+              steps: int = 5) -> tuple[str, Iterator[Item]]:
+    ann, images = vist_paths(path, images, split)
+    data = _load_json(ann)
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        if images is None:
+            raise UserError("pass --images, the folder of VIST images (files named by photo id)")
+        return "story-in-sequence", _vist_sis(data["annotations"], _need(images, "images folder"), steps)
+    derived = data.get("annotations") if isinstance(data, dict) and isinstance(data.get("annotations"), dict) else data
+    if isinstance(derived, dict):
+        return "derived", _vist_derived(derived, ann.parent, images, mapping, steps)
+    raise UserError(f"{ann}: not a VIST story-in-sequence file, nor a {{story_id: [steps]}} mapping")
+
+
+def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
+    by_story: dict[str, list[dict]] = defaultdict(list)
+    order: list[str] = []
+    bad = 0
+    for entry in annotations:
+        rec = entry[0] if isinstance(entry, list) and entry else entry  # one-element lists
+        if not isinstance(rec, dict) or "story_id" not in rec or "photo_flickr_id" not in rec:
+            bad += 1
+            yield Reject(f"annotation{bad}", "malformed_record", "no story_id / photo_flickr_id")
+            continue
+        sid = str(rec["story_id"])
+        if sid not in by_story:
+            order.append(sid)
+        by_story[sid].append(rec)
+    files = images_by_stem(images)
+    for sid in order:
+        recs = sorted(by_story[sid], key=lambda r: int(r.get("worker_arranged_photo_order", 0)))
+        if len(recs) != steps:
+            yield Reject(sid, "missing_step", f"{len(recs)} of {steps} steps")
+            continue
+        out = []
+        for r in recs:
+            image = files.get(str(r["photo_flickr_id"]))
+            if image is None:
+                break
+            out.append(Step(str(r.get("original_text") or r.get("text") or ""), image))
+        if len(out) < steps:
+            yield Reject(sid, "missing_image", f"photo {recs[len(out)]['photo_flickr_id']}")
+        else:
+            yield Record(sid, out)
+
+
+def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path | None, steps: int) -> Iterator[Item]:
+    table = {str(k): v for k, v in _load_json(mapping).items()} if mapping else None
+    base = mapping.parent if mapping else images or root
+    files = images_by_stem(images) if images and not table else {}
+    for sid, recs in stories.items():
+        if not isinstance(recs, list) or not all(isinstance(r, dict) and "image_id" in r for r in recs):
+            yield Reject(str(sid), "malformed_record", "expected a list of {caption, image_id, sequence_index}")
+            continue
+        recs = sorted(recs, key=lambda r: int(r.get("sequence_index", 0)))
+        if len(recs) != steps:
+            yield Reject(str(sid), "missing_step", f"{len(recs)} of {steps} steps")
+            continue
+        out = []
+        for r in recs:
+            key = str(r["image_id"])
+            image = base / table[key] if table and key in table else files.get(key)
+            if image is None or not Path(image).is_file():
+                yield Reject(str(sid), "missing_image", f"image {key}")
+                break
+            out.append(Step(str(r.get("caption", "")), Path(image)))
+        else:
+            yield Record(str(sid), out)
+
+
+# -- MMDialog -----------------------------------------------------------------------------------
+
+def read_mmdialog(path: Path, images: Path | None = None) -> tuple[str, Iterator[Item]]:
+    """One conversation per JSON line (or one JSON array); images are `<media_key>.jpg` beside the file."""
+    _need(path, "input")
+    if path.is_dir():
+        found = sorted(path.glob("*conversations.json")) + sorted(path.glob("*conversations.txt"))
+        if not found:
+            raise UserError(f"{path}: no conversations.json or *_conversations.txt in it")
+        path = found[0]
+    folder = images or path.parent
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if text.lstrip().startswith("["):
+        try:
+            records = [(f"item{i}", r, None) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+        return "json-array", _dialogs(records, folder)
+    return "jsonl", _dialogs(_json_lines(text), folder)
+
+
+def _json_lines(text: str):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                yield f"line{number}", json.loads(line), None
+            except json.JSONDecodeError as e:
+                yield f"line{number}", None, e.msg
+
+
+def _dialogs(records, folder: Path) -> Iterator[Item]:
+    for where, rec, error in records:
+        if error is not None:
+            yield Reject(where, "malformed_json", error)
+            continue
+        turns = rec.get("conversation") if isinstance(rec, dict) else None
+        cid = str(rec.get("conversation_id", where)) if isinstance(rec, dict) else where
+        if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("turn"), list) for t in turns):
+            yield Reject(cid, "malformed_record", 'expected "conversation": [{"turn": [...]}, ...]')
+            continue
+        steps, missing = [], None
+        for t in turns:
+            items = [i for i in t["turn"] if isinstance(i, dict)]
+            text = " ".join(str(i["__TEXT__"]).strip() for i in items if "__TEXT__" in i).strip()
+            media = [str(i["__MEDIA__"]) for i in items if "__MEDIA__" in i]
+            image = folder / f"{media[0]}.jpg" if media else None  # one image per turn: the first
+            if image is not None and not image.is_file():
+                missing = media[0]
+                break
+            steps.append(Step(text, image))
+        if missing is not None:
+            yield Reject(cid, "missing_image", f"media {missing}")
+        elif len(steps) < 2:
+            yield Reject(cid, "too_short", f"{len(steps)} turn(s)")
+        else:
+            yield Record(cid, steps)
+
