@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data import Collator
+from minigpt5_cli.data import NEXT, Collator
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.model import MiniGPT5, build_model
 from minigpt5_cli.stories import STORY_FILE, Story, folder_name, write_index, write_story
@@ -291,12 +291,15 @@ class Renderer:
                          callback_on_step_end=callback, **kwargs).images
 
 
-def history(story: Story) -> list[tuple[str, object]]:
-    """The story so far, as (text, image) steps: the input, then the generated responses."""
+def history(story: Story, tasks: list[str]) -> list[tuple[str, object]]:
+    """The prompt's steps: the input, then the generated responses, as (text, image); closed by the
+    "next scene" instruction when the model was trained with it rather than on bare turns."""
     steps = [(s["text"], s["image"]) for s in story.steps]
     for g in story.generated:
         text = " ".join(seg["text"] for seg in g["segments"] if "text" in seg)
         steps.append((text, next((seg["image"] for seg in g["segments"] if "image" in seg), None)))
+    if "multimodal" in tasks and "turn" not in tasks:
+        steps.append((NEXT, None))
     return steps
 
 
@@ -306,8 +309,8 @@ def run_batch(model: MiniGPT5, settings: Settings, stories: list[Story], decoder
     tokens = progress.add_task("tokens", total=None) if progress else None
     images = progress.add_task("diffusion", total=None) if progress else None
     for k in range(settings.steps):
-        prompts = [collator.prompt({"prompt": None, "history": history(s)}, model.recipe.data.max_length)
-                   for s in stories]
+        prompts = [collator.prompt({"prompt": None, "history": history(s, model.recipe.data.tasks)},
+                                   model.recipe.data.max_length) for s in stories]
         seeds = [derive_seed(settings.seed, s.index, k) for s in stories]
         budget = settings.max_new_tokens * len(stories)
         if progress:

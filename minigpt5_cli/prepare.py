@@ -21,6 +21,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from collections import Counter
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
@@ -102,7 +103,7 @@ def process(item, size: int):
             except Exception as e:  # PIL raises many kinds for broken files
                 return readers.Reject(item.id, "corrupt_image", f"step {k + 1}: {type(e).__name__}")
         steps.append({"text": step.text, "image": image})
-    return {"id": item.id, "steps": steps}
+    return {"id": item.id, "steps": steps, "extra_media": item.extra_media}
 
 
 def _process_star(args):
@@ -139,12 +140,15 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         raise UserError("--continuation applies to VIST stories")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    layout, items = read(fmt, path, s)
+    try:
+        layout, items = read(fmt, path, s)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
 
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    counts, kept, dropped = Counter(), [0], [0]
+    counts, kept, extra = Counter(), [0], [0]
     try:
         with (tmp / REJECTS_FILE).open("w") as rejects, _progress(console) as progress:
             task = progress.add_task(f"{fmt} ({layout})", total=None)
@@ -162,6 +166,7 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
                     if s.continuation:
                         result["target"] = result["steps"].pop()
                     kept[0] += 1
+                    extra[0] += result.pop("extra_media")
                     yield result
 
             fingerprint = hashlib.sha256(json.dumps([fmt, str(path.resolve()), asdict(s)]).encode()).hexdigest()[:16]
@@ -172,12 +177,19 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
             except datasets.exceptions.DatasetGenerationError as e:
                 if isinstance(e.__cause__, (UserError, KeyboardInterrupt)):
                     raise e.__cause__ from None
+                if isinstance(e.__cause__, OSError):
+                    raise UserError(f"cannot read the input: {e.__cause__}") from None
                 raise
+            except ValueError:
+                if kept[0]:
+                    raise
+                feats = features(s.continuation)  # every record was rejected
+                ds = datasets.Dataset.from_dict({name: [] for name in feats}, features=feats)
         cache = None
         if s.cache_latents and len(ds):
             ds, cache = _cache_latents(ds, s, tmp / "cache", console)
         with _quiet_datasets():
-            ds.save_to_disk(str(tmp / "data"))
+            ds.save_to_disk(str(tmp / "data"), num_shards=None if len(ds) else 1)  # an empty set needs its one shard
         del ds
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         for f in (tmp / "data").iterdir():
@@ -187,6 +199,8 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
             "format": fmt, "layout": layout, "input": str(path.resolve()), "kept": kept[0],
             "rejected": dict(sorted(counts.items())), "settings": asdict(s), "cache": cache,
         }
+        if fmt == "mmdialog":
+            summary["extra_media_dropped"] = extra[0]  # a turn keeps its first image only
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -194,6 +208,8 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not summary["kept"]:
+        console.print(f"[yellow]warning:[/] no record was kept; the reasons are in {out / REJECTS_FILE}")
     return summary
 
 
@@ -203,8 +219,10 @@ def _results(items, s: Settings):
         for item in items:
             yield process(item, s.image_size)
         return
-    with get_context("spawn").Pool(s.num_proc) as pool:
-        yield from pool.imap(_process_star, ((item, s.image_size) for item in items), chunksize=16)
+    # fork starts workers at once; they only decode images, never touch torch.
+    context = get_context("fork" if sys.platform == "linux" else "spawn")
+    with context.Pool(s.num_proc) as pool:
+        yield from pool.imap(_process_star, ((item, s.image_size) for item in items), chunksize=32)
 
 
 def _progress(console: Console) -> Progress:

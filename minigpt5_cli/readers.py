@@ -34,6 +34,7 @@ class Step:
 class Record:
     id: str
     steps: list[Step]
+    extra_media: int = 0  # MMDialog: images beyond the first of a turn, not kept
 
 
 @dataclass
@@ -334,12 +335,13 @@ def _dialogs(records, folder: Path) -> Iterator[Item]:
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("turn"), list) for t in turns):
             yield Reject(cid, "malformed_record", 'expected "conversation": [{"turn": [...]}, ...]')
             continue
-        steps, missing = [], None
+        steps, missing, extra = [], None, 0
         for t in turns:
             items = [i for i in t["turn"] if isinstance(i, dict)]
             text = " ".join(str(i["__TEXT__"]).strip() for i in items if "__TEXT__" in i).strip()
             media = [str(i["__MEDIA__"]) for i in items if "__MEDIA__" in i]
             image = folder / f"{media[0]}.jpg" if media else None  # one image per turn: the first
+            extra += max(0, len(media) - 1)
             if image is not None and not image.is_file():
                 missing = media[0]
                 break
@@ -349,5 +351,5 @@ def _dialogs(records, folder: Path) -> Iterator[Item]:
         elif len(steps) < 2:
             yield Reject(cid, "too_short", f"{len(steps)} turn(s)")
         else:
-            yield Record(cid, steps)
+            yield Record(cid, steps, extra_media=extra)
 

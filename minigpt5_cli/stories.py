@@ -1,8 +1,10 @@
 """Stories in and out of `minigpt5 generate`.
 
-In: a JSON file holding one story, a JSONL file holding one story per line, or plain text. A story
-is `{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training sequence form)
-or just the list of steps; image paths are relative to the file. Plain text is one step.
+In: a JSON file holding one story, a JSONL file holding one story per line, a dataset folder
+written by `prepare-data` (its rows' steps; a continuation set's targets stay out), or plain text.
+A story is `{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training
+sequence form) or just the list of steps; image paths are relative to the file. Plain text is one
+step.
 
 Out, per story: `story.json` (input, generated segments, settings, seed, model ids), `story.md`,
 a self-contained `story.html`, and the PNGs. Several stories get one folder each plus `index.html`.
@@ -33,9 +35,16 @@ class Story:
     generated: list[dict] = field(default_factory=list)  # {"segments": [{"text": str} | {"image": PIL}]}
 
 
+def is_collection(arg: str) -> bool:
+    """Whether `--story` names many stories (one output folder each)."""
+    return arg.lower().endswith(".jsonl") or Path(arg).is_dir()
+
+
 def read_stories(arg: str) -> list[Story]:
-    """Parse `--story`: a .json file, a .jsonl file, or plain text."""
+    """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text."""
     path = Path(arg)
+    if path.is_dir():
+        return _dataset_stories(path)
     if path.suffix.lower() in (".json", ".jsonl") or path.is_file():
         if not path.is_file():
             raise UserError(f"story file not found: {path}")
@@ -53,6 +62,23 @@ def read_stories(arg: str) -> list[Story]:
     if not arg.strip():
         raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
     return [Story(id="story", index=0, steps=[{"text": arg.strip(), "image": None, "source": None}])]
+
+
+def _dataset_stories(folder: Path) -> list[Story]:
+    from minigpt5_cli.data import load_source
+
+    source = load_source(folder, stage=2)
+    rows = source.rows
+    stories = []
+    for i in range(len(rows)):
+        row = rows[i]
+        steps = [{"text": (s["text"] or "").strip(), "image": s["image"].convert("RGB") if s["image"] else None,
+                  "source": None} for s in row["steps"]]
+        if not any(s["text"] or s["image"] for s in steps):
+            raise UserError(f"{folder}: story {row['id']!r} is empty")
+        stories.append(Story(id=str(row["id"]), index=i, steps=steps))
+    _check_ids(stories, folder)
+    return stories
 
 
 def _json(text: str, where: str):

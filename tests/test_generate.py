@@ -237,3 +237,23 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, story_file, capsys):
                                                "--output", str(tmp_path / "o"), "--device", "cuda")
     assert "--image-size" in one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"),
                                             "--output", str(tmp_path / "o"), "--image-size", "30")
+
+
+def test_stories_from_a_prepared_continuation_set(runs, tmp_path):
+    from test_prepare import vist_fixture
+
+    data = tmp_path / "vist_test"
+    assert run_cli("prepare-data", "vist", "--input", str(vist_fixture(tmp_path / "raw", "test")), "--split", "test",
+                   "--continuation", "--output", str(data)) == 0
+    out = tmp_path / "out"
+    assert run_cli("generate", "--story", str(data), "--model", str(runs / "lora"), "--output", str(out), *FAST) == 0
+    doc = json.loads((out / "s1" / "story.json").read_text())
+    assert [s["text"] for s in doc["input"]] == [f"Story s1, step {k}." for k in range(4)]  # step 5 stays out
+    assert all(s["image"] for s in doc["input"]) and doc["generated"][0]["images"]
+    assert (out / "index.html").is_file()
+
+
+def test_prompt_ends_with_the_instruction_the_model_was_trained_with():
+    story = read_stories("there is a circle.")[0]
+    assert G.history(story, ["turn"]) == [("there is a circle.", None)]
+    assert G.history(story, ["gen", "multimodal", "understanding"])[-1] == ("Tell me the next scene with image.", None)

@@ -143,6 +143,28 @@ def test_cc3m_minigpt5_and_gill_tsv(tmp_path, header, layout):
     assert gif.format == "PNG" and gif.mode == "RGB"  # re-encoded losslessly
 
 
+def test_large_images_are_downscaled_small_ones_kept_as_they_are(tmp_path):
+    big, small = image_bytes("JPEG", (1000, 600)), image_bytes("PNG", (50, 40))
+    (tmp_path / "big.jpg").write_bytes(big)
+    (tmp_path / "small.png").write_bytes(small)
+    (tmp_path / "p.tsv").write_text("caption\timage\nbig\tbig.jpg\nsmall\tsmall.png\n")
+    prepare("cc3m", "--input", tmp_path / "p.tsv", "--output", tmp_path / "out", "--image-size", "300")
+    table = rows(tmp_path / "out").with_format("arrow")[:]
+    images = [steps[0]["image"] for steps in table.column("steps").to_pylist()]
+    assert Image.open(io.BytesIO(images[0]["bytes"])).size == (500, 300)
+    assert images[1]["bytes"] == small
+
+
+def test_all_rejected_gives_an_empty_dataset_and_says_why(tmp_path, capsys):
+    (tmp_path / "p.tsv").write_text("caption\timage\nx\tnope.jpg\n")
+    summary = prepare("cc3m", "--input", tmp_path / "p.tsv", "--output", tmp_path / "out")
+    assert summary["kept"] == 0 and summary["rejected"] == {"missing_image": 1} and len(rows(tmp_path / "out")) == 0
+    assert "no record was kept" in capsys.readouterr().err
+    assert run_cli("train", "--recipe", str(DEBUG / "stage1.yaml"), f"data.train={tmp_path / 'out'}",
+                   f"train.output_dir={tmp_path / 'run'}") == 2
+    assert "holds no rows" in capsys.readouterr().err
+
+
 def test_clean_caption_follows_the_original():
     assert clean_caption('  The "Best" cake: (ever)*; #1~!  ') == "the best cake ever 1"
 
@@ -225,7 +247,8 @@ def mmdialog_lines(folder):
     conv = [
         {"conversation_id": 0, "conversation": [
             {"turn": [{"__TEXT__": "look at my dog :dog:"}, {"__MEDIA__": "-2682085160072908899"}]},
-            {"turn": [{"__TEXT__": "so cute"}]}, {"turn": [{"__TEXT__": ""}, {"__MEDIA__": "-2682085160072908899"}]}],
+            {"turn": [{"__TEXT__": "so cute"}]},
+            {"turn": [{"__TEXT__": ""}, {"__MEDIA__": "-2682085160072908899"}, {"__MEDIA__": "-2682085160072908899"}]}],
          "negative_candidate_media_keys": [], "negative_candidate_texts": []},
         {"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "hi"}, {"__MEDIA__": "123"}]},
                                                 {"turn": [{"__TEXT__": "hey"}]}]},
@@ -253,7 +276,7 @@ def test_mmdialog(tmp_path, framing):
     expected = {"missing_image": 1, "too_short": 1, "corrupt_image": 1, "malformed_record": 1}
     if framing == "jsonl":
         expected["malformed_json"] = 1
-    assert summary["kept"] == 2 and summary["rejected"] == expected
+    assert summary["kept"] == 2 and summary["rejected"] == expected and summary["extra_media_dropped"] == 1
     first = rows(out)[0]
     assert first["id"] == "0" and [s["text"] for s in first["steps"]] == ["look at my dog :dog:", "so cute", ""]
     assert [s["image"] is not None for s in first["steps"]] == [True, False, True]  # a negative media key
