@@ -37,6 +37,8 @@ the files layout, or parquet with image bytes).
 VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or the derived
 {story_id: [{caption, image_id, sequence_index}]} form with --image-mapping.
 MMDialog: conversations as JSON Lines or one JSON array; images are <media_key>.jpg beside it.
+toy: the shapes world, generated (no --input): DIR/pairs, DIR/stories, DIR/stories_test (held
+out, steps 1-4 in, step 5 out) and DIR/dialogs.
 
 \b
 Examples:
@@ -44,14 +46,15 @@ Examples:
   minigpt5 prepare-data vist --input vist/ --split train --output data/vist
   minigpt5 prepare-data vist --input vist/ --split test --continuation --output data/vist_test
   minigpt5 prepare-data mmdialog --input mmdialog/train/conversations.json --output data/mmdialog
+  minigpt5 prepare-data toy --output data/toy --seed 0
   minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --cache-latents --generator stabilityai/stable-diffusion-2-1-base
 """
 
 
 @app.command("prepare-data", help=PREPARE_HELP)
 def prepare_data(
-    fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist or mmdialog."),
-    input_path: Path = typer.Option(..., "--input", "-i", help="The raw data: a file or a folder."),
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist, mmdialog, or toy (the shapes world)."),
+    input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="The raw data: a file or a folder."),
     output: Path = typer.Option(..., "--output", "-o", help="The dataset folder to write."),
     split: str = typer.Option("train", help="VIST: the split, when --input is the VIST root."),
     images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
@@ -61,19 +64,32 @@ def prepare_data(
                                       "as the target."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record."),
     num_proc: int = typer.Option(1, help="Processes decoding and resizing images."),
-    image_size: int = typer.Option(512, help="Images are downscaled so that their short side is this."),
+    image_size: int = typer.Option(0, help="Images are downscaled so that their short side is this "
+                                   "(0: 512); toy: the side of its renders (0: 32)."),
     cache_latents: bool = typer.Option(False, "--cache-latents", help="Store VAE latents and caption embeddings."),
     generator: str = typer.Option("", help="With --cache-latents: the generator, a hub id or folder."),
     cache_dtype: str = typer.Option("float32", help="float32 or float16 for the cached tensors."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder."),
+    seed: int = typer.Option(0, help="toy: the random seed; the same seed gives the same data."),
+    pairs: int = typer.Option(2000, help="toy: caption pairs."),
+    stories: int = typer.Option(1000, help="toy: training stories."),
+    test_stories: int = typer.Option(200, help="toy: held-out stories (steps 1-4 in, step 5 out)."),
+    dialogs: int = typer.Option(500, help="toy: dialogues."),
 ) -> None:
     from minigpt5_cli import prepare as stage
 
+    if fmt == "toy":
+        summary = stage.prepare_toy(output, seed, {"pairs": pairs, "stories": stories, "stories_test": test_stories,
+                                                   "dialogs": dialogs}, image_size, overwrite=overwrite)
+        typer.echo(", ".join(f"{name} {s['kept']}" for name, s in summary.items()) + f"; written to {output}")
+        return
+    if input_path is None:
+        raise UserError(f"prepare-data {fmt} needs --input, the raw data")
     if cache_dtype not in ("float32", "float16"):
         raise UserError(f"--cache-dtype must be float32 or float16, got {cache_dtype!r}")
     settings = stage.Settings(
         split=split, images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
-        continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size,
+        continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size or 512,
         cache_latents=cache_latents, generator=generator, cache_dtype=cache_dtype,
     )
     summary = stage.prepare(fmt, input_path, output, settings, overwrite=overwrite)

@@ -25,12 +25,14 @@ from minigpt5_cli import metrics as M
 from minigpt5_cli.errors import UserError
 
 METRICS = ("clip_i", "clip_t", "fid", "is", "bleu1", "bleu2", "rouge_l", "meteor", "sbert", "mm_relevance",
-           "mm_relevance_minigpt5")
+           "mm_relevance_minigpt5", "toy_colour", "toy_shape", "toy_position", "toy_text")
+TOY = ("toy_colour", "toy_shape", "toy_position")  # attribute accuracies, read by the shapes-world checker
 PRESETS = {
     "vist": ["clip_i", "clip_t", "fid", "is", "rouge_l", "meteor", "sbert"],
     "mmdialog": ["bleu1", "bleu2", "rouge_l", "sbert", "mm_relevance", "is"],
     "cc3m": ["clip_i", "clip_t", "fid", "is"],
-    "all": list(METRICS[:-1]),
+    "toy": [*TOY, "toy_text"],
+    "all": [m for m in METRICS if m != "mm_relevance_minigpt5" and not m.startswith("toy_")],
 }
 COMPAT = ("minigpt5",)
 LOWER_IS_BETTER = {"fid", "fid_per_story"}
@@ -72,6 +74,13 @@ DEFINITIONS = {
                              "elements not missing, recall = sum / elements not spurious; F1 per sample, mean "
                              "over samples",
 }
+DEFINITIONS.update({
+    f"toy_{attr}": f"shapes world: share of samples whose first generated image shows the reference image's "
+                   f"{attr}, both read from pixels by minigpt5_cli.toy.read_attributes (exact on the renders); a "
+                   f"missing or unreadable generated image counts as wrong"
+    for attr in ("colour", "shape", "position")
+})
+DEFINITIONS["toy_text"] = f"shapes world: share of samples whose generated text equals the reference text ({TOKENS})"
 PREDICTION = "a story's first generated response (its text, images and segments)"
 INCEPTION_RESIZE = ("each image resized to 299x299 with torch bilinear interpolation (align_corners=False, no "
                     "antialias) as pytorch-fid does, inputs scaled to [-1, 1]")
@@ -394,6 +403,39 @@ class Evaluation:
         values = M.sbert([p.text for p, _ in pairs], [r.text for _, r in pairs], self.models.sbert, self.s.batch_size)
         self._mean("sbert", [p.id for p, _ in pairs], values, definition=DEFINITIONS["sbert"],
                    model=self.models.sbert.name, **extra)
+
+    # shapes world
+
+    def _toy_attributes(self) -> None:
+        """Colour, shape and position accuracy in one pass over the images."""
+        from minigpt5_cli.toy import read_attributes
+
+        pairs = [(p, r) for p, r in self.pairs if r.images]
+        left_out = {"left_out": {"no reference image": len(self.pairs) - len(pairs)}}
+        found = []
+        for p, r in pairs:
+            want = read_attributes(r.images[0].open())
+            if want is None:
+                raise UserError(f"{r.images[0].where}: the shapes-world checker finds no shape in this reference "
+                                "image; the toy metrics are for shapes-world data")
+            got = read_attributes(p.images[0].open()) if p.images else None
+            found.append([got is not None and got[k] == want[k] for k in range(3)])
+        for k, name in enumerate(TOY):
+            if name in self.s.metrics:
+                self._mean(name, [p.id for p, _ in pairs], [float(f[k]) for f in found],
+                           definition=DEFINITIONS[name], **left_out)
+
+    def _toy_colour(self) -> None:
+        if not getattr(self, "_toy_done", False):
+            self._toy_attributes()
+            self._toy_done = True
+
+    _toy_shape = _toy_position = _toy_colour
+
+    def _toy_text(self) -> None:
+        pairs, extra = self._text_pairs()
+        values = [float(M.tokens(p.text) == M.tokens(r.text)) for p, r in pairs]
+        self._mean("toy_text", [p.id for p, _ in pairs], values, definition=DEFINITIONS["toy_text"], **extra)
 
     # CLIP
 

@@ -33,7 +33,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from minigpt5_cli import readers
 from minigpt5_cli.errors import UserError
 
-FORMATS = ("cc3m", "vist", "mmdialog")
+FORMATS = ("cc3m", "vist", "mmdialog", "toy")
 SUMMARY_FILE = "summary.json"
 REJECTS_FILE = "rejects.jsonl"
 
@@ -210,6 +210,66 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         shutil.rmtree(tmp, ignore_errors=True)
     if not summary["kept"]:
         console.print(f"[yellow]warning:[/] no record was kept; the reasons are in {out / REJECTS_FILE}")
+    return summary
+
+
+# The shapes world's sets: (record kind, split, continuation).
+TOY_SETS = {"pairs": ("pairs", "train", False), "stories": ("stories", "train", False),
+            "stories_test": ("stories", "test", True), "dialogs": ("dialogs", "train", False)}
+
+
+def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None = None, image_size: int = 0,
+                overwrite: bool = False, console: Console | None = None) -> dict:
+    """Generate the shapes world (`toy.py`) as four datasets under `output`: pairs, stories, the
+    held-out continuation set stories_test (its own random stream) and dialogs."""
+    import datasets
+
+    from minigpt5_cli import toy
+
+    counts = {"pairs": 2000, "stories": 1000, "stories_test": 200, "dialogs": 500, **(counts or {})}
+    size = image_size or toy.SIZE
+    console = console or Console(stderr=True)
+    out = Path(output)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if any(n < 0 for n in counts.values()) or size < 24:
+        raise UserError("toy set sizes cannot be negative, and --image-size must be at least 24")
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    summary = {}
+    try:
+        with _progress(console) as progress:
+            for name, (kind, split, continuation) in TOY_SETS.items():
+                task = progress.add_task(f"toy {name}", total=counts[name])
+
+                def rows(kind=kind, split=split, continuation=continuation, task=task, n=counts[name]):
+                    for rec in toy.records(kind, n, seed, size, split):
+                        progress.advance(task)
+                        row = {"id": rec["id"], "steps": rec["steps"]}
+                        if continuation:
+                            row["target"] = row["steps"].pop()
+                        yield row
+
+                feats = features(continuation)
+                fingerprint = hashlib.sha256(json.dumps(["toy", name, seed, counts[name], size]).encode()).hexdigest()[:16]
+                with _quiet_datasets():
+                    ds = datasets.Dataset.from_generator(rows, features=feats, cache_dir=str(tmp / ".cache"),
+                                                         fingerprint=fingerprint) if counts[name] else \
+                        datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
+                    ds.save_to_disk(str(tmp / name), num_shards=None if len(ds) else 1)
+                summary[name] = {"format": "toy", "layout": kind, "input": None, "kept": len(ds), "rejected": {},
+                                 "settings": {"seed": seed, "split": split, "image_size": size,
+                                              "continuation": continuation}, "cache": None}
+                (tmp / name / SUMMARY_FILE).write_text(json.dumps(summary[name], indent=2))
+                (tmp / name / REJECTS_FILE).write_text("")
+        shutil.rmtree(tmp / ".cache", ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 

@@ -120,14 +120,15 @@ def dialog(rng: np.random.Generator, size: int = SIZE) -> dict:
 
 
 KINDS = {"pairs": pair, "stories": story, "dialogs": dialog}
+NAMES = {"pairs": "pair", "stories": "story", "dialogs": "dialog"}
 
 
-def records(kind: str, n: int, seed: int, size: int = SIZE):
-    """`n` records of one kind, the same for the same seed."""
-    rng = np.random.default_rng([seed, list(KINDS).index(kind)])
+def records(kind: str, n: int, seed: int, size: int = SIZE, split: str = "train"):
+    """`n` records of one kind, the same for the same seed; another split draws from another stream."""
+    rng = np.random.default_rng([seed, list(KINDS).index(kind), ("train", "test").index(split)])
     for i in range(n):
         rec = KINDS[kind](rng, size)
-        rec["id"] = f"{kind[:-1]}{i:05d}"
+        rec["id"] = f"{NAMES[kind]}-{split}-{i:05d}"
         yield rec
 
 

@@ -63,3 +63,54 @@ def test_pair_captions_name_all_three_attributes():
     colour, shape, cell = rec["attributes"][0]
     assert rec["steps"][0]["text"] == toy.caption(colour, shape, cell)
     assert colour in rec["steps"][0]["text"] and shape in rec["steps"][0]["text"]
+
+
+def test_prepare_data_toy_writes_four_datasets_deterministically(tmp_path):
+    import datasets
+
+    from conftest import run_cli
+
+    args = ["prepare-data", "toy", "--seed", "5", "--pairs", "6", "--stories", "4", "--test-stories", "3",
+            "--dialogs", "2"]
+    assert run_cli(*args, "--output", str(tmp_path / "a")) == 0
+    assert run_cli(*args, "--output", str(tmp_path / "b")) == 0
+    for name, n in (("pairs", 6), ("stories", 4), ("stories_test", 3), ("dialogs", 2)):
+        a, b = (datasets.load_from_disk(str(tmp_path / x / name)) for x in "ab")
+        assert len(a) == n and a.with_format("arrow")[:].equals(b.with_format("arrow")[:])
+    test = datasets.load_from_disk(str(tmp_path / "a" / "stories_test"))
+    train = datasets.load_from_disk(str(tmp_path / "a" / "stories"))
+    assert len(test[0]["steps"]) == 4 and test[0]["target"]["image"] is not None
+    assert test[0]["id"].startswith("story-test-") and train[0]["id"].startswith("story-train-")
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_evaluate_toy_metrics(tmp_path):
+    import json
+
+    from conftest import run_cli
+
+    truth = [("red", "circle", (0, 0)), ("blue", "square", (1, 1)), ("green", "triangle", (2, 2)),
+             ("yellow", "circle", (0, 2))]
+    guess = [("red", "circle", (0, 0)), ("red", "square", (1, 1)), ("green", "circle", (2, 1)), None]
+    refs, preds = [], []
+    for i, (t, g) in enumerate(zip(truth, guess)):
+        toy.render(*t).save(tmp_path / f"ref{i}.png")
+        refs.append({"id": f"s{i}", "text": "It moves to the right.", "images": [f"ref{i}.png"]})
+        if g:
+            toy.render(*g).save(tmp_path / f"gen{i}.png")
+        preds.append({"id": f"s{i}", "text": "it moves to the right ." if i < 3 else "It moves up.",
+                      "images": [f"gen{i}.png"] if g else []})
+    write_jsonl(tmp_path / "refs.jsonl", refs)
+    write_jsonl(tmp_path / "preds.jsonl", preds)
+    out = tmp_path / "metrics.json"
+    assert run_cli("evaluate", "-p", str(tmp_path / "preds.jsonl"), "-r", str(tmp_path / "refs.jsonl"), "-m", "toy",
+                   "-o", str(out)) == 0
+    report = json.loads(out.read_text())["metrics"]
+    assert report["toy_colour"]["value"] == 0.5 and report["toy_shape"]["value"] == 0.5
+    assert report["toy_position"]["value"] == 0.5 and report["toy_text"]["value"] == 0.75
+    assert report["toy_colour"]["n"] == 4 and "read_attributes" in report["toy_colour"]["definition"]
