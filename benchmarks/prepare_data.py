@@ -142,7 +142,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="prepare runs per process count")
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     work = Path(tempfile.mkdtemp(prefix="minigpt5-bench-"))
     try:
         rates = throughput(work, args.images, args.repeats)

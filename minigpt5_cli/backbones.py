@@ -62,6 +62,18 @@ class Generator:
         return pipe
 
 
+def pick_device(device: str | None) -> str:
+    """The device asked for, checked, or cuda when there is one, else cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
 def _load_error(what: str, name: str, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return UserError(

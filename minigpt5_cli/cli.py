@@ -60,8 +60,8 @@ def prepare_data(
     images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
     image_mapping: Optional[Path] = typer.Option(None, help="VIST derived form: {image_id: path} JSON."),
     clean_captions: bool = typer.Option(True, help="CC3M: lower-case and strip punctuation as the original."),
-    continuation: bool = typer.Option(False, "--continuation", help="VIST evaluation set: steps 1-4 in, step 5 "
-                                      "as the target."),
+    continuation: bool = typer.Option(False, "--continuation", help="An evaluation set: the last step (VIST's "
+                                      "5th, MMDialog's last turn) held out as the target."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad record."),
     num_proc: int = typer.Option(1, help="Processes decoding and resizing images."),
     image_size: int = typer.Option(0, help="Images are downscaled so that their short side is this "
@@ -212,6 +212,7 @@ def evaluate(
 ) -> None:
     from rich.console import Console
 
+    from minigpt5_cli.backbones import pick_device
     from minigpt5_cli import evaluate as stage
 
     if compare:
@@ -226,7 +227,7 @@ def evaluate(
         clip_model=clip_model or stage.default_clip_model(metrics), sbert_model=sbert_model,
         inception_weights=str(inception_weights) if inception_weights else None,
         wordnet=str(wordnet) if wordnet else None, fid_real_stats=str(fid_real_stats) if fid_real_stats else None,
-        is_splits=is_splits, device=stage.pick_device(device), batch_size=batch_size, resamples=bootstrap, seed=seed,
+        is_splits=is_splits, device=pick_device(device), batch_size=batch_size, resamples=bootstrap, seed=seed,
         skip_unavailable=skip_unavailable,
     )
     report = stage.evaluate(predictions, references, settings, output)

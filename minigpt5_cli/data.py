@@ -146,14 +146,17 @@ def _prepared(folder: Path) -> Source:
         raise UserError(f"cannot load the dataset in {folder}: {e}") from None
     if len(ds) == 0:
         raise UserError(f"the dataset in {folder} holds no rows")
-    columns = ["steps"] + (["target"] if "target" in ds.column_names else [])
-    table = ds.data.table.select(columns)
-    steps = table.column("steps").combine_chunks()
-    flags = pc.is_valid(pc.struct_field(steps.flatten(), "image")).to_pylist()
-    offsets = steps.offsets.to_pylist()
-    images = [flags[a:b] for a, b in zip(offsets, offsets[1:])]
-    if "target" in columns:
-        target = pc.is_valid(pc.struct_field(table.column("target").combine_chunks(), "image")).to_pylist()
+    # Chunk by chunk, on Arrow's views: no image bytes are copied or decoded.
+    images = []
+    for chunk in ds.data.table.column("steps").chunks:
+        flags = pc.is_valid(pc.struct_field(chunk.flatten(), "image")).to_pylist()
+        start = 0
+        for n in chunk.value_lengths().to_pylist():
+            images.append(flags[start:start + n])
+            start += n
+    if "target" in ds.column_names:
+        target = [t for chunk in ds.data.table.column("target").chunks
+                  for t in pc.is_valid(pc.struct_field(chunk, "image")).to_pylist()]
         images = [row + [t] for row, t in zip(images, target)]
     return Source(ds, images, json.loads(summary_file.read_text()))
 

@@ -270,19 +270,6 @@ class Settings:
     skip_unavailable: bool = False
 
 
-def pick_device(device: str | None) -> str:
-    import torch
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def default_clip_model(spec: str) -> str:
     """ViT-L/14, or ViT-B/32 when the mmdialog preset is asked for (as the MMDialog evaluation uses)."""
     return M.CLIP_MMDIALOG if "mmdialog" in [n.strip().lower() for n in spec.split(",")] else M.CLIP_DEFAULT
@@ -410,15 +397,18 @@ class Evaluation:
         """Colour, shape and position accuracy in one pass over the images."""
         from minigpt5_cli.toy import read_attributes
 
+        def _attributes(image):
+            return read_attributes(image) if image.width == image.height else None  # toy images are square
+
         pairs = [(p, r) for p, r in self.pairs if r.images]
         left_out = {"left_out": {"no reference image": len(self.pairs) - len(pairs)}}
         found = []
         for p, r in pairs:
-            want = read_attributes(r.images[0].open())
+            want = _attributes(r.images[0].open())
             if want is None:
                 raise UserError(f"{r.images[0].where}: the shapes-world checker finds no shape in this reference "
                                 "image; the toy metrics are for shapes-world data")
-            got = read_attributes(p.images[0].open()) if p.images else None
+            got = _attributes(p.images[0].open()) if p.images else None
             found.append([got is not None and got[k] == want[k] for k in range(3)])
         for k, name in enumerate(TOY):
             if name in self.s.metrics:
@@ -532,7 +522,8 @@ class Evaluation:
             n_real, real_source = len(real), "reference images"
             if stats is not None:
                 stats.parent.mkdir(parents=True, exist_ok=True)
-                np.savez_compressed(stats, mu=mu, sigma=sigma, n=len(real))
+                with stats.open("wb") as f:  # numpy would append ".npz" to a path without it
+                    np.savez_compressed(f, mu=mu, sigma=sigma, n=len(real))
                 real_source += f" (statistics written to {stats})"
         if len(gen) < 2:
             raise UserError(f"FID needs at least 2 generated images, found {len(gen)}")

@@ -25,10 +25,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from minigpt5_cli import recipe as recipes
+from minigpt5_cli.backbones import pick_device
 from minigpt5_cli.data import NEXT, Collator
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.model import MiniGPT5, build_model
-from minigpt5_cli.stories import STORY_FILE, Story, folder_name, write_index, write_story
+from minigpt5_cli.stories import STORY_FILE, Story, clashes, folder_name, write_index, write_story
 
 MODES = ("vokens", "two-stage")
 
@@ -56,8 +57,10 @@ class Settings:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
-        if self.image_size and self.image_size % 8:
-            raise UserError("--image-size must be a multiple of 8")
+        if self.image_size < 0 or self.image_size % 8:
+            raise UserError("--image-size must be a positive multiple of 8 (or 0 for the generator's own)")
+        if self.repetition_penalty <= 0 or self.temperature < 0:
+            raise UserError("--repetition-penalty must be above 0, and --temperature at least 0")
 
 
 def derive_seed(*parts: int) -> int:
@@ -85,13 +88,7 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         recipe = recipes.load(folder / "recipe.yaml", [])
     else:
         recipe = recipes.load(path, [])
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    device = pick_device(device)
     precision = precision or recipe.train.mixed_precision
     if precision == "fp16" and not device.startswith("cuda"):
         console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32")
@@ -291,13 +288,15 @@ class Renderer:
                          callback_on_step_end=callback, **kwargs).images
 
 
-def history(story: Story, tasks: list[str]) -> list[tuple[str, object]]:
-    """The prompt's steps: the input, then the generated responses, as (text, image); closed by the
-    "next scene" instruction when the model was trained with it rather than on bare turns."""
+def history(story: Story, tasks: list[str], keep: int) -> list[tuple[str, object]]:
+    """The prompt's steps, as in training: the last `keep` of the input and the generated responses,
+    as (text, image); closed by the "next scene" instruction when the model was trained with it
+    rather than on bare turns."""
     steps = [(s["text"], s["image"]) for s in story.steps]
     for g in story.generated:
         text = " ".join(seg["text"] for seg in g["segments"] if "text" in seg)
         steps.append((text, next((seg["image"] for seg in g["segments"] if "image" in seg), None)))
+    steps = steps[max(0, len(steps) - keep):]
     if "multimodal" in tasks and "turn" not in tasks:
         steps.append((NEXT, None))
     return steps
@@ -309,8 +308,9 @@ def run_batch(model: MiniGPT5, settings: Settings, stories: list[Story], decoder
     tokens = progress.add_task("tokens", total=None) if progress else None
     images = progress.add_task("diffusion", total=None) if progress else None
     for k in range(settings.steps):
-        prompts = [collator.prompt({"prompt": None, "history": history(s, model.recipe.data.tasks)},
-                                   model.recipe.data.max_length) for s in stories]
+        data = model.recipe.data
+        prompts = [collator.prompt({"prompt": None, "history": history(s, data.tasks, data.history)}, data.max_length)
+                   for s in stories]
         seeds = [derive_seed(settings.seed, s.index, k) for s in stories]
         budget = settings.max_new_tokens * len(stories)
         if progress:
@@ -354,6 +354,11 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     if nested and len(set(folders.values())) < len(folders):
         folders = {st.id: out / f"{st.index:05d}-{folder_name(st.id)}" for st in stories}
     todo = [st for st in stories if overwrite or not (folders[st.id] / STORY_FILE).is_file()]
+    for st in todo:
+        found = clashes(folders[st.id])
+        if found:
+            raise UserError(f"{folders[st.id]} already holds {', '.join(found[:3])}, not written by minigpt5; "
+                            "pick another --output")
     if len(todo) < len(stories):
         console.print(f"{len(stories) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
     out.mkdir(parents=True, exist_ok=True)

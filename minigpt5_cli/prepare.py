@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -110,17 +111,17 @@ def _process_star(args):
     return process(*args)
 
 
-def features(continuation: bool, cache: dict | None = None):
+def features(continuation: bool, cache: dict | None = None, decode: bool = True):
     import datasets
 
-    step = {"text": datasets.Value("string"), "image": datasets.Image()}
+    step = {"text": datasets.Value("string"), "image": datasets.Image(decode=decode)}
     if cache:
         latent, embed, dtype = tuple(cache["latent_shape"]), tuple(cache["cond_shape"]), cache["dtype"]
         step.update(latent_mean=datasets.Array3D(latent, dtype), latent_logvar=datasets.Array3D(latent, dtype),
                     caption_embed=datasets.Array2D(embed, dtype))
     feats = {"id": datasets.Value("string"), "steps": datasets.List(step)}
     if continuation:
-        feats["target"] = {"text": datasets.Value("string"), "image": datasets.Image()}
+        feats["target"] = {"text": datasets.Value("string"), "image": datasets.Image(decode=decode)}
     return datasets.Features(feats)
 
 
@@ -136,20 +137,16 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         raise UserError("--num-proc must be at least 1 and --image-size at least 8")
     if s.cache_latents and not s.generator:
         raise UserError("--cache-latents needs --generator, the generator whose VAE latents are stored")
-    if s.continuation and fmt != "vist":
-        raise UserError("--continuation applies to VIST stories")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+    if s.continuation and fmt == "cc3m":
+        raise UserError("--continuation applies to VIST stories and MMDialog conversations")
+    _check_output(out, overwrite)
     try:
         layout, items = read(fmt, path, s)
     except OSError as e:
         raise UserError(f"cannot read {path}: {e}") from None
 
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     counts, kept, extra = Counter(), [0], [0]
-    try:
+    with _staged(out) as tmp:
         with (tmp / REJECTS_FILE).open("w") as rejects, _progress(console) as progress:
             task = progress.add_task(f"{fmt} ({layout})", total=None)
 
@@ -202,12 +199,6 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         if fmt == "mmdialog":
             summary["extra_media_dropped"] = extra[0]  # a turn keeps its first image only
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     if not summary["kept"]:
         console.print(f"[yellow]warning:[/] no record was kept; the reasons are in {out / REJECTS_FILE}")
     return summary
@@ -230,15 +221,11 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
     size = image_size or toy.SIZE
     console = console or Console(stderr=True)
     out = Path(output)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
     if any(n < 0 for n in counts.values()) or size < 24:
         raise UserError("toy set sizes cannot be negative, and --image-size must be at least 24")
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    _check_output(out, overwrite)
     summary = {}
-    try:
+    with _staged(out) as tmp:
         with _progress(console) as progress:
             for name, (kind, split, continuation) in TOY_SETS.items():
                 task = progress.add_task(f"toy {name}", total=counts[name])
@@ -264,13 +251,41 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
                 (tmp / name / SUMMARY_FILE).write_text(json.dumps(summary[name], indent=2))
                 (tmp / name / REJECTS_FILE).write_text("")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
+    return summary
+
+
+def _written_by_us(folder: Path) -> bool:
+    """A dataset folder of ours, or a shapes-world folder holding only its sets."""
+    if (folder / SUMMARY_FILE).is_file():
+        return True
+    entries = list(folder.iterdir())
+    return bool(entries) and all(e.name in TOY_SETS and (e / SUMMARY_FILE).is_file() for e in entries)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    """--overwrite replaces only what prepare-data wrote: never a folder of other files."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
+        if not _written_by_us(out):
+            raise UserError(f"{out} holds files prepare-data did not write; --overwrite only replaces its own output")
+
+
+@contextmanager
+def _staged(out: Path):
+    """A temporary folder beside `out`, moved into its place when the block ends without error."""
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return summary
 
 
 def _results(items, s: Settings):
@@ -327,13 +342,14 @@ def _cache_latents(ds, s: Settings, cache_dir: Path, console: Console):
 
     @torch.no_grad()
     def encode(batch):
+        # Images arrive undecoded ({"bytes", "path"}) and go back untouched: no re-encoding.
         steps = batch["steps"]
         flat = [(r, k) for r, row in enumerate(steps) for k, st in enumerate(row) if st["image"] is not None]
         for r, row in enumerate(steps):
             for st in row:
                 st.update(latent_mean=None, latent_logvar=None, caption_embed=None)
         if flat:
-            pixels = torch.stack([to_pixels(steps[r][k]["image"].convert("RGB"), res) for r, k in flat]).to(device)
+            pixels = torch.stack([to_pixels(_decode(steps[r][k]["image"]), res) for r, k in flat]).to(device)
             dist = gen.vae.encode(pixels.to(gen.vae.dtype)).latent_dist
             ids = gen.tokenizer([steps[r][k]["text"] for r, k in flat], padding="max_length", truncation=True,
                                 max_length=gen.cond_shape[0], return_tensors="pt").input_ids.to(device)
@@ -346,11 +362,16 @@ def _cache_latents(ds, s: Settings, cache_dir: Path, console: Console):
 
     console.print(f"caching latents with {s.generator} ({res}px, latents {latent_shape}) on {device}")
     with _quiet_datasets():
-        ds = ds.map(encode, batched=True, batch_size=s.cache_batch_size, features=features(s.continuation, cache),
+        ds = ds.cast(features(s.continuation, decode=False))
+        ds = ds.map(encode, batched=True, batch_size=s.cache_batch_size,
+                    features=features(s.continuation, cache, decode=False),
                     cache_file_name=str(cache_dir / "latents.arrow"), desc="latents")
+        ds = ds.cast(features(s.continuation, cache))
     return ds, cache
 
 
-def load_summary(folder: Path) -> dict | None:
-    f = Path(folder) / SUMMARY_FILE
-    return json.loads(f.read_text()) if f.is_file() else None
+def _decode(image: dict):
+    from PIL import Image
+
+    with Image.open(io.BytesIO(image["bytes"])) as img:
+        return img.convert("RGB")

@@ -252,7 +252,11 @@ def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
         by_story[sid].append(rec)
     files = images_by_stem(images)
     for sid in order:
-        recs = sorted(by_story[sid], key=lambda r: int(r.get("worker_arranged_photo_order", 0)))
+        try:
+            recs = sorted(by_story[sid], key=lambda r: int(r.get("worker_arranged_photo_order", 0)))
+        except (TypeError, ValueError):
+            yield Reject(sid, "malformed_record", "worker_arranged_photo_order is not a number")
+            continue
         if len(recs) != steps:
             yield Reject(sid, "missing_step", f"{len(recs)} of {steps} steps")
             continue
@@ -269,14 +273,21 @@ def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
 
 
 def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path | None, steps: int) -> Iterator[Item]:
-    table = {str(k): v for k, v in _load_json(mapping).items()} if mapping else None
+    table = _load_json(mapping) if mapping else None
+    if table is not None and not isinstance(table, dict):
+        raise UserError(f"{mapping}: an image mapping is a JSON object {{image_id: path}}")
+    table = {str(k): v for k, v in table.items()} if table else None
     base = mapping.parent if mapping else images or root
     files = images_by_stem(images) if images and not table else {}
     for sid, recs in stories.items():
         if not isinstance(recs, list) or not all(isinstance(r, dict) and "image_id" in r for r in recs):
             yield Reject(str(sid), "malformed_record", "expected a list of {caption, image_id, sequence_index}")
             continue
-        recs = sorted(recs, key=lambda r: int(r.get("sequence_index", 0)))
+        try:
+            recs = sorted(recs, key=lambda r: int(r.get("sequence_index", 0)))
+        except (TypeError, ValueError):
+            yield Reject(str(sid), "malformed_record", "sequence_index is not a number")
+            continue
         if len(recs) != steps:
             yield Reject(str(sid), "missing_step", f"{len(recs)} of {steps} steps")
             continue

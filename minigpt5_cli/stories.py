@@ -35,17 +35,28 @@ class Story:
     generated: list[dict] = field(default_factory=list)  # {"segments": [{"text": str} | {"image": PIL}]}
 
 
+def _as_path(arg: str) -> Path | None:
+    """`arg` as a path, unless it cannot be one (plain text longer than a file name, say)."""
+    try:
+        path = Path(arg)
+        path.exists()
+        return path
+    except (OSError, ValueError):
+        return None
+
+
 def is_collection(arg: str) -> bool:
     """Whether `--story` names many stories (one output folder each)."""
-    return arg.lower().endswith(".jsonl") or Path(arg).is_dir()
+    path = _as_path(arg)
+    return arg.lower().endswith(".jsonl") or (path is not None and path.is_dir())
 
 
 def read_stories(arg: str) -> list[Story]:
     """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text."""
-    path = Path(arg)
-    if path.is_dir():
+    path = _as_path(arg)
+    if path is not None and path.is_dir():
         return _dataset_stories(path)
-    if path.suffix.lower() in (".json", ".jsonl") or path.is_file():
+    if path is not None and (path.suffix.lower() in (".json", ".jsonl") or path.is_file()):
         if not path.is_file():
             raise UserError(f"story file not found: {path}")
         if path.suffix.lower() == ".jsonl":
@@ -156,12 +167,31 @@ def write_story(folder: Path, story: Story, record: dict) -> None:
     (tmp / STORY_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (tmp / "story.md").write_text(_markdown(doc))
     (tmp / "story.html").write_text(_html(doc))
-    for old in sorted(folder.iterdir(), key=lambda f: f.name != STORY_FILE):  # an earlier run's: story.json first
-        if old.name == STORY_FILE or old.name in ("story.md", "story.html") or _OURS.fullmatch(old.name):
-            old.unlink()
+    for old in _written(folder):  # an earlier run's files, story.json first
+        old.unlink(missing_ok=True)
     for f in sorted(tmp.iterdir(), key=lambda f: f.name == STORY_FILE):
         os.replace(f, folder / f.name)
     tmp.rmdir()
+
+
+def _written(folder: Path) -> list[Path]:
+    """The files an earlier run wrote into `folder`, as its story.json lists them, story.json first."""
+    old = folder / STORY_FILE
+    if not old.is_file():
+        return []
+    doc = json.loads(old.read_text())
+    names = [s.get("image") for s in doc.get("input", [])] + [i for g in doc.get("generated", []) for i in g["images"]]
+    return [old, folder / "story.md", folder / "story.html"] + [folder / n for n in names if n and _OURS.fullmatch(n)]
+
+
+def clashes(folder: Path) -> list[str]:
+    """Files in `folder` with the names a story is written under, that no earlier run wrote: a story
+    is never written over someone else's `image-1.png`. Other files are never touched."""
+    if not folder.is_dir():
+        return []
+    ours = {f.name for f in _written(folder)}
+    return sorted(f.name for f in folder.iterdir() if f.name not in ours and
+                  (f.name in (STORY_FILE, "story.md", "story.html") or _OURS.fullmatch(f.name)))
 
 
 def _markdown(doc: dict) -> str:

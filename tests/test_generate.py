@@ -255,5 +255,29 @@ def test_stories_from_a_prepared_continuation_set(runs, tmp_path):
 
 def test_prompt_ends_with_the_instruction_the_model_was_trained_with():
     story = read_stories("there is a circle.")[0]
-    assert G.history(story, ["turn"]) == [("there is a circle.", None)]
-    assert G.history(story, ["gen", "multimodal", "understanding"])[-1] == ("Tell me the next scene with image.", None)
+    assert G.history(story, ["turn"], 4) == [("there is a circle.", None)]
+    assert G.history(story, ["gen", "multimodal", "understanding"], 4)[-1] == ("Tell me the next scene with image.", None)
+
+
+def test_prompt_keeps_the_last_history_steps_as_training_does():
+    story = read_stories("a")[0]
+    story.steps = [{"text": f"step {k}.", "image": None, "source": None} for k in range(6)]
+    assert [t for t, _ in G.history(story, ["turn"], 4)] == ["step 2.", "step 3.", "step 4.", "step 5."]
+    assert G.history(story, ["turn"], 0) == []
+
+
+def test_output_folder_files_of_others_are_never_overwritten(runs, tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    long_story = "there is a circle in the middle of a very long story. " * 6  # longer than a file name may be
+    assert run_cli("generate", "--story", long_story, "--model", str(runs / "lora"), "--output", str(out), *FAST) == 0
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "story.json").is_file()
+    assert run_cli("generate", "--story", "x", "--model", str(runs / "lora"), "--output", str(out), "--overwrite",
+                   *FAST) == 0  # our own story is redone
+    other = tmp_path / "theirs"
+    other.mkdir()
+    (other / "image-1.png").write_bytes(b"someone's picture")
+    err = one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"), "--output", str(other),
+                         *FAST)
+    assert "not written by minigpt5" in err and (other / "image-1.png").read_bytes() == b"someone's picture"

@@ -5,6 +5,7 @@ import json
 import tarfile
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -318,6 +319,27 @@ def test_rerun_is_identical_parallel_or_not_and_refuses_to_clobber(tmp_path, cap
     prepare("vist", "--input", root, "--output", tmp_path / "a", "--overwrite")
 
 
+def test_overwrite_replaces_only_what_prepare_data_wrote(tmp_path, capsys):
+    root = vist_fixture(tmp_path / "vist")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    prepare("vist", "--input", root, "--output", mine, "--overwrite", expect=2)
+    assert "did not write" in capsys.readouterr().err and (mine / "thesis.tex").is_file()
+    (tmp_path / "file").write_text("x")
+    prepare("vist", "--input", root, "--output", tmp_path / "file", expect=2)
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_mmdialog_continuation_holds_out_the_last_turn(tmp_path):
+    conv, _ = mmdialog_lines(tmp_path)
+    (tmp_path / "c.json").write_text(json.dumps(conv[:1]))
+    prepare("mmdialog", "--input", tmp_path / "c.json", "--output", tmp_path / "out", "--continuation")
+    (row,) = rows(tmp_path / "out")
+    assert [s["text"] for s in row["steps"]] == ["look at my dog :dog:", "so cute"]
+    assert row["target"]["text"] == "" and row["target"]["image"] is not None
+
+
 def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     root = vist_fixture(tmp_path / "vist")
     calls = []
@@ -337,9 +359,12 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
 def cc3m_pairs(tmp_path, n=6):
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]
     lines = ["caption\timage_path"]
-    for i in range(n):
-        (tmp_path / f"{i}.png").write_bytes(image_bytes("PNG", (36, 32), colours[i % 3]))
-        lines.append(f"a shape number {i}\t{i}.png")
+    rng = np.random.default_rng(0)
+    for i in range(n):  # PNGs, and detailed JPEGs at a quality PIL would not pick by itself
+        name = f"{i}.png" if i % 2 else f"{i}.jpg"
+        pixels = np.clip(np.asarray(colours[i % 3]) + rng.integers(-40, 40, (32, 36, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / name, quality=95)
+        lines.append(f"a shape number {i}\t{name}")
     (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
     return tmp_path / "pairs.tsv"
 
@@ -385,6 +410,8 @@ def test_cached_latents_give_the_same_loss(tmp_path):
     assert summary["cache"]["latent_shape"] == [4, 8, 8] and summary["cache"]["cond_shape"] == [16, 32]
     step = rows(cached)[0]["steps"][0]
     assert len(step["latent_mean"]) == 4 and len(step["caption_embed"]) == 16
+    images = lambda folder: [st[0]["image"] for st in rows(folder).with_format("arrow")[:].column("steps").to_pylist()]  # noqa: E731
+    assert images(cached) == images(plain)  # the images are stored as they were, not re-encoded
     recipe = R.load(DEBUG / "stage1.yaml", ["data.instruction_prob=0"])
     torch.manual_seed(0)
     model = build_model(recipe)
