@@ -348,7 +348,7 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     console = console or Console(stderr=True)
     if settings.mode == "vokens" and not info["trained"]:
         console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")
-    if model.processor is None and any(s["image"] is not None for st in stories for s in st.steps):
+    if model.processor is None and any(s["has_image"] for st in stories for s in st.steps):
         console.print("[yellow]warning:[/] the LLM is text-only: images in the stories are dropped from its prompts")
     folders = {st.id: out / folder_name(st.id) if nested else out for st in stories}
     if nested and len(set(folders.values())) < len(folders):
@@ -373,9 +373,12 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
         task = progress.add_task("stories", total=len(todo))
         for i in range(0, len(todo), settings.batch_size):
             batch = todo[i:i + settings.batch_size]
+            for story in batch:
+                story.open()
             run_batch(model, settings, batch, decoder, renderer, collator, progress)
             for story in batch:
                 write_story(folders[story.id], story, {**record, "seed": settings.seed, "index": story.index})
+                story.close()
             progress.advance(task, len(batch))
     done = [folders[st.id] for st in stories if (folders[st.id] / STORY_FILE).is_file()]
     if nested:

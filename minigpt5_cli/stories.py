@@ -19,6 +19,7 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from minigpt5_cli.data import load_image
 from minigpt5_cli.errors import UserError
@@ -31,8 +32,21 @@ _OURS = re.compile(r"(input|image)-\d+\.png")
 class Story:
     id: str
     index: int  # position in the input: the story's seed offset, whatever the batching
-    steps: list[dict]  # {"text": str, "image": PIL image or None, "source": path or None}
+    steps: list[dict]  # {"text": str, "image": PIL image or None, "source": path or None, "has_image": bool}
     generated: list[dict] = field(default_factory=list)  # {"segments": [{"text": str} | {"image": PIL}]}
+    loader: Callable[[], list] | None = None  # the steps' images, decoded only while the story is worked on
+
+    def open(self) -> None:
+        if self.loader is not None:
+            for step, image in zip(self.steps, self.loader()):
+                step["image"] = image
+
+    def close(self) -> None:
+        """Drop the pictures once written, so a long run holds only its batch in memory."""
+        if self.loader is not None:
+            for step in self.steps:
+                step["image"] = None
+        self.generated = []
 
 
 def _as_path(arg: str) -> Path | None:
@@ -72,24 +86,39 @@ def read_stories(arg: str) -> list[Story]:
         return [_story(_json(path.read_text(), str(path)), str(path), path.parent, 0, default_id=path.stem)]
     if not arg.strip():
         raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
-    return [Story(id="story", index=0, steps=[{"text": arg.strip(), "image": None, "source": None}])]
+    return [Story(id="story", index=0, steps=[{"text": arg.strip(), "image": None, "source": None,
+                                                "has_image": False}])]
 
 
 def _dataset_stories(folder: Path) -> list[Story]:
     from minigpt5_cli.data import load_source
 
+    import pyarrow.compute as pc
+
     source = load_source(folder, stage=2)
     rows = source.rows
+    table = rows.data.table
+    ids = table.column("id").to_pylist()
+    texts = [t for chunk in table.column("steps").chunks
+             for t in _split(pc.struct_field(chunk.flatten(), "text").to_pylist(), chunk.value_lengths().to_pylist())]
     stories = []
-    for i in range(len(rows)):
-        row = rows[i]
-        steps = [{"text": (s["text"] or "").strip(), "image": s["image"].convert("RGB") if s["image"] else None,
-                  "source": None} for s in row["steps"]]
-        if not any(s["text"] or s["image"] for s in steps):
-            raise UserError(f"{folder}: story {row['id']!r} is empty")
-        stories.append(Story(id=str(row["id"]), index=i, steps=steps))
+    for i, (sid, row_texts) in enumerate(zip(ids, texts)):  # no image is decoded here
+        steps = [{"text": (t or "").strip(), "image": None, "source": None, "has_image": has}
+                 for t, has in zip(row_texts, source.images[i])]
+        if not any(s["text"] or s["has_image"] for s in steps):
+            raise UserError(f"{folder}: story {sid!r} is empty")
+        stories.append(Story(id=str(sid), index=i, steps=steps, loader=lambda i=i: [
+            s["image"].convert("RGB") if s["image"] else None for s in rows[i]["steps"]]))
     _check_ids(stories, folder)
     return stories
+
+
+def _split(values: list, lengths: list[int]) -> list[list]:
+    out, start = [], 0
+    for n in lengths:
+        out.append(values[start:start + n])
+        start += n
+    return out
 
 
 def _json(text: str, where: str):
@@ -108,17 +137,19 @@ def _story(rec, where: str, root: Path, index: int, default_id: str | None = Non
         if not isinstance(step, dict) or not isinstance(step.get("text", ""), str) or \
                 not isinstance(step.get("image"), (str, type(None))):
             raise UserError(f'{where}: step {k + 1} needs a "text" string and an optional "image" path')
-        image = source = None
+        source = None
         if step.get("image"):
             source = root / step["image"]
             if not source.is_file():
                 raise UserError(f"{where}: image not found: {source}")
-            image = load_image(str(source))
-        out.append({"text": step.get("text", "").strip(), "image": image, "source": str(source) if source else None})
-    if not any(s["text"] or s["image"] for s in out):
+        out.append({"text": step.get("text", "").strip(), "image": None, "source": str(source) if source else None,
+                    "has_image": source is not None})
+    if not any(s["text"] or s["has_image"] for s in out):
         raise UserError(f"{where}: the story is empty (no text, no image)")
     sid = rec.get("id") if isinstance(rec, dict) else None
-    return Story(id=str(sid if sid is not None else default_id or index), index=index, steps=out)
+    sources = [s["source"] for s in out]
+    return Story(id=str(sid if sid is not None else default_id or index), index=index, steps=out,
+                 loader=lambda: [load_image(x) if x else None for x in sources])
 
 
 def _check_ids(stories: list[Story], path: Path) -> None:

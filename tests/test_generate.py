@@ -281,3 +281,16 @@ def test_output_folder_files_of_others_are_never_overwritten(runs, tmp_path, cap
     err = one_line_error(capsys, "generate", "--story", "x", "--model", str(runs / "lora"), "--output", str(other),
                          *FAST)
     assert "not written by minigpt5" in err and (other / "image-1.png").read_bytes() == b"someone's picture"
+
+
+def test_story_images_are_decoded_only_while_their_batch_runs(runs, story_file, tmp_path, capsys):
+    (story,) = read_stories(str(story_file))
+    assert story.steps[0]["has_image"] and story.steps[0]["image"] is None
+    story.open()
+    assert story.steps[0]["image"].size == Image.open(story_file.parent / "a.png").size
+    story.close()
+    assert story.steps[0]["image"] is None
+    (story_file.parent / "a.png").write_bytes(b"not a picture")
+    err = one_line_error(capsys, "generate", "--story", str(story_file), "--model", str(runs / "lora"),
+                         "--output", str(tmp_path / "o"), *FAST)
+    assert "does not decode" in err
