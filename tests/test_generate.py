@@ -291,6 +291,8 @@ def test_story_images_are_decoded_only_while_their_batch_runs(runs, story_file, 
     story.close()
     assert story.steps[0]["image"] is None
     (story_file.parent / "a.png").write_bytes(b"not a picture")
-    err = one_line_error(capsys, "generate", "--story", str(story_file), "--model", str(runs / "lora"),
-                         "--output", str(tmp_path / "o"), *FAST)
-    assert "does not decode" in err
+    capsys.readouterr()
+    assert run_cli("generate", "--story", str(story_file), "--model", str(runs / "lora"), "--output",
+                   str(tmp_path / "o"), *FAST) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress display
+    assert last.startswith("error: image does not decode")
