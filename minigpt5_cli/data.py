@@ -41,20 +41,25 @@ NEXT = "Tell me the next scene with image."
 DESCRIBE = "Tell me the next scene description by this image:"
 
 
+def json_lines(path: Path):
+    """(number, where, record) for each non-blank line of a JSON Lines file; bad JSON is a UserError."""
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            yield number, where, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+
+
 def read_jsonl(path: str | Path, stage: int) -> list[dict]:
     """Read and validate a training file; every referenced image must exist."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    for number, where, rec in json_lines(path):
         steps = _pair_steps(rec, where) if stage == 1 else _sequence_steps(rec, where)
         for step in steps:
             if step["image"] is not None:

@@ -170,15 +170,10 @@ def _read_generate_folder(folder: Path) -> tuple[list[Sample], dict]:
 def _read_jsonl(path: Path, stories: bool) -> list[Sample]:
     """`{"id", "text", "images"}` lines; with `stories`, also story lines `{"id", "steps"[, "target"]}`,
     whose reference is the target, else the last step."""
+    from minigpt5_cli.data import json_lines
+
     samples = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path} line {number}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{where}: not valid JSON ({e.msg})") from None
+    for _, where, rec in json_lines(path):
         if not isinstance(rec, dict) or "id" not in rec:
             raise UserError(f'{where}: expected {{"id": ..., "text": ..., "images": [...]}}')
         if "target" in rec or "steps" in rec:

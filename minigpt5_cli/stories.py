@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from minigpt5_cli.data import load_image
+from minigpt5_cli.data import json_lines, load_image
 from minigpt5_cli.errors import UserError
 
 STORY_FILE = "story.json"
@@ -74,11 +74,7 @@ def read_stories(arg: str) -> list[Story]:
         if not path.is_file():
             raise UserError(f"story file not found: {path}")
         if path.suffix.lower() == ".jsonl":
-            stories = []
-            for number, line in enumerate(path.read_text().splitlines(), start=1):
-                if line.strip():
-                    where = f"{path} line {number}"
-                    stories.append(_story(_json(line, where), where, path.parent, len(stories)))
+            stories = [_story(rec, where, path.parent, i) for i, (_, where, rec) in enumerate(json_lines(path))]
             if not stories:
                 raise UserError(f"story file {path} holds no stories")
             _check_ids(stories, path)
