@@ -296,3 +296,13 @@ def test_story_images_are_decoded_only_while_their_batch_runs(runs, story_file, 
                    str(tmp_path / "o"), *FAST) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress display
     assert last.startswith("error: image does not decode")
+
+
+@pytest.mark.parametrize("run", ["lora", "prefix"])
+def test_bf16_generation_runs(runs, tmp_path, run):
+    lines = tmp_path / "s.jsonl"
+    lines.write_text('{"id": "a", "steps": [{"text": "a circle."}]}\n{"id": "b", "steps": [{"text": "b"}]}\n')
+    assert run_cli("generate", "--story", str(lines), "--model", str(runs / run), "--output", str(tmp_path / "o"),
+                   "--precision", "bf16", "-b", "2", *FAST) == 0
+    doc = json.loads((tmp_path / "o" / "a" / "story.json").read_text())
+    assert doc["model"]["precision"] == "bf16" and doc["generated"][0]["images"]
