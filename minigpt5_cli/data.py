@@ -78,14 +78,19 @@ def _pair_steps(rec: dict, where: str) -> list[dict]:
     return [{"text": rec["caption"], "image": rec["image"]}]
 
 
+def is_step(step) -> bool:
+    """A step of a sequence or story file: {"text": str, "image": path or null}, both optional."""
+    return isinstance(step, dict) and isinstance(step.get("text", ""), str) and \
+        isinstance(step.get("image"), (str, type(None)))
+
+
 def _sequence_steps(rec: dict, where: str) -> list[dict]:
     steps = rec.get("steps") if isinstance(rec, dict) else None
     if not isinstance(steps, list) or len(steps) < 2:
         raise UserError(f'{where}: a stage-2 sequence needs "steps", a list of at least 2')
     out = []
     for step in steps:
-        if not isinstance(step, dict) or not isinstance(step.get("text", ""), str) or \
-                not isinstance(step.get("image"), (str, type(None))):
+        if not is_step(step):
             raise UserError(f'{where}: each step needs a "text" string and an optional "image" path')
         out.append({"text": step.get("text", ""), "image": step.get("image")})
     return out
@@ -151,19 +156,28 @@ def _prepared(folder: Path) -> Source:
         raise UserError(f"cannot load the dataset in {folder}: {e}") from None
     if len(ds) == 0:
         raise UserError(f"the dataset in {folder} holds no rows")
-    # Chunk by chunk, on Arrow's views: no image bytes are copied or decoded.
-    images = []
-    for chunk in ds.data.table.column("steps").chunks:
-        flags = pc.is_valid(pc.struct_field(chunk.flatten(), "image")).to_pylist()
-        start = 0
-        for n in chunk.value_lengths().to_pylist():
-            images.append(flags[start:start + n])
-            start += n
+    images = step_field(ds, "image", pc.is_valid)
     if "target" in ds.column_names:
         target = [t for chunk in ds.data.table.column("target").chunks
                   for t in pc.is_valid(pc.struct_field(chunk, "image")).to_pylist()]
         images = [row + [t] for row, t in zip(images, target)]
     return Source(ds, images, json.loads(summary_file.read_text()))
+
+
+def step_field(ds, name: str, fn=None) -> list[list]:
+    """One field of every row's steps (`fn` applied to its Arrow array first), as a list per row. Read
+    chunk by chunk on Arrow's views: no image bytes are copied or decoded."""
+    import pyarrow.compute as pc
+
+    out = []
+    for chunk in ds.data.table.column("steps").chunks:
+        values = pc.struct_field(chunk.flatten(), name)
+        values = (fn(values) if fn else values).to_pylist()
+        start = 0
+        for n in chunk.value_lengths().to_pylist():
+            out.append(values[start:start + n])
+            start += n
+    return out
 
 
 class TrainSet(torch.utils.data.Dataset):

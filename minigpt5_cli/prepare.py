@@ -180,13 +180,11 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
             except ValueError:
                 if kept[0]:
                     raise
-                feats = features(s.continuation)  # every record was rejected
-                ds = datasets.Dataset.from_dict({name: [] for name in feats}, features=feats)
+                ds = _empty(features(s.continuation))  # every record was rejected
         cache = None
         if s.cache_latents and len(ds):
             ds, cache = _cache_latents(ds, s, tmp / "cache", console)
-        with _quiet_datasets():
-            ds.save_to_disk(str(tmp / "data"), num_shards=None if len(ds) else 1)  # an empty set needs its one shard
+        _save(ds, tmp / "data")
         del ds
         shutil.rmtree(tmp / "cache", ignore_errors=True)
         for f in (tmp / "data").iterdir():
@@ -242,9 +240,8 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
                 fingerprint = hashlib.sha256(json.dumps(["toy", name, seed, counts[name], size]).encode()).hexdigest()[:16]
                 with _quiet_datasets():
                     ds = datasets.Dataset.from_generator(rows, features=feats, cache_dir=str(tmp / ".cache"),
-                                                         fingerprint=fingerprint) if counts[name] else \
-                        datasets.Dataset.from_dict({k: [] for k in feats}, features=feats)
-                    ds.save_to_disk(str(tmp / name), num_shards=None if len(ds) else 1)
+                                                         fingerprint=fingerprint) if counts[name] else _empty(feats)
+                _save(ds, tmp / name)
                 summary[name] = {"format": "toy", "layout": kind, "input": None, "kept": len(ds), "rejected": {},
                                  "settings": {"seed": seed, "split": split, "image_size": size,
                                               "continuation": continuation}, "cache": None}
@@ -252,6 +249,17 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
                 (tmp / name / REJECTS_FILE).write_text("")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return summary
+
+
+def _empty(feats):
+    import datasets
+
+    return datasets.Dataset.from_dict({name: [] for name in feats}, features=feats)
+
+
+def _save(ds, folder: Path) -> None:
+    with _quiet_datasets():
+        ds.save_to_disk(str(folder), num_shards=None if len(ds) else 1)  # an empty set needs its one shard
 
 
 def _written_by_us(folder: Path) -> bool:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from minigpt5_cli.data import json_lines, load_image
+from minigpt5_cli.data import is_step, json_lines, load_image
 from minigpt5_cli.errors import UserError
 
 STORY_FILE = "story.json"
@@ -87,16 +87,12 @@ def read_stories(arg: str) -> list[Story]:
 
 
 def _dataset_stories(folder: Path) -> list[Story]:
-    from minigpt5_cli.data import load_source
-
-    import pyarrow.compute as pc
+    from minigpt5_cli.data import load_source, step_field
 
     source = load_source(folder, stage=2)
     rows = source.rows
-    table = rows.data.table
-    ids = table.column("id").to_pylist()
-    texts = [t for chunk in table.column("steps").chunks
-             for t in _split(pc.struct_field(chunk.flatten(), "text").to_pylist(), chunk.value_lengths().to_pylist())]
+    ids = rows.data.table.column("id").to_pylist()
+    texts = step_field(rows, "text")
     stories = []
     for i, (sid, row_texts) in enumerate(zip(ids, texts)):  # no image is decoded here
         steps = [{"text": (t or "").strip(), "image": None, "source": None, "has_image": has}
@@ -107,14 +103,6 @@ def _dataset_stories(folder: Path) -> list[Story]:
             s["image"].convert("RGB") if s["image"] else None for s in rows[i]["steps"]]))
     _check_ids(stories, folder)
     return stories
-
-
-def _split(values: list, lengths: list[int]) -> list[list]:
-    out, start = [], 0
-    for n in lengths:
-        out.append(values[start:start + n])
-        start += n
-    return out
 
 
 def _json(text: str, where: str):
@@ -130,8 +118,7 @@ def _story(rec, where: str, root: Path, index: int, default_id: str | None = Non
         raise UserError(f'{where}: a story is {{"id": ..., "steps": [...]}} or a list of steps')
     out = []
     for k, step in enumerate(steps):
-        if not isinstance(step, dict) or not isinstance(step.get("text", ""), str) or \
-                not isinstance(step.get("image"), (str, type(None))):
+        if not is_step(step):
             raise UserError(f'{where}: step {k + 1} needs a "text" string and an optional "image" path')
         source = None
         if step.get("image"):
