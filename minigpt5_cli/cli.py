@@ -127,20 +127,26 @@ Examples:
 @app.command(help=GENERATE_HELP)
 def generate(
     story: str = typer.Option(..., "--story", "-s", help="A .json / .jsonl story file, or plain text."),
-    model: Path = typer.Option(..., "--model", "-m", help="Checkpoint or run folder from train, or a recipe "
-                               "(base backbones, untrained vokens)."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run or bundle folder, or a "
+                                         "recipe (base backbones, untrained vokens). Default: the shapes-world "
+                                         "model that ships with minigpt5.", show_default=False),
     output: Path = typer.Option(..., "--output", "-o", help="Output folder."),
     mode: str = typer.Option("vokens", help="vokens (MiniGPT-5) or two-stage (text, then text-to-image)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Stories generated together."),
     steps: int = typer.Option(1, help="Responses per story, each appended to the story before the next."),
-    max_new_tokens: int = typer.Option(256, help="Tokens per response, voken groups included."),
-    top_p: float = typer.Option(0.9, help="Nucleus sampling."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature; 0 decodes greedily."),
-    repetition_penalty: float = typer.Option(2.0, help="HF-style repetition penalty; 1 turns it off."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per response, voken groups included "
+                                                 "[default: the model recipe's sample section; paper: 256]."),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [default: recipe's; paper: 0.9]."),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 decodes greedily "
+                                                "[default: recipe's; paper: 1.0]."),
+    repetition_penalty: Optional[float] = typer.Option(None, help="HF-style repetition penalty; 1 turns it off "
+                                                       "[default: recipe's; paper: 2.0]."),
     min_images: int = typer.Option(1, help="A response that ends with fewer images gets a voken group "
                                    "at its end; 0 lets the model decide alone."),
-    diffusion_steps: int = typer.Option(50, help="Denoising steps per image."),
-    guidance_scale: float = typer.Option(7.5, help="Classifier-free guidance; 1 turns it off."),
+    diffusion_steps: Optional[int] = typer.Option(None, help="Denoising steps per image [default: recipe's; "
+                                                  "paper: 50]."),
+    guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance; 1 turns it off "
+                                                   "[default: recipe's; paper: 7.5]."),
     image_size: int = typer.Option(0, help="Image side in pixels; 0 uses the generator's resolution."),
     seed: int = typer.Option(0, help="Base seed; each story and image derives its own from it."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16; default: the recipe's."),
@@ -148,6 +154,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo stories already finished under OUTPUT."),
 ) -> None:
     from minigpt5_cli import generate as stage
+    from minigpt5_cli.bundle import default_model
     from minigpt5_cli.stories import is_collection, read_stories
 
     settings = stage.Settings(mode=mode, steps=steps, max_new_tokens=max_new_tokens, top_p=top_p,
@@ -159,10 +166,34 @@ def generate(
     if precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
     stories = read_stories(story)
-    net, info = stage.load(str(model), precision=precision, device=device)
+    net, info = stage.load(str(model or default_model()), precision=precision, device=device)
     done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
     page = output / ("index.html" if is_collection(story) else "story.html")
     typer.echo(f"{len(done)} stories in {output}; open {page}")
+
+
+BUNDLE_HELP = """Make one self-contained folder from a checkpoint: its trained weights, both
+backbones (float16 unless --fp32) and a recipe.yaml that names them inside it. `generate --model
+OUTPUT` then runs from any directory, and the folder can be copied or shipped as it is.
+
+\b
+Example:
+  minigpt5 bundle runs/toy/stage2_lora bundles/toy
+"""
+
+
+@app.command(help=BUNDLE_HELP)
+def bundle(
+    checkpoint: Path = typer.Argument(..., help="Checkpoint or run folder written by train."),
+    output: Path = typer.Argument(..., help="The folder to write."),
+    fp32: bool = typer.Option(False, "--fp32", help="Keep the backbones in float32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT."),
+) -> None:
+    from minigpt5_cli.bundle import bundle as run
+
+    out = run(checkpoint, output, half=not fp32, overwrite=overwrite)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    typer.echo(f"bundled {checkpoint} into {out} ({size / 2**20:.1f} MiB)")
 
 
 EVALUATE_HELP = """Score predictions against references with the paper's metrics. PREDICTIONS is a generate

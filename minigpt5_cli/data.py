@@ -18,7 +18,11 @@ Samples (`TrainSet`):
     multimodal     history + "Tell me the next scene with image." -> "{text_k} [vokens]", k >= 1
     understanding  history + "Tell me the next scene description by this image: <image k>"
                    -> "{text_k}", k >= 1 with an image; image-text LLMs only
-  The vokens are there when step k has an image.
+  The vokens are there when step k has an image. A step may also hold a "caption" of its image
+  (the shapes world's do): never shown to the LLM, it is the target of the caption loss, used
+  when every target image of a batch has one.
+- stage llm (a backbone trained from scratch): the stage-2 samples without vokens, and for rows
+  of one step with an image (caption pairs) "Describe this image: <image>" -> "{text}".
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ TASKS = ("turn", "gen", "multimodal", "understanding")
 GEN = "Generate an image with the scene description: {}"
 NEXT = "Tell me the next scene with image."
 DESCRIBE = "Tell me the next scene description by this image:"
+CAPTION = "Describe this image:"
 
 
 def json_lines(path: Path):
@@ -134,7 +139,30 @@ class Source:
         return (self.summary or {}).get("cache")
 
 
-def load_source(path: str | Path, stage: int) -> Source:
+class _Chain:
+    """Rows of several sources, one after the other."""
+
+    def __init__(self, parts: list[Source]):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __getitem__(self, i: int) -> dict:
+        part = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[part][i - int(self.starts[part])]
+
+
+def load_sources(paths: list[str], stage) -> Source:
+    """One source over several; their latents must be cached for one generator, or none."""
+    parts = [load_source(p, stage) for p in paths]
+    if len(parts) == 1:
+        return parts[0]
+    caches = [p.cache for p in parts]
+    if any(c != caches[0] for c in caches):
+        raise UserError("the training sources differ in cached latents; prepare them alike")
+    return Source(_Chain(parts), [flags for p in parts for flags in p.images], parts[0].summary)
+
+
+def load_source(path: str | Path, stage) -> Source:
     """A prepared dataset folder, or a JSONL file."""
     path = Path(path)
     if path.is_dir():
@@ -181,9 +209,10 @@ def step_field(ds, name: str, fn=None) -> list[list]:
 
 
 class TrainSet(torch.utils.data.Dataset):
-    """Stage 1: one sample per step with an image. Stage 2: per step, one sample per task."""
+    """Stage 1: one sample per step with an image. Stage 2: per step, one sample per task. Stage llm:
+    stage 2 without vokens, plus captions of one-step rows."""
 
-    def __init__(self, source: Source | list[dict], stage: int, resolution: int, history: int, seed: int,
+    def __init__(self, source: Source | list[dict], stage, resolution: int, history: int, seed: int,
                  instruction_prob: float, images_in_prompt: bool, tasks: tuple[str, ...] | list[str] = ("turn",)):
         if isinstance(source, list):
             source = Source(source, [[s["image"] is not None for s in r["steps"]] for r in source])
@@ -196,6 +225,10 @@ class TrainSet(torch.utils.data.Dataset):
                 if stage == 1:
                     if has_image:
                         self.index.append((r, k, "pair"))
+                    continue
+                if stage == "llm" and len(flags) == 1:
+                    if has_image and images_in_prompt:
+                        self.index.append((r, k, "caption"))
                     continue
                 for task in tasks:
                     if task == "gen" and has_image or task in ("turn", "multimodal") and k >= 1 or \
@@ -212,7 +245,7 @@ class TrainSet(torch.utils.data.Dataset):
         """The target image as pixels, or as its cached VAE posterior."""
         if step.get("latent_mean") is not None:
             return {"image": None, "latent": (_tensor(step["latent_mean"]), _tensor(step["latent_logvar"]))}
-        return {"image": to_pixels(_image(step["image"]), self.resolution), "latent": None}
+        return {"image": to_pixels(as_rgb(step["image"]), self.resolution), "latent": None}
 
     def __getitem__(self, i: int) -> dict:
         r, k, task = self.index[i]
@@ -226,10 +259,10 @@ class TrainSet(torch.utils.data.Dataset):
                     "target": "", "vokens": True, "caption": step["text"],
                     "caption_embed": _tensor(embed) if embed is not None else None, **self._target(step)}
         history = [
-            (s["text"], _image(s["image"]) if s["image"] is not None and self.images_in_prompt else None)
+            (s["text"], as_rgb(s["image"]) if s["image"] is not None and self.images_in_prompt else None)
             for s in steps[max(0, k - self.history):k]
         ]
-        has_image = step["image"] is not None
+        has_image = step["image"] is not None and self.stage != "llm"
         sample = {"history": history, "prompt": None, "target": step["text"], "vokens": has_image,
                   "caption": None, "caption_embed": None, "image": None, "latent": None}
         if task == "gen":
@@ -238,14 +271,16 @@ class TrainSet(torch.utils.data.Dataset):
         elif task == "multimodal":
             history.append((NEXT, None))
         elif task == "understanding":
-            history.append((DESCRIBE, _image(step["image"])))
+            history.append((DESCRIBE, as_rgb(step["image"])))
             sample["vokens"] = False
+        elif task == "caption":
+            history[:] = [(CAPTION, as_rgb(step["image"]))]
         if sample["vokens"]:
-            sample.update(self._target(step))
+            sample.update(self._target(step), caption=step.get("caption"))
         return sample
 
 
-def _image(image) -> Image.Image:
+def as_rgb(image) -> Image.Image:
     return load_image(image) if isinstance(image, str) else image.convert("RGB")
 
 
@@ -333,7 +368,10 @@ class Collator:
             batch["latent_logvar"] = torch.stack([s["latent"][1] for s in cached])
         else:
             batch["target_pixels"] = torch.stack([s["image"] for s in targets]) if targets else torch.zeros(0, 3, 1, 1)
+        # The caption loss needs a caption for every target image of the batch.
         captions = [s["caption"] for s in targets if s["caption"] is not None]
+        if len(captions) < len(targets):
+            captions = []
         if captions and all(s["caption_embed"] is not None for s in targets):
             batch["caption_embeds"] = torch.stack([s["caption_embed"] for s in targets])
         elif captions:

@@ -38,28 +38,37 @@ MODES = ("vokens", "two-stage")
 class Settings:
     mode: str = "vokens"
     steps: int = 1  # responses to generate per story, each appended to the story before the next
-    max_new_tokens: int = 256
-    top_p: float = 0.9
-    temperature: float = 1.0  # 0 decodes greedily
-    repetition_penalty: float = 2.0
+    # None: the model recipe's `sample` section (the paper's values unless the recipe says otherwise)
+    max_new_tokens: int | None = None
+    top_p: float | None = None
+    temperature: float | None = None  # 0 decodes greedily
+    repetition_penalty: float | None = None
     min_images: int = 1  # a response that ends with fewer images gets a voken group at its end
-    diffusion_steps: int = 50
-    guidance_scale: float = 7.5  # 1 or less turns classifier-free guidance off
+    diffusion_steps: int | None = None
+    guidance_scale: float | None = None  # 1 or less turns classifier-free guidance off
     image_size: int = 0  # 0: the generator's own resolution
     seed: int = 0
     batch_size: int = 1
+
+    def resolve(self, sample) -> "Settings":
+        """These settings with every unset sampling value taken from a recipe's `sample` section."""
+        unset = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if getattr(self, f.name) is None}
+        done = dataclasses.replace(self, **unset)
+        done.check()
+        return done
 
     def check(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         for name in ("steps", "max_new_tokens", "diffusion_steps", "batch_size"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             raise UserError("--top-p must be in (0, 1]")
         if self.image_size < 0 or self.image_size % 8:
             raise UserError("--image-size must be a positive multiple of 8 (or 0 for the generator's own)")
-        if self.repetition_penalty <= 0 or self.temperature < 0:
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0 or \
+                self.temperature is not None and self.temperature < 0:
             raise UserError("--repetition-penalty must be above 0, and --temperature at least 0")
 
 
@@ -74,6 +83,7 @@ def load(model: str, precision: str | None = None, device: str | None = None,
          console: Console | None = None) -> tuple[MiniGPT5, dict]:
     """Build the model from a checkpoint (or run) folder written by `train`, or from a recipe's base
     backbones (untrained vokens and mapper: only the two-stage baseline is meaningful then)."""
+    from minigpt5_cli.bundle import beside
     from minigpt5_cli.train import checkpoint_folder
 
     console = console or Console(stderr=True)
@@ -86,6 +96,9 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         if not (folder / "recipe.yaml").is_file():
             raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
         recipe = recipes.load(folder / "recipe.yaml", [])
+        m = recipe.model  # a bundle names its backbones as folders inside it
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(
+            m, llm=beside(folder, m.llm), generator=beside(folder, m.generator)))
     else:
         recipe = recipes.load(path, [])
     device = pick_device(device)
@@ -123,6 +136,7 @@ class Decoder:
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                   TopPLogitsWarper)
 
+        settings = settings.resolve(model.recipe.sample)
         self.model, self.s = model, settings
         self.n, self.first = model.vokens.n, model.first_voken
         self.tok = model.tokenizer
@@ -258,7 +272,7 @@ class Renderer:
     """One batched diffusion call for many images, each with its own seeded noise."""
 
     def __init__(self, model: MiniGPT5, settings: Settings):
-        self.model, self.s = model, settings
+        self.model, self.s = model, settings.resolve(model.recipe.sample)
         self.pipe = model.gen_info.pipeline()
         self.size = settings.image_size or model.gen_info.resolution
         self.device = model.vokens.rows_in.device
@@ -344,7 +358,7 @@ def run_batch(model: MiniGPT5, settings: Settings, stories: list[Story], decoder
 def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settings, out: Path, nested: bool,
              overwrite: bool = False, console: Console | None = None) -> list[Path]:
     """Generate every story and write its folder; finished stories already under `out` are kept."""
-    settings.check()
+    settings = settings.resolve(model.recipe.sample)
     console = console or Console(stderr=True)
     if settings.mode == "vokens" and not info["trained"]:
         console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")

@@ -111,10 +111,12 @@ def _process_star(args):
     return process(*args)
 
 
-def features(continuation: bool, cache: dict | None = None, decode: bool = True):
+def features(continuation: bool, cache: dict | None = None, decode: bool = True, captions: bool = False):
     import datasets
 
     step = {"text": datasets.Value("string"), "image": datasets.Image(decode=decode)}
+    if captions:  # a caption of the step's image, beside its text: a stage-2 caption-loss target
+        step["caption"] = datasets.Value("string")
     if cache:
         latent, embed, dtype = tuple(cache["latent_shape"]), tuple(cache["cond_shape"]), cache["dtype"]
         step.update(latent_mean=datasets.Array3D(latent, dtype), latent_logvar=datasets.Array3D(latent, dtype),
@@ -122,6 +124,8 @@ def features(continuation: bool, cache: dict | None = None, decode: bool = True)
     feats = {"id": datasets.Value("string"), "steps": datasets.List(step)}
     if continuation:
         feats["target"] = {"text": datasets.Value("string"), "image": datasets.Image(decode=decode)}
+        if captions:
+            feats["target"]["caption"] = datasets.Value("string")
     return datasets.Features(feats)
 
 
@@ -236,7 +240,7 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
                             row["target"] = row["steps"].pop()
                         yield row
 
-                feats = features(continuation)
+                feats = features(continuation, captions=True)
                 fingerprint = hashlib.sha256(json.dumps(["toy", name, seed, counts[name], size]).encode()).hexdigest()[:16]
                 with _quiet_datasets():
                     ds = datasets.Dataset.from_generator(rows, features=feats, cache_dir=str(tmp / ".cache"),

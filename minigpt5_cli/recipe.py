@@ -51,6 +51,7 @@ class AdapterConfig:
 @dataclass
 class DataConfig:
     train: str = ""  # a folder written by prepare-data, or JSONL of pairs (stage 1) / sequences (stage 2)
+    extra: list[str] = field(default_factory=list)  # more sources trained on together with `train`
     tasks: list[Literal["turn", "gen", "multimodal", "understanding"]] = field(default_factory=lambda: ["turn"])
     max_length: int = 512  # tokens per sample; older history steps are dropped to fit
     history: int = 4  # previous steps kept in a stage-2 prompt
@@ -62,15 +63,28 @@ class DataConfig:
 class LossConfig:
     text: float = 0.01
     image: float = 1.0
-    caption: float = 0.1  # stage 1 only: captions exist there
+    caption: float = 0.1  # stage 1, and stage 2 where the data gives steps a caption (the shapes world)
     snr_gamma: float = 5.0  # Min-SNR weighting; 0 turns it off
     cfg_drop: float = 0.1  # probability that an image's condition is null
 
 
 @dataclass
+class ScratchConfig:
+    """Stages `llm` and `generator`: a backbone trained from scratch (the shapes world's)."""
+
+    vae_steps: int = 1500  # generator: autoencoder steps, before the UNet and text encoder train
+    vae_lr: float = 2.0e-3
+    foreground_weight: float = 4.0  # generator: extra reconstruction weight where a pixel differs from the border
+    ema: float = 0.995  # generator: EMA decay of the UNet and text encoder; 0 turns it off
+    eval_every: int = 500  # toy data: sample images and read their attributes every N steps; 0: never
+    eval_samples: int = 54
+
+
+@dataclass
 class TrainConfig:
-    stage: Literal[1, 2] = 1
-    init_from: str = ""  # stage 2: the stage-1 checkpoint folder
+    # 1 and 2: MiniGPT-5's stages. llm and generator: train a backbone from scratch (see `scratch`).
+    stage: Literal[1, 2, "llm", "generator"] = 1
+    init_from: str = ""  # stage 2: the stage-1 checkpoint folder; none starts the vokens and mapper fresh
     output_dir: str = "runs/minigpt5"
     lr: float = 2e-5
     mapper_lr_scale: float = 10.0
@@ -92,12 +106,26 @@ class TrainConfig:
 
 
 @dataclass
+class SampleConfig:
+    """generate's defaults for a model trained with this recipe (the paper's; the command line overrides)."""
+
+    max_new_tokens: int = 256
+    top_p: float = 0.9
+    temperature: float = 1.0  # 0 decodes greedily
+    repetition_penalty: float = 2.0
+    diffusion_steps: int = 50
+    guidance_scale: float = 7.5
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    scratch: ScratchConfig = field(default_factory=ScratchConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
 
 def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
@@ -232,8 +260,8 @@ def check(recipe: Recipe) -> None:
             raise UserError(f"recipe key 'train.{key}' must be at least 1")
     if not recipe.data.tasks:
         raise UserError("recipe key 'data.tasks' needs at least one task")
-    if t.stage == 1 and recipe.adapter.kind != "none":
-        raise UserError("stage 1 trains vokens and the mapper only: set adapter.kind=none")
+    if t.stage != 2 and recipe.adapter.kind != "none":
+        raise UserError(f"stage {t.stage} trains no adapter: set adapter.kind=none")
 
 
 def to_dict(recipe: Recipe) -> dict:

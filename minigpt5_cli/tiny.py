@@ -4,6 +4,10 @@ They exist so that tests and the debug recipes run offline in seconds. A recipe 
 `tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text) or `tiny:sd` (Stable
 Diffusion). `resolve` builds the folder once into a cache and returns its path; the production
 loaders in `backbones.py` then load it like any local folder.
+
+`toy:llava` and `toy:sd` are the untrained shapes-world backbones (`toy.py`): larger than the
+tiny ones, with tokenizers that hold every toy word whole. `minigpt5 train` stages `llm` and
+`generator` train them from scratch.
 """
 
 from __future__ import annotations
@@ -15,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd")
-VERSION = "1"  # bump when a builder changes, so stale caches are not reused
+TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "toy:llava", "toy:sd")
+VERSION = "2"  # bump when a builder changes, so stale caches are not reused
 
 # A few lines of plain English so the byte-level BPE learns some merges; any text still encodes.
 _CORPUS = [
@@ -33,13 +37,13 @@ def cache_dir() -> Path:
 
 def resolve(name: str) -> str:
     """Return a local folder for `name`, building it first if needed. Other names pass through."""
-    if not name.startswith("tiny:"):
+    if not name.startswith(("tiny:", "toy:")):
         return name
     if name not in TINY_NAMES:
         from minigpt5_cli.errors import UserError
 
         raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(TINY_NAMES)}")
-    target = cache_dir() / f"{name.split(':')[1]}-v{VERSION}"
+    target = cache_dir() / f"{name.replace(':', '-')}-v{VERSION}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename: several processes may race here.
@@ -58,14 +62,37 @@ def build(name: str, out: str | Path) -> str:
     """Build tiny backbone `name` with fixed random weights into folder `out`."""
     torch.manual_seed(0)
     out = Path(out)
-    if name == "tiny:sd":
-        _build_sd(out)
+    if name.endswith(":sd"):
+        _build_sd(out, SIZES[name])
     else:
-        _build_llm(out, vision=name == "tiny:llava")
+        _build_llm(out, SIZES[name])
     return str(out)
 
 
-def _llm_tokenizer(extra_special: list[str]):
+# Sizes per backbone. The tiny ones are for tests; the toy ones are trained on the shapes world.
+SIZES = {
+    "tiny:llama": {"vision": False, "width": 32, "layers": 2, "heads": 4, "kv_heads": 2},
+    "tiny:llava": {"vision": True, "width": 32, "layers": 2, "heads": 4, "kv_heads": 2, "vision_width": 32},
+    "toy:llava": {"vision": True, "width": 128, "layers": 4, "heads": 4, "kv_heads": 4, "vision_width": 64,
+                  "toy": True},
+    "tiny:sd": {"cond_len": 16, "width": 32, "vae": (8, 16, 16), "latent": 4, "unet": (16, 32), "head_dim": 4,
+                "attention": ("CrossAttnDownBlock2D", "DownBlock2D")},
+    # 4x4 latents: a UNet this small learns where things are far sooner than at 8x8 (its attention
+    # has no positional encoding, so position comes from the borders).
+    "toy:sd": {"cond_len": 12, "width": 64, "vae": (16, 32, 32, 32), "latent": 4, "unet": (32, 64), "head_dim": 8,
+               "attention": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), "toy": True},
+}
+
+
+def _toy_corpus() -> list[str]:
+    from minigpt5_cli import data, toy
+
+    prompts = [data.INSTRUCTION, data.GEN, data.NEXT, data.DESCRIBE, data.CAPTION, "###Human: ###Assistant:"]
+    return toy.corpus() + [p.replace("{}", "") for p in prompts]
+
+
+def _llm_tokenizer(extra_special: list[str], toy: bool = False):
+    """Byte-level BPE. The toy one learns every merge of the shapes world's text, so its words are whole."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -74,32 +101,33 @@ def _llm_tokenizer(extra_special: list[str]):
     tok.decoder = decoders.ByteLevel()
     specials = ["<unk>", "<s>", "</s>", *extra_special]
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=1000 if toy else 400, special_tokens=specials, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_CORPUS, trainer)
+    tok.train_from_iterator(_toy_corpus() if toy else _CORPUS, trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>",
         model_max_length=512,
     )
 
 
-def _text_config(vocab_size: int, tok):
+def _text_config(vocab_size: int, tok, size: dict):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        vocab_size=vocab_size, hidden_size=size["width"], intermediate_size=2 * size["width"],
+        num_hidden_layers=size["layers"], num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
+        max_position_embeddings=512, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=False,
     )
 
 
-def _build_llm(out: Path, vision: bool) -> None:
+def _build_llm(out: Path, size: dict) -> None:
     from transformers import LlamaForCausalLM
 
-    if not vision:
+    if not size["vision"]:
         tok = _llm_tokenizer([])
-        model = LlamaForCausalLM(_text_config(len(tok), tok))
+        model = LlamaForCausalLM(_text_config(len(tok), tok, size))
         model.save_pretrained(out)
         tok.save_pretrained(out)
         return
@@ -107,14 +135,14 @@ def _build_llm(out: Path, vision: bool) -> None:
     from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlavaConfig,
                               LlavaForConditionalGeneration, LlavaProcessor)
 
-    tok = _llm_tokenizer(["<image>"])
-    image_size, patch = 32, 8
+    tok = _llm_tokenizer(["<image>"], toy=size.get("toy", False))
+    image_size, patch, vision = 32, 8, size["vision_width"]
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            image_size=image_size, patch_size=patch, projection_dim=32,
+            hidden_size=vision, intermediate_size=2 * vision, num_hidden_layers=2, num_attention_heads=4,
+            image_size=image_size, patch_size=patch, projection_dim=vision,
         ),
-        text_config=_text_config(len(tok), tok),
+        text_config=_text_config(len(tok), tok, size),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=(image_size // patch) ** 2,
         vision_feature_select_strategy="default",
@@ -131,46 +159,66 @@ def _build_llm(out: Path, vision: bool) -> None:
     processor.save_pretrained(out)
 
 
-def _clip_tokenizer(max_length: int):
-    """A character-level CLIP tokenizer: the byte alphabet, with and without `</w>`, no merges."""
-    from tokenizers import pre_tokenizers
+def _clip_tokenizer(max_length: int, words: list[str] = ()):
+    """A CLIP tokenizer over the byte alphabet, with and without `</w>`. With `words`, BPE merges
+    learnt on them make each of those words one token; other text falls back to characters."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = []
+    if words:
+        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+        bpe.train_from_iterator(words, trainers.BpeTrainer(vocab_size=5000, end_of_word_suffix="</w>",
+                                                           show_progress=False))
+        merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
+        for merge in merges:
+            vocab.setdefault(merge.replace(" ", ""), len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=max_length)
 
 
-def _build_sd(out: Path) -> None:
+def _build_sd(out: Path, size: dict) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    cond_len, width = 16, 32  # deliberately not 77 x 1024: nothing may assume SD's numbers
-    tokenizer = _clip_tokenizer(cond_len)
+    from minigpt5_cli import toy
+
+    # Neither is 77 x 1024 on purpose: nothing may assume SD's numbers.
+    cond_len, width = size["cond_len"], size["width"]
+    tokenizer = _clip_tokenizer(cond_len, toy.words() if size.get("toy") else ())
     text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=cond_len,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     ))
+    vae_channels = size["vae"]
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
+        in_channels=3, out_channels=3, latent_channels=size["latent"], block_out_channels=vae_channels,
+        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
+        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=not size.get("toy"),
     )
+    down = size["attention"]
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=width,
-        attention_head_dim=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        sample_size=32 // 2 ** (len(vae_channels) - 1), in_channels=size["latent"], out_channels=size["latent"],
+        layers_per_block=1,
+        block_out_channels=size["unet"], norm_num_groups=8, cross_attention_dim=width,
+        attention_head_dim=size["head_dim"], down_block_types=down,
+        up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
     )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-        set_alpha_to_one=False, steps_offset=1,
-    )
+    if size.get("toy"):  # trained from scratch: a cosine schedule and v-prediction suit tiny latents
+        scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                                  clip_sample=False, timestep_spacing="trailing", steps_offset=1)
+    else:
+        scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,

@@ -71,7 +71,8 @@ def caption(colour: str, shape: str, cell: tuple[int, int]) -> str:
 
 def pair(rng: np.random.Generator, size: int = SIZE) -> dict:
     colour, shape, cell = _draw(rng)
-    return {"steps": [{"text": caption(colour, shape, cell), "image": render(colour, shape, cell, size)}],
+    text = caption(colour, shape, cell)
+    return {"steps": [{"text": text, "image": render(colour, shape, cell, size), "caption": text}],
             "attributes": [(colour, shape, cell)]}
 
 
@@ -102,7 +103,8 @@ def story(rng: np.random.Generator, size: int = SIZE) -> dict:
             else:
                 shape = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
                 text = f"It turns into a {shape}."
-        steps.append({"text": text, "image": render(colour, shape, (row, col), size)})
+        steps.append({"text": text, "image": render(colour, shape, (row, col), size),
+                      "caption": caption(colour, shape, (row, col))})
         attrs.append((colour, shape, (row, col)))
     return {"steps": steps, "attributes": attrs}
 
@@ -111,10 +113,12 @@ def dialog(rng: np.random.Generator, size: int = SIZE) -> dict:
     colour, shape, cell = _draw(rng)
     other = SHAPES[(SHAPES.index(shape) + 1 + int(rng.integers(2))) % len(SHAPES)]
     steps = [
-        {"text": f"Draw {caption(colour, shape, cell)}.", "image": None},
-        {"text": f"Here is {caption(colour, shape, cell)}.", "image": render(colour, shape, cell, size)},
-        {"text": f"Now make it a {other}.", "image": None},
-        {"text": f"Here it is as a {other}.", "image": render(colour, other, cell, size)},
+        {"text": f"Draw {caption(colour, shape, cell)}.", "image": None, "caption": None},
+        {"text": f"Here is {caption(colour, shape, cell)}.", "image": render(colour, shape, cell, size),
+         "caption": caption(colour, shape, cell)},
+        {"text": f"Now make it a {other}.", "image": None, "caption": None},
+        {"text": f"Here it is as a {other}.", "image": render(colour, other, cell, size),
+         "caption": caption(colour, other, cell)},
     ]
     return {"steps": steps, "attributes": [None, (colour, shape, cell), None, (colour, other, cell)]}
 
@@ -168,3 +172,42 @@ def read_attributes(image: Image.Image) -> tuple[str, str, tuple[int, int]] | No
         return (template & mask).sum() / (template | mask).sum()
 
     return colour, max(SHAPES, key=iou), cell
+
+
+def words() -> list[str]:
+    """Every word the shapes world writes, sorted: tokenizers of the toy backbones hold each one whole."""
+    import re
+
+    found = set()
+    for text in corpus():
+        found.update(re.findall(r"[a-z]+|[^a-z\s]", text.lower()))
+    return sorted(found)
+
+
+def corpus() -> list[str]:
+    """Every distinct sentence of captions, stories and dialogues."""
+    lines = set()
+    for colour, shape, cell in combinations():
+        lines.update({caption(colour, shape, cell), f"Draw {caption(colour, shape, cell)}.",
+                      f"Here is {caption(colour, shape, cell)}.", f"There is a {shape} {PLACES[cell]}.",
+                      f"It turns into a {shape}.", f"Now make it a {shape}.", f"Here it is as a {shape}."})
+    lines.update(f"It moves {'to the ' if d in ('left', 'right') else ''}{d}." for d in MOVES)
+    return sorted(lines)
+
+
+def combinations() -> list[tuple[str, str, tuple[int, int]]]:
+    """All 162 (colour, shape, cell) triples."""
+    import itertools
+
+    return list(itertools.product(PALETTE, SHAPES, PLACES))
+
+
+def accuracy(images: list[Image.Image], truths: list[tuple]) -> dict[str, float]:
+    """Share of images whose colour, shape and position `read_attributes` finds as in `truths`."""
+    right = np.zeros(3)
+    for image, truth in zip(images, truths):
+        found = read_attributes(image)
+        if found is not None:
+            right += [found[k] == truth[k] for k in range(3)]
+    right /= max(1, len(truths))
+    return {"colour": float(right[0]), "shape": float(right[1]), "position": float(right[2])}

@@ -1,5 +1,6 @@
 """`minigpt5 train`: stage 1 (vokens + mapper on pairs) and stage 2 (plus LoRA or prefix tuning on
-interleaved sequences), with accelerate, so the same code runs on one process or many.
+interleaved sequences), with accelerate, so the same code runs on one process or many. Stages llm
+and generator (backbones from scratch) are in `scratch.py`.
 
 Checkpoints are `OUTPUT/checkpoint-STEP/` folders holding only the trained weights (vokens as
 safetensors, the mapper via `save_pretrained`, the PEFT adapter folder), `recipe.yaml`, and the
@@ -22,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli import tiny
-from minigpt5_cli.data import Collator, TrainSet, load_source
+from minigpt5_cli.data import Collator, TrainSet, load_sources
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.model import MiniGPT5, build_model
 from minigpt5_cli.params import table
@@ -51,12 +52,17 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
 
     console = console or Console(stderr=True)
     t = recipe.train
+    if t.stage in ("llm", "generator"):
+        from minigpt5_cli.scratch import train_backbone
+
+        return train_backbone(recipe, resume, console)
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
         console.print("[yellow]warning:[/] fp16 needs a GPU; training in fp32 (bf16 works on CPUs)")
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision="no"))
         t = recipe.train
     if t.stage == 2 and not t.init_from:
-        raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from")
+        raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from (or none, to start "
+                        "the vokens and the mapper fresh)")
     if not recipe.data.train:
         raise UserError("no training data: set data.train")
     out = Path(t.output_dir)
@@ -74,9 +80,10 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     )
     main = accelerator.is_main_process
     set_seed(t.seed)
-    source = load_source(recipe.data.train, t.stage)
+    source = load_sources([recipe.data.train, *recipe.data.extra], t.stage)
     _check_cache(source, recipe)
-    model = build_model(recipe, init_from=checkpoint_folder(t.init_from) if t.stage == 2 else None)
+    fresh = t.stage == 1 or t.init_from == "none"
+    model = build_model(recipe, init_from=None if fresh else checkpoint_folder(t.init_from))
     if main:
         console.print(table(model, recipe))
         if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):

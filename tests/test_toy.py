@@ -114,3 +114,11 @@ def test_evaluate_toy_metrics(tmp_path):
     assert report["toy_colour"]["value"] == 0.5 and report["toy_shape"]["value"] == 0.5
     assert report["toy_position"]["value"] == 0.5 and report["toy_text"]["value"] == 0.75
     assert report["toy_colour"]["n"] == 4 and "read_attributes" in report["toy_colour"]["definition"]
+
+
+def test_story_and_dialog_steps_carry_their_image_caption():
+    for kind in ("stories", "dialogs"):
+        for rec in toy.records(kind, 5, seed=1):
+            for step, attrs in zip(rec["steps"], rec["attributes"]):
+                assert step["caption"] == (toy.caption(*attrs) if attrs else None)
+                assert step["caption"] is None or step["caption"] not in step["text"] or kind == "dialogs"

@@ -1,0 +1,73 @@
+"""`minigpt5 bundle`: one self-contained folder from a checkpoint, backbones included.
+
+The folder holds `llm/`, `generator/` (both `save_pretrained`, in float16 unless asked otherwise),
+the trained weights as `train` writes them, and a `recipe.yaml` whose backbones are those two
+relative folders. `generate --model BUNDLE` loads it from anywhere; the default model that ships
+with the package is such a bundle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import torch
+
+from minigpt5_cli import recipe as recipes
+from minigpt5_cli.errors import UserError
+
+
+DEFAULT = Path(__file__).parent / "models" / "toy"
+
+
+def default_model() -> Path:
+    """The shapes-world bundle that ships with the package."""
+    if not (DEFAULT / "recipe.yaml").is_file():
+        raise UserError(f"no default model in {DEFAULT}; pass --model")
+    return DEFAULT
+
+
+def beside(folder: Path, name: str) -> str:
+    """A backbone named by a relative path that exists inside `folder` (a bundle) is taken from there."""
+    inside = folder / name
+    return str(inside) if not Path(name).is_absolute() and ":" not in name and inside.is_dir() else name
+
+
+def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False) -> Path:
+    from minigpt5_cli.model import build_model
+    from minigpt5_cli.train import checkpoint_folder
+
+    folder = checkpoint_folder(str(checkpoint))
+    if not (folder / "recipe.yaml").is_file():
+        raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise UserError(f"{out} exists; pass --overwrite to replace it")
+    recipe = recipes.load(folder / "recipe.yaml", [])
+    m = recipe.model
+    recipe = dataclasses.replace(
+        recipe, model=dataclasses.replace(m, llm=beside(folder, m.llm), generator=beside(folder, m.generator)),
+        train=dataclasses.replace(recipe.train, mixed_precision="no"))
+    net = build_model(recipe)
+    net.load_trainables(folder)
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    dtype = torch.float16 if half else torch.float32
+    net.save_trainables(tmp)
+    # The base LLM without the voken rows and the adapter: loading adds both again, as for any checkpoint.
+    from minigpt5_cli.backbones import load_generator, load_llm
+
+    llm = load_llm(recipe.model.llm, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    llm.model.save_pretrained(tmp / "llm")
+    (llm.processor or llm.tokenizer).save_pretrained(tmp / "llm")
+    gen = load_generator(recipe.model.generator, dtype=dtype)
+    gen.pipeline().save_pretrained(tmp / "generator")
+    final = dataclasses.replace(
+        recipe, model=dataclasses.replace(recipe.model, llm="llm", generator="generator"),
+        train=dataclasses.replace(recipe.train, init_from="", output_dir=""))
+    recipes.save(final, tmp / "recipe.yaml")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,307 @@
+"""`minigpt5 train` stages `llm` and `generator`: a backbone trained from scratch.
+
+They exist for the shapes world (`toy.py`), whose backbones (`toy:llava`, `toy:sd`) start from
+random weights. The result is a plain `save_pretrained` folder in `train.output_dir`, which stage-1
+and stage-2 recipes name as `model.llm` or `model.generator` like any local backbone.
+
+- llm: every weight of the LLM (vision tower and projector included) learns the text targets of
+  `data.TrainSet` stage "llm": captions of the pairs, and the stories' and dialogues' next steps.
+- generator: first the VAE alone (`scratch.vae_steps`, reconstruction plus a small KL term), then
+  its latent scale is measured, then the UNet and text encoder together, with the generator's own
+  noise schedule, Min-SNR weighting, null captions at `loss.cfg_drop` and EMA weights. Every image
+  is held in memory: this stage is meant for small worlds.
+
+One process in float32, no `--resume`: an interrupted run saves what it has to `output_dir` and
+says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from minigpt5_cli import recipe as recipes
+from minigpt5_cli.data import Collator, TrainSet, as_rgb, load_sources, to_pixels
+from minigpt5_cli.errors import UserError
+
+STATE_FILE = "scratch_state.json"
+
+
+def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
+    console = console or Console(stderr=True)
+    t = recipe.train
+    if resume:
+        raise UserError(f"stage {t.stage} cannot resume; run it again into an empty train.output_dir")
+    if not recipe.data.train:
+        raise UserError("no training data: set data.train")
+    out = Path(t.output_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; pick another train.output_dir")
+    torch.manual_seed(t.seed)
+    source = load_sources([recipe.data.train, *recipe.data.extra], 1 if t.stage == "generator" else 2)
+    run = _train_generator if t.stage == "generator" else _train_llm
+    return run(recipe, source, out, console)
+
+
+def _progress(console: Console, what: str) -> Progress:
+    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
+
+
+def _schedule(optimizer, warmup: int, total: int):
+    from transformers import get_cosine_schedule_with_warmup
+
+    return get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
+
+
+def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
+    """Write beside the target and rename, so `output_dir` holds a whole backbone or nothing."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    recipes.save(recipe, tmp / "recipe.yaml")
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+# -- the LLM ---------------------------------------------------------------------------------------
+
+def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
+    from minigpt5_cli.backbones import load_llm
+
+    t = recipe.train
+    llm = load_llm(recipe.model.llm, trust_remote_code=recipe.model.trust_remote_code)
+    model = llm.model.float().train()
+    model.requires_grad_(True)
+    dataset = TrainSet(source, "llm", 32, recipe.data.history, t.seed, 0.0, llm.accepts_images, recipe.data.tasks)
+    collate = Collator(llm.tokenizer, llm.processor, None, 0, 0, recipe.data.max_length)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
+                                         num_workers=recipe.data.num_workers,
+                                         generator=torch.Generator().manual_seed(t.seed))
+    total = t.max_steps or math.ceil(t.epochs * len(loader) / t.grad_accum)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
+    scheduler = _schedule(optimizer, t.warmup_steps, total)
+    console.print(f"llm {recipe.model.llm}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                  f"{len(dataset)} samples")
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        (llm.processor or llm.tokenizer).save_pretrained(folder)
+
+    step, batches = 0, _forever(loader)
+    try:
+        with _progress(console, "llm") as progress:
+            task = progress.add_task("llm", total=total, info="")
+            while step < total:
+                for _ in range(t.grad_accum):
+                    batch = next(batches)
+                    logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")
+                                      if k in batch}).logits
+                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                                           ignore_index=-100)
+                    (loss / t.grad_accum).backward()
+                _step(model.parameters(), optimizer, scheduler, t.max_grad_norm)
+                step += 1
+                progress.update(task, completed=step, info=f"text {loss.item():.4f}")
+    except KeyboardInterrupt:
+        _save(out, write, recipe, {"step": step, "of": total, "interrupted": True})
+        console.print(f"interrupted: saved the LLM at step {step} of {total} to {out}")
+        raise
+    _save(out, write, recipe, {"step": step, "of": total})
+    console.print(f"done: {out}")
+    return out
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def _step(params, optimizer, scheduler, max_norm: float) -> None:
+    if max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+# -- the generator ---------------------------------------------------------------------------------
+
+def _pairs(source, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    images, captions = [], []
+    for r, flags in enumerate(source.images):
+        if not any(flags):
+            continue
+        for step, has_image in zip(source[r]["steps"], flags):
+            if has_image:
+                images.append(to_pixels(as_rgb(step["image"]), resolution))
+                captions.append(step["text"])
+    if not images:
+        raise UserError("the training data holds no images")
+    return torch.stack(images), captions
+
+
+def _foreground(x: torch.Tensor) -> torch.Tensor:
+    """Pixels unlike the image's border colour: the objects, which a plain MSE under-weights."""
+    border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1).mean(-1)
+    return ((x - border[..., None, None]).abs().sum(1, keepdim=True) > 0.1).float()
+
+
+def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    from minigpt5_cli.backbones import load_generator
+
+    t, s, w = recipe.train, recipe.scratch, recipe.loss
+    gen = load_generator(recipe.model.generator)
+    images, captions = _pairs(source, gen.resolution)
+    fg = _foreground(images)
+    console.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
+                  f"{_millions(gen.vae)}, UNet {_millions(gen.unet)}, text encoder {_millions(gen.text_encoder)}")
+    checker = _checker(source, captions, s.eval_samples) if s.eval_every else None
+    state = {"vae_steps": 0, "steps": 0}
+
+    def write(folder: Path) -> None:
+        unet, text_encoder = copy.deepcopy(gen.unet), copy.deepcopy(gen.text_encoder)
+        if ema is not None:
+            ema[0].copy_to(unet.parameters())
+            ema[1].copy_to(text_encoder.parameters())
+        pipe = gen.pipeline()
+        pipe.unet, pipe.text_encoder = unet, text_encoder
+        pipe.save_pretrained(folder)
+
+    ema = None
+    try:
+        with _progress(console, "generator") as progress:
+            # 1. The autoencoder.
+            vae = gen.vae.float().train().requires_grad_(True)
+            opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
+            sched = _schedule(opt, max(1, s.vae_steps // 20), s.vae_steps)
+            task = progress.add_task("vae", total=s.vae_steps, info="")
+            for step in range(s.vae_steps):
+                idx = torch.randint(0, len(images), (t.batch_size,))
+                x = images[idx]
+                posterior = vae.encode(x).latent_dist
+                rec = vae.decode(posterior.sample()).sample
+                loss = ((1 + s.foreground_weight * fg[idx]) * (rec - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
+                loss.backward()
+                _step(vae.parameters(), opt, sched, t.max_grad_norm)
+                state["vae_steps"] = step + 1
+                progress.update(task, completed=step + 1, info=f"reconstruction {loss.item():.4f}")
+            vae.eval().requires_grad_(False)
+            with torch.no_grad():
+                posts = [vae.encode(images[i:i + 256]).latent_dist for i in range(0, len(images), 256)]
+                mean = torch.cat([p.mean for p in posts])
+                std = torch.cat([p.std for p in posts])
+            if s.vae_steps:
+                vae.register_to_config(scaling_factor=float(1 / mean.std()))
+            if checker:
+                state["vae_accuracy"] = checker(lambda: _decoded(vae, mean[checker.rows]))
+                progress.console.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
+
+            # 2. The UNet and text encoder, on the frozen VAE's latents.
+            unet, text_encoder = gen.unet.float().train(), gen.text_encoder.float().train()
+            params = [*unet.parameters(), *text_encoder.parameters()]
+            for p in params:
+                p.requires_grad_(True)
+            noise_sched = DDPMScheduler.from_config(gen.scheduler.config)
+            kind = noise_sched.config.prediction_type
+            tok = gen.tokenizer
+            ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                      return_tensors="pt").input_ids
+            null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+            opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+            sched = _schedule(opt, t.warmup_steps, t.max_steps)
+            if s.ema > 0:
+                ema = (EMAModel(unet.parameters(), decay=s.ema), EMAModel(text_encoder.parameters(), decay=s.ema))
+            scale = vae.config.scaling_factor
+            task = progress.add_task("unet", total=t.max_steps, info="")
+            for step in range(t.max_steps):
+                idx = torch.randint(0, len(images), (t.batch_size,))
+                latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
+                cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
+                noise = torch.randn(latents.shape)
+                steps = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),))
+                target = noise if kind == "epsilon" else noise_sched.get_velocity(latents, noise, steps)
+                pred = unet(noise_sched.add_noise(latents, noise, steps), steps,
+                            text_encoder(cond_ids).last_hidden_state).sample
+                mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
+                if w.snr_gamma > 0:
+                    snr = compute_snr(noise_sched, steps)
+                    mse = mse * snr.clamp(max=w.snr_gamma) / (snr if kind == "epsilon" else snr + 1)
+                mse.mean().backward()
+                _step(params, opt, sched, t.max_grad_norm)
+                if ema is not None:
+                    ema[0].step(unet.parameters())
+                    ema[1].step(text_encoder.parameters())
+                state["steps"] = step + 1
+                progress.update(task, completed=step + 1, info=f"diffusion {mse.mean().item():.4f}")
+                if checker and ((step + 1) % s.eval_every == 0 or step + 1 == t.max_steps):
+                    state["accuracy"] = checker(lambda: _sampled(gen, unet, text_encoder, ema, captions,
+                                                                 checker.rows, t.seed))
+                    progress.console.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
+    except KeyboardInterrupt:
+        _save(out, write, recipe, {**state, "interrupted": True})
+        console.print(f"interrupted: saved the generator as it was to {out}")
+        raise
+    _save(out, write, recipe, state)
+    console.print(f"done: {out}")
+    return out
+
+
+def _millions(module) -> str:
+    return f"{sum(p.numel() for p in module.parameters()) / 1e6:.2f}M"
+
+
+def _fmt(acc: dict) -> str:
+    return " ".join(f"{k} {v:.2f}" for k, v in acc.items())
+
+
+def _checker(source, captions: list[str], n: int):
+    """On shapes-world data, a function that scores images for `n` fixed captions with the attribute
+    checker; None for other data."""
+    from minigpt5_cli import toy
+
+    if (source.summary or {}).get("format") != "toy":
+        return None
+    truth = {toy.caption(*a): a for a in toy.combinations()}
+    rows = [i for i, c in enumerate(captions) if c in truth]
+    rows = sorted({captions[i]: i for i in rows}.values())[:n]  # distinct captions, a fixed choice
+
+    def check(make) -> dict:
+        return toy.accuracy(make(), [truth[captions[i]] for i in rows])
+
+    check.rows = rows
+    return check
+
+
+def _decoded(vae, latents: torch.Tensor) -> list:
+    from diffusers.image_processor import VaeImageProcessor
+
+    with torch.no_grad():
+        return VaeImageProcessor().postprocess(vae.decode(latents).sample, output_type="pil")
+
+
+def _sampled(gen, unet, text_encoder, ema, captions: list[str], rows: list[int], seed: int) -> list:
+    """Samples from the EMA weights (when kept), as the saved pipeline will make them."""
+    unet, text_encoder = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    if ema is not None:
+        ema[0].copy_to(unet.parameters())
+        ema[1].copy_to(text_encoder.parameters())
+    pipe = gen.pipeline()
+    pipe.unet, pipe.text_encoder = unet, text_encoder
+    size = gen.resolution
+    with torch.no_grad():
+        return pipe([captions[i] for i in rows], num_inference_steps=20, guidance_scale=3.0, height=size,
+                    width=size, generator=torch.Generator().manual_seed(seed)).images
