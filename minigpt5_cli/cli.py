@@ -16,11 +16,13 @@ app = typer.Typer(
 )
 
 TRAIN_HELP = """Train stage 1 (vokens + mapper on caption pairs) or stage 2 (plus LoRA or prefix tuning on
-interleaved sequences). Settings come from a YAML recipe; override any key as key.sub=value.
+interleaved sequences), or a backbone from scratch (train.stage llm or generator, the shapes
+world's). Settings come from a YAML recipe; override any key as key.sub=value.
 
 \b
 Examples:
   minigpt5 train --recipe recipes/debug/stage1.yaml
+  minigpt5 train --recipe recipes/toy/generator.yaml
   minigpt5 train --recipe recipes/debug/stage1.yaml train.max_steps=20 train.lr=1e-3
   minigpt5 train --recipe recipes/debug/stage1.yaml --resume
   accelerate launch -m minigpt5_cli train --recipe recipes/vist_stage2_lora.yaml
@@ -117,6 +119,7 @@ are kept.
 
 \b
 Examples:
+  minigpt5 generate --story "Draw a red circle at the top left." --output out/shapes   # shipped model
   minigpt5 generate --story "there is a circle." --model runs/debug/stage2_lora --output out/one
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/vist --batch-size 8
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/baseline --mode two-stage
