@@ -35,37 +35,36 @@ def beside(folder: Path, name: str) -> str:
 
 
 def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False) -> Path:
-    from minigpt5_cli.model import build_model
+    from minigpt5_cli.backbones import load_generator, load_llm
+    from minigpt5_cli.model import META_FILE, PREFIX_FILE
     from minigpt5_cli.train import checkpoint_folder
 
     folder = checkpoint_folder(str(checkpoint))
-    if not (folder / "recipe.yaml").is_file():
-        raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
+    if not (folder / "recipe.yaml").is_file() or not (folder / META_FILE).is_file():
+        raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml or {META_FILE})")
     out = Path(output)
     if out.exists() and not overwrite:
         raise UserError(f"{out} exists; pass --overwrite to replace it")
     recipe = recipes.load(folder / "recipe.yaml", [])
     m = recipe.model
-    recipe = dataclasses.replace(
-        recipe, model=dataclasses.replace(m, llm=beside(folder, m.llm), generator=beside(folder, m.generator)),
-        train=dataclasses.replace(recipe.train, mixed_precision="no"))
-    net = build_model(recipe)
-    net.load_trainables(folder)
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    # The trained weights as train wrote them (no optimizer state); the base backbones beside them,
+    # without vokens or adapter: loading adds both again, as for any checkpoint.
+    for name in ("vokens.safetensors", "mapper", "adapter", PREFIX_FILE, META_FILE):
+        src = folder / name
+        if src.is_dir():
+            shutil.copytree(src, tmp / name)
+        elif src.is_file():
+            shutil.copy2(src, tmp / name)
     dtype = torch.float16 if half else torch.float32
-    net.save_trainables(tmp)
-    # The base LLM without the voken rows and the adapter: loading adds both again, as for any checkpoint.
-    from minigpt5_cli.backbones import load_generator, load_llm
-
-    llm = load_llm(recipe.model.llm, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    llm = load_llm(beside(folder, m.llm), dtype=dtype, trust_remote_code=m.trust_remote_code)
     llm.model.save_pretrained(tmp / "llm")
     (llm.processor or llm.tokenizer).save_pretrained(tmp / "llm")
-    gen = load_generator(recipe.model.generator, dtype=dtype)
-    gen.pipeline().save_pretrained(tmp / "generator")
+    load_generator(beside(folder, m.generator), dtype=dtype).pipeline().save_pretrained(tmp / "generator")
     final = dataclasses.replace(
-        recipe, model=dataclasses.replace(recipe.model, llm="llm", generator="generator"),
+        recipe, model=dataclasses.replace(m, llm="llm", generator="generator"),
         train=dataclasses.replace(recipe.train, init_from="", output_dir=""))
     recipes.save(final, tmp / "recipe.yaml")
     shutil.rmtree(out, ignore_errors=True)

@@ -133,6 +133,7 @@ def test_bundle_runs_from_anywhere_like_its_checkpoint(tmp_path, monkeypatch):
     assert run_cli("bundle", str(s2), str(full), "--fp32") == 0
     assert run_cli("bundle", str(s2), str(half)) == 0
     assert run_cli("bundle", str(s2), str(half)) == 2  # exists
+    assert run_cli("bundle", str(tmp_path), str(tmp_path / "x")) == 2  # not a checkpoint
     assert recipes.load(full / "recipe.yaml").model.llm == "llm"
     size = lambda d: sum(f.stat().st_size for f in d.rglob("*.safetensors"))  # noqa: E731
     assert size(half) < 0.7 * size(full)
