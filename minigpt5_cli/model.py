@@ -123,21 +123,7 @@ class MiniGPT5(nn.Module):
         return latents * self.vae.config.scaling_factor
 
     def diffusion_loss(self, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        from diffusers.training_utils import compute_snr
-
-        sched = self.noise_scheduler
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-independent draw
-        t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-        noisy = sched.add_noise(latents, noise, t)
-        kind = sched.config.prediction_type
-        target = noise if kind == "epsilon" else sched.get_velocity(latents, noise, t)
-        pred = self.unet(noisy.to(self.unet.dtype), t, encoder_hidden_states=cond.to(self.unet.dtype)).sample
-        mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        gamma = self.recipe.loss.snr_gamma
-        if gamma > 0:  # Min-SNR: weight = min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v
-            snr = compute_snr(sched, t).float()
-            mse = mse * snr.clamp(max=gamma) / (snr if kind == "epsilon" else snr + 1)
-        return mse.mean()
+        return diffusion_loss(self.unet, self.noise_scheduler, cond, latents, self.recipe.loss.snr_gamma)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         w = self.recipe.loss
@@ -220,6 +206,24 @@ class MiniGPT5(nn.Module):
             result = set_peft_model_state_dict(self.llm, state)
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"checkpoint {folder}: its adapter does not fit this model")
+
+
+def diffusion_loss(unet, sched, cond: torch.Tensor, latents: torch.Tensor, snr_gamma: float) -> torch.Tensor:
+    """The generator's noise-prediction loss on `latents` under conditioning `cond`, with its own
+    schedule and prediction type, Min-SNR weighted when `snr_gamma` > 0."""
+    from diffusers.training_utils import compute_snr
+
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # layout-independent draw
+    t = torch.randint(0, sched.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
+    noisy = sched.add_noise(latents, noise, t)
+    kind = sched.config.prediction_type
+    target = noise if kind == "epsilon" else sched.get_velocity(latents, noise, t)
+    pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    mse = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    if snr_gamma > 0:  # Min-SNR: weight = min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v
+        snr = compute_snr(sched, t).float()
+        mse = mse * snr.clamp(max=snr_gamma) / (snr if kind == "epsilon" else snr + 1)
+    return mse.mean()
 
 
 def check_compatible(saved: dict, current: dict, folder: Path, adapter: bool) -> None:

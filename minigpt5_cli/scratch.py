@@ -159,9 +159,10 @@ def _foreground(x: torch.Tensor) -> torch.Tensor:
 
 def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
     from diffusers import DDPMScheduler
-    from diffusers.training_utils import EMAModel, compute_snr
+    from diffusers.training_utils import EMAModel
 
     from minigpt5_cli.backbones import load_generator
+    from minigpt5_cli.model import diffusion_loss
 
     t, s, w = recipe.train, recipe.scratch, recipe.loss
     gen = load_generator(recipe.model.generator)
@@ -173,13 +174,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
     state = {"vae_steps": 0, "steps": 0}
 
     def write(folder: Path) -> None:
-        unet, text_encoder = copy.deepcopy(gen.unet), copy.deepcopy(gen.text_encoder)
-        if ema is not None:
-            ema[0].copy_to(unet.parameters())
-            ema[1].copy_to(text_encoder.parameters())
-        pipe = gen.pipeline()
-        pipe.unet, pipe.text_encoder = unet, text_encoder
-        pipe.save_pretrained(folder)
+        _saved_pipeline(gen, ema).save_pretrained(folder)
 
     ema = None
     try:
@@ -216,7 +211,6 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
             for p in params:
                 p.requires_grad_(True)
             noise_sched = DDPMScheduler.from_config(gen.scheduler.config)
-            kind = noise_sched.config.prediction_type
             tok = gen.tokenizer
             ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
                       return_tensors="pt").input_ids
@@ -231,25 +225,17 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
                 idx = torch.randint(0, len(images), (t.batch_size,))
                 latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
                 cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
-                noise = torch.randn(latents.shape)
-                steps = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),))
-                target = noise if kind == "epsilon" else noise_sched.get_velocity(latents, noise, steps)
-                pred = unet(noise_sched.add_noise(latents, noise, steps), steps,
-                            text_encoder(cond_ids).last_hidden_state).sample
-                mse = ((pred - target) ** 2).mean(dim=(1, 2, 3))
-                if w.snr_gamma > 0:
-                    snr = compute_snr(noise_sched, steps)
-                    mse = mse * snr.clamp(max=w.snr_gamma) / (snr if kind == "epsilon" else snr + 1)
-                mse.mean().backward()
+                loss = diffusion_loss(unet, noise_sched, text_encoder(cond_ids).last_hidden_state, latents,
+                                      w.snr_gamma)
+                loss.backward()
                 _step(params, opt, sched, t.max_grad_norm)
                 if ema is not None:
                     ema[0].step(unet.parameters())
                     ema[1].step(text_encoder.parameters())
                 state["steps"] = step + 1
-                progress.update(task, completed=step + 1, info=f"diffusion {mse.mean().item():.4f}")
+                progress.update(task, completed=step + 1, info=f"diffusion {loss.item():.4f}")
                 if checker and ((step + 1) % s.eval_every == 0 or step + 1 == t.max_steps):
-                    state["accuracy"] = checker(lambda: _sampled(gen, unet, text_encoder, ema, captions,
-                                                                 checker.rows, t.seed))
+                    state["accuracy"] = checker(lambda: _sampled(gen, ema, captions, checker.rows, t.seed))
                     progress.console.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
     except KeyboardInterrupt:
         _save(out, write, recipe, {**state, "interrupted": True})
@@ -293,15 +279,20 @@ def _decoded(vae, latents: torch.Tensor) -> list:
         return VaeImageProcessor().postprocess(vae.decode(latents).sample, output_type="pil")
 
 
-def _sampled(gen, unet, text_encoder, ema, captions: list[str], rows: list[int], seed: int) -> list:
-    """Samples from the EMA weights (when kept), as the saved pipeline will make them."""
-    unet, text_encoder = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+def _saved_pipeline(gen, ema):
+    """The pipeline as it is saved: copies of the UNet and text encoder, holding the EMA weights when kept."""
+    unet, text_encoder = copy.deepcopy(gen.unet).eval(), copy.deepcopy(gen.text_encoder).eval()
     if ema is not None:
         ema[0].copy_to(unet.parameters())
         ema[1].copy_to(text_encoder.parameters())
     pipe = gen.pipeline()
     pipe.unet, pipe.text_encoder = unet, text_encoder
-    size = gen.resolution
+    return pipe
+
+
+def _sampled(gen, ema, captions: list[str], rows: list[int], seed: int) -> list:
+    """Samples from the saved pipeline's weights."""
+    pipe, size = _saved_pipeline(gen, ema), gen.resolution
     with torch.no_grad():
         return pipe([captions[i] for i in rows], num_inference_steps=20, guidance_scale=3.0, height=size,
                     width=size, generator=torch.Generator().manual_seed(seed)).images
