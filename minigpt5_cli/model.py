@@ -130,7 +130,7 @@ class MiniGPT5(nn.Module):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
         out = self.llm(**inputs, output_hidden_states=True)
         logits, labels = out.logits.float(), batch["labels"]
-        text = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        text = text_loss(logits, labels)
         zero = logits.new_zeros(())
         image = caption = zero
         states = self.voken_states(out.hidden_states[-1], batch["input_ids"])
@@ -206,6 +206,11 @@ class MiniGPT5(nn.Module):
             result = set_peft_model_state_dict(self.llm, state)
             if getattr(result, "unexpected_keys", None):
                 raise UserError(f"checkpoint {folder}: its adapter does not fit this model")
+
+
+def text_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled positions (-100 elsewhere)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 def diffusion_loss(unet, sched, cond: torch.Tensor, latents: torch.Tensor, snr_gamma: float) -> torch.Tensor:

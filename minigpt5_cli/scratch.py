@@ -24,7 +24,6 @@ import shutil
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -78,6 +77,7 @@ def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
 
 def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
     from minigpt5_cli.backbones import load_llm
+    from minigpt5_cli.model import text_loss
 
     t = recipe.train
     llm = load_llm(recipe.model.llm, trust_remote_code=recipe.model.trust_remote_code)
@@ -107,8 +107,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
                     batch = next(batches)
                     logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")
                                       if k in batch}).logits
-                    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-                                           ignore_index=-100)
+                    loss = text_loss(logits, batch["labels"])
                     (loss / t.grad_accum).backward()
                 _step(model.parameters(), optimizer, scheduler, t.max_grad_norm)
                 step += 1
