@@ -58,8 +58,9 @@ def main() -> None:
 
     from rich.console import Console
 
-    from minigpt5_cli import generate as G
-    from minigpt5_cli.stories import read_stories
+    from minigpt5_cli.generation import generate as G
+    from minigpt5_cli.generation.settings import Settings
+    from minigpt5_cli.generation.stories import read_stories
 
     model, info = G.load(args.recipe)
     device = info["device"]
@@ -71,8 +72,8 @@ def main() -> None:
     embed = model.llm.get_input_embeddings()
     hook = embed.register_forward_pre_hook(lambda m, a: fed.append(a[0].shape[1]))
 
-    def settings(batch: int) -> G.Settings:
-        return G.Settings(max_new_tokens=args.tokens, diffusion_steps=args.diffusion_steps, batch_size=batch)
+    def settings(batch: int) -> Settings:
+        return Settings(max_new_tokens=args.tokens, diffusion_steps=args.diffusion_steps, batch_size=batch)
 
     def ours():
         fed.clear()

@@ -50,7 +50,7 @@ def fixture(folder: Path, n: int, size=(800, 600)) -> Path:
 
 def throughput(work: Path, n: int, repeats: int) -> dict[int, float]:
     """Median images per second, runs of 1 and 2 processes alternating."""
-    from minigpt5_cli.prepare import Settings, prepare
+    from minigpt5_cli.data.prepare import Settings, prepare
 
     raw = fixture(work / "raw", n)
     quiet = Console(file=io.StringIO())
@@ -70,7 +70,7 @@ def sd_resolution_generator(folder: Path) -> Path:
     import diffusers
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
-    from minigpt5_cli import tiny
+    from minigpt5_cli.toyworld import tiny
 
     import transformers
 
@@ -94,9 +94,11 @@ def sd_resolution_generator(folder: Path) -> Path:
 
 def step_times(work: Path, steps: int) -> dict[str, float]:
     from minigpt5_cli import recipe as R
-    from minigpt5_cli.data import Collator, TrainSet, load_source
-    from minigpt5_cli.model import build_model
-    from minigpt5_cli.prepare import Settings, prepare
+    from minigpt5_cli.data.collate import Collator
+    from minigpt5_cli.data.samples import TrainSet
+    from minigpt5_cli.data.sources import load_source
+    from minigpt5_cli.modeling.model import build_model
+    from minigpt5_cli.data.prepare import Settings, prepare
 
     generator = sd_resolution_generator(work / "sd512")
     raw = fixture(work / "pairs", 4, size=(640, 512))
@@ -106,14 +108,14 @@ def step_times(work: Path, steps: int) -> dict[str, float]:
     recipe = R.load(REPO / "recipes/debug/stage1.yaml", [f"model.generator={generator}", "data.instruction_prob=0"])
     torch.manual_seed(0)
     model = build_model(recipe)
-    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
-                       recipe.model.n_vokens, recipe.data.max_length)
+    collate = Collator.for_model(model)
     groups = model.trainable_groups()
     opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"]}], lr=1e-5)
     model.train()
 
     def step_for(folder):
-        ds = TrainSet(load_source(folder, 1), 1, model.gen_info.resolution, 0, 0, 0.0, model.llm_info.accepts_images)
+        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.gen_info.resolution, history=0, seed=0,
+                      instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
 
         def step():
             # The batch is built inside the step: reading pixels or latents is part of the cost.

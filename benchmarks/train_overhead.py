@@ -33,18 +33,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def setup(overrides: list[str]):
     from minigpt5_cli import recipe as R
-    from minigpt5_cli.data import Collator, TrainSet, read_jsonl
-    from minigpt5_cli.model import build_model
+    from minigpt5_cli.data.collate import Collator
+    from minigpt5_cli.data.samples import TrainSet
+    from minigpt5_cli.data.sources import read_jsonl
+    from minigpt5_cli.modeling.model import build_model
 
     recipe = R.load(REPO / "recipes/debug/stage1.yaml",
                     [f"data.train={REPO}/recipes/debug/data/pairs.jsonl", "data.instruction_prob=0", *overrides])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = build_model(recipe).to(device)
-    ds = TrainSet(read_jsonl(recipe.data.train, 1), 1, model.gen_info.resolution, 0, 0, 0.0,
-                  model.llm_info.accepts_images)
-    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
-                       recipe.model.n_vokens, recipe.data.max_length)
+    ds = TrainSet(read_jsonl(recipe.data.train, 1), stage=1, resolution=model.gen_info.resolution, history=0,
+                  seed=0, instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
+    collate = Collator.for_model(model)
     batch = {k: v.to(device) for k, v in collate([ds[i] for i in range(recipe.train.batch_size)]).items()}
     groups = model.trainable_groups()
     opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"], "lr": 1e-4}], lr=1e-5)

@@ -58,7 +58,8 @@ def prepare_data(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist, mmdialog, or toy (the shapes world)."),
     input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="The raw data: a file or a folder."),
     output: Path = typer.Option(..., "--output", "-o", help="The dataset folder to write."),
-    split: str = typer.Option("train", help="VIST: the split, when --input is the VIST root."),
+    split: Optional[str] = typer.Option(None, help="VIST: the split, when --input is the VIST root "
+                                        "[default: the root's only split].", show_default=False),
     images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
     image_mapping: Optional[Path] = typer.Option(None, help="VIST derived form: {image_id: path} JSON."),
     clean_captions: bool = typer.Option(True, help="CC3M: lower-case and strip punctuation as the original."),
@@ -78,7 +79,7 @@ def prepare_data(
     test_stories: int = typer.Option(200, help="toy: held-out stories (steps 1-4 in, step 5 out)."),
     dialogs: int = typer.Option(500, help="toy: dialogues."),
 ) -> None:
-    from minigpt5_cli import prepare as stage
+    from minigpt5_cli.data import prepare as stage
 
     if fmt == "toy":
         summary = stage.prepare_toy(output, seed, {"pairs": pairs, "stories": stories, "stories_test": test_stories,
@@ -90,7 +91,7 @@ def prepare_data(
     if cache_dtype not in ("float32", "float16"):
         raise UserError(f"--cache-dtype must be float32 or float16, got {cache_dtype!r}")
     settings = stage.Settings(
-        split=split, images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
+        split=split or "", images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
         continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size or 512,
         cache_latents=cache_latents, generator=generator, cache_dtype=cache_dtype,
     )
@@ -106,7 +107,7 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.output_dir."),
 ) -> None:
     from minigpt5_cli import recipe as recipes
-    from minigpt5_cli.train import train as run
+    from minigpt5_cli.training.train import train as run
 
     run(recipes.load(recipe, overrides or []), resume=resume)
 
@@ -156,11 +157,12 @@ def generate(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo stories already finished under OUTPUT."),
 ) -> None:
-    from minigpt5_cli import generate as stage
-    from minigpt5_cli.bundle import default_model
-    from minigpt5_cli.stories import is_collection, read_stories
+    from minigpt5_cli.generation import generate as stage
+    from minigpt5_cli.generation.settings import Settings
+    from minigpt5_cli.generation.stories import is_collection, read_stories
+    from minigpt5_cli.modeling.bundle import default_model
 
-    settings = stage.Settings(mode=mode, steps=steps, max_new_tokens=max_new_tokens, top_p=top_p,
+    settings = Settings(mode=mode, steps=steps, max_new_tokens=max_new_tokens, top_p=top_p,
                               temperature=temperature, repetition_penalty=repetition_penalty,
                               min_images=min_images, diffusion_steps=diffusion_steps,
                               guidance_scale=guidance_scale, image_size=image_size, seed=seed,
@@ -192,7 +194,7 @@ def bundle(
     fp32: bool = typer.Option(False, "--fp32", help="Keep the backbones in float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT."),
 ) -> None:
-    from minigpt5_cli.bundle import bundle as run
+    from minigpt5_cli.modeling.bundle import bundle as run
 
     out = run(checkpoint, output, half=not fp32, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
@@ -246,11 +248,12 @@ def evaluate(
 ) -> None:
     from rich.console import Console
 
-    from minigpt5_cli.backbones import pick_device
-    from minigpt5_cli import evaluate as stage
+    from minigpt5_cli.evaluation import evaluate as stage
+    from minigpt5_cli.evaluation.compare import compare as compare_runs
+    from minigpt5_cli.hub import pick_device
 
     if compare:
-        Console().print(stage.compare(*compare))
+        Console().print(compare_runs(*compare))
         return
     if predictions is None or references is None or output is None or not metrics:
         raise UserError("give --predictions, --references, --metrics and --output (or --compare RUN_A RUN_B)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,17 @@ def _unknown(key: str) -> UserError:
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
     origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None, X | Y: the first that fits
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(key, option, value)
+            except UserError:
+                pass
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        raise UserError(f"recipe key {key!r} must be {names}, got {value!r}")
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(map(str, typing.get_args(hint)))
@@ -213,6 +225,8 @@ def _parse_override(item: str, tree: dict) -> None:
 
 
 def _is_text(hint: Any) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return all(_is_text(o) for o in typing.get_args(hint) if o is not type(None))
     return hint is str or typing.get_origin(hint) is Literal and all(isinstance(a, str) for a in typing.get_args(hint))
 
 
@@ -262,6 +276,8 @@ def check(recipe: Recipe) -> None:
         raise UserError("recipe key 'data.tasks' needs at least one task")
     if t.stage != 2 and recipe.adapter.kind != "none":
         raise UserError(f"stage {t.stage} trains no adapter: set adapter.kind=none")
+    if t.stage in ("llm", "generator") and t.mixed_precision != "no":
+        raise UserError(f"stage {t.stage} trains in float32: set train.mixed_precision=no")
 
 
 def to_dict(recipe: Recipe) -> dict:

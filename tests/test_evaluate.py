@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt5_cli import evaluate as E
+from minigpt5_cli.evaluation import evaluate as E
 from minigpt5_cli import metrics as M
 from minigpt5_cli.errors import UserError
 
@@ -237,7 +237,7 @@ def tiny_clip(tmp_path_factory):
     """A tiny random CLIP saved with save_pretrained: `--clip-model` loads it like any local copy."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from minigpt5_cli.tiny import _clip_tokenizer
+    from minigpt5_cli.toyworld.tiny import _clip_tokenizer
 
     torch.manual_seed(0)
     tok = _clip_tokenizer(77)
@@ -300,19 +300,23 @@ def test_clip_metrics_are_the_cosines_of_transformers_clip(tiny_clip):
     assert M.clip_i(gen, gen, clip) == pytest.approx([1.0, 1.0], abs=1e-6)  # plain cosine: no x100
 
 
-def test_inception_loader_reads_fid_weights_files(tmp_path):
-    from minigpt5_cli.inception import FIDInceptionV3
+def test_inception_loader_reads_fid_weights_files(tmp_path, monkeypatch):
+    from minigpt5_cli.evaluation.inception import FIDInceptionV3
 
     torch.manual_seed(0)
     net = FIDInceptionV3().eval()
     state = {k: v for k, v in net.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save(state, tmp_path / "pt_inception.pth")  # the published files lack num_batches_tracked
     loaded = M.load_inception(tmp_path / "pt_inception.pth")
-    assert "pt_inception-2015-12-05" in loaded.description
+    # Weights are named by their hash, not by having the right keys: these random ones are not pytorch-fid's.
+    assert loaded.description.startswith("unverified") and "not pytorch-fid's 6726825d" in loaded.description
+    digest = M.sha256(tmp_path / "pt_inception.pth")
+    monkeypatch.setattr("minigpt5_cli.evaluation.loaders.FID_WEIGHTS_SHA256", digest[:8])
+    assert "pytorch-fid's pt_inception-2015-12-05" in M.load_inception(tmp_path / "pt_inception.pth").description
     images = pictures("red_circle", "green_square")
     pool, logits = M.inception_features(images, loaded, batch_size=1)
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
-    from minigpt5_cli.inception import to_input
+    from minigpt5_cli.evaluation.inception import to_input
 
     with torch.no_grad():
         expected = net(torch.stack([to_input(im) for im in images]))
@@ -401,7 +405,7 @@ def test_evaluate_a_generation_folder_with_every_metric(generated, continuation_
     for name in ("clip_i", "clip_t", "rouge_l", "meteor", "sbert", "mm_relevance"):
         lo, hi = m[name]["ci95"]
         assert lo <= m[name]["value"] <= hi and m[name]["n"] == 2
-    assert m["clip_i"]["model"] == tiny_clip and m["fid"]["weights"].endswith("tiny.pt2")
+    assert m["clip_i"]["model"] == tiny_clip and "tiny.pt2" in m["fid"]["weights"]
     assert m["fid"]["n_generated"] == 2 and m["fid"]["n_reference"] == 2 and "bilinear" in m["fid"]["resize"]
     assert m["sbert"]["model"].startswith("sentence-transformers/all-MiniLM-L6-v2")
 
@@ -475,6 +479,101 @@ def test_compat_minigpt5_names_each_quirk(tmp_path, tiny_clip, tiny_inception):
     texts = [f"a {n.replace('_', ' ')}" for n in names], [f"the {n.replace('_', ' ')}" for n in reversed(names)]
     assert m["bleu1"]["value"] == pytest.approx(np.mean(M.char_bleu(*texts, 1)), abs=1e-9)
     assert m["fid_per_story"]["stories"] == 2
+
+
+def test_compat_text_metrics_follow_the_original_script(tmp_path, sbert_model):
+    """--compat minigpt5 cleans both texts as MiniGPT-5's MMDialog script does (### out, the text before
+    [IMG0], punctuation alone made empty), drops pairs with an empty reference, scores an empty
+    prediction 0, uses the `rouge` package for ROUGE-L, and averages per dialog, then over dialogs."""
+    from nltk.translate.bleu_score import sentence_bleu
+    from rouge import Rouge
+
+    rows = [("d1_1", "### a red circle [IMG0] more words", "the red circle ###"),
+            ("d1_2", "a thing", "!!"),  # reference of punctuation alone: left out
+            ("d2_1", "", "hello there"),  # empty prediction: 0
+            ("d2_2", "hello", "hello there"),
+            ("d2_3", "well hello there you", "hello there")]
+    preds = _jsonl(tmp_path / "p.jsonl", [{"id": i, "text": p} for i, p, _ in rows])
+    refs = _jsonl(tmp_path / "r.jsonl", [{"id": i, "text": r} for i, _, r in rows])
+    out = tmp_path / "m.json"
+    assert run_cli("evaluate", "-p", str(preds), "-r", str(refs), "-m", "bleu2,rouge_l,sbert", "--compat", "minigpt5",
+                   "-o", str(out)) == 0
+    m = json.loads(out.read_text())["metrics"]
+    pairs = {"d1_1": ("a red circle", "the red circle"), "d2_2": ("hello", "hello there"),
+             "d2_3": ("well hello there you", "hello there")}
+    bleu = {k: sentence_bleu([r], p, weights=(0.5, 0.5)) for k, (p, r) in pairs.items()}
+    rouge = {k: Rouge().get_scores(p, r)[0]["rouge-l"]["f"] for k, (p, r) in pairs.items()}
+    for name, score in (("bleu2", bleu), ("rouge_l", rouge)):
+        per_dialog = [score["d1_1"], np.mean([0.0, score["d2_2"], score["d2_3"]])]
+        assert m[name]["value"] == pytest.approx(np.mean(per_dialog), abs=1e-9), name
+        assert m[name]["n"] == 4 and m[name]["dialogs"] == 2 and m[name]["compat"]
+    assert "rouge package" in m["rouge_l"]["compat"] and m["sbert"]["dialogs"] == 2
+    # The flat, uncleaned mean is not what the original reports.
+    flat = np.mean(M.char_bleu([p for _, p, _ in rows], [r for _, _, r in rows], 2))
+    assert abs(m["bleu2"]["value"] - flat) > 1e-3
+
+
+def test_inception_score_never_splits_below_two_images(tmp_path, tiny_inception, capsys):
+    names = ["red_circle", "blue_square", "green_circle"]
+    _with_images(tmp_path, names)
+    preds = _jsonl(tmp_path / "p.jsonl", [{"id": n, "images": [f"{n}.png"]} for n in names])
+    out = tmp_path / "m.json"
+    assert run_cli("evaluate", "-p", str(preds), "-r", str(preds), "-m", "is", "--inception-weights", tiny_inception,
+                   "-o", str(out)) == 0
+    m = json.loads(out.read_text())["metrics"]["is"]
+    assert m["splits"] == 1 and m["value"] != pytest.approx(1.0)  # 3 splits of one image would be exactly 1
+    assert "IS over 1 splits, not 10" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="at least 2"):
+        M.inception_score(np.zeros((3, 4)), 2)
+
+
+@pytest.mark.parametrize("failing_call,name", [(1, "fid"), (2, "fid_per_story")])
+def test_a_fid_that_is_not_computable_keeps_the_other_metrics(tmp_path, tiny_inception, monkeypatch, failing_call,
+                                                              name):
+    from minigpt5_cli.evaluation import metrics as maths
+
+    names = ["red_circle", "red_square", "blue_circle", "blue_square"]
+    _with_images(tmp_path, names)
+    ids = ["st1_1", "st1_2", "st2_1", "st2_2"]
+    lines = [{"id": i, "text": "a shape", "images": [f"{n}.png"]} for i, n in zip(ids, names)]
+    preds, refs = _jsonl(tmp_path / "p.jsonl", lines), _jsonl(tmp_path / "r.jsonl", lines)
+    real, calls = maths.frechet_distance, []
+
+    def frechet(*args):
+        calls.append(1)
+        if len(calls) == failing_call:
+            raise ValueError("imaginary component 12.5")
+        return real(*args)
+
+    monkeypatch.setattr(maths, "frechet_distance", frechet)
+    out = tmp_path / "m.json"
+    assert run_cli("evaluate", "-p", str(preds), "-r", str(refs), "-m", "fid,rouge_l", "--compat", "minigpt5",
+                   "--inception-weights", tiny_inception, "-o", str(out)) == 0
+    m = json.loads(out.read_text())["metrics"]
+    assert m["rouge_l"]["value"] == pytest.approx(1.0)
+    if name == "fid":
+        assert m["fid"]["value"] is None and "imaginary" in m["fid"]["not_computable"]
+        assert m["fid_per_story"]["stories"] == 2
+    else:
+        assert isinstance(m["fid"]["value"], float) and m["fid_per_story"]["stories"] == 1
+        assert list(m["fid_per_story"]["left_out"].values()) == [0, 1]
+
+
+def test_a_loader_bug_is_not_taken_for_a_missing_model(generated, continuation_refs, tmp_path, monkeypatch):
+    """--skip-unavailable skips models that cannot be found; a bug inside a loader still surfaces."""
+    from transformers import CLIPModel
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug, not a missing model")
+
+    with monkeypatch.context() as patched, pytest.raises(TypeError, match="a bug"):
+        patched.setattr(CLIPModel, "from_pretrained", broken)
+        run_cli("evaluate", "-p", str(generated), "-r", str(continuation_refs), "-m", "clip_i,rouge_l",
+                "--skip-unavailable", "-o", str(tmp_path / "m.json"))
+    out = tmp_path / "offline.json"
+    assert run_cli("evaluate", "-p", str(generated), "-r", str(continuation_refs), "-m", "clip_i,rouge_l",
+                   "--clip-model", str(tmp_path / "no-such-clip"), "--skip-unavailable", "-o", str(out)) == 0
+    assert list(json.loads(out.read_text())["skipped"]) == ["clip_i"]
 
 
 def test_compare_prints_deltas(generated, continuation_refs, tmp_path, capsys):

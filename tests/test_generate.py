@@ -7,8 +7,9 @@ import torch
 import yaml
 from PIL import Image
 
-from minigpt5_cli import generate as G
-from minigpt5_cli.stories import read_stories
+from minigpt5_cli.generation import generate as G
+from minigpt5_cli.generation.stories import Job, read_stories
+from minigpt5_cli.story import Step, Story
 
 from conftest import DEBUG, run_cli
 
@@ -254,16 +255,15 @@ def test_stories_from_a_prepared_continuation_set(runs, tmp_path):
 
 
 def test_prompt_ends_with_the_instruction_the_model_was_trained_with():
-    story = read_stories("there is a circle.")[0]
-    assert G.history(story, ["turn"], 4) == [("there is a circle.", None)]
-    assert G.history(story, ["gen", "multimodal", "understanding"], 4)[-1] == ("Tell me the next scene with image.", None)
+    job = Job(read_stories("there is a circle.")[0], 0)
+    assert G.history(job, ["turn"], 4) == [("there is a circle.", None)]
+    assert G.history(job, ["gen", "multimodal", "understanding"], 4)[-1] == ("Tell me the next scene with image.", None)
 
 
 def test_prompt_keeps_the_last_history_steps_as_training_does():
-    story = read_stories("a")[0]
-    story.steps = [{"text": f"step {k}.", "image": None, "source": None} for k in range(6)]
-    assert [t for t, _ in G.history(story, ["turn"], 4)] == ["step 2.", "step 3.", "step 4.", "step 5."]
-    assert G.history(story, ["turn"], 0) == []
+    job = Job(Story("a", [Step(f"step {k}.") for k in range(6)]), 0)
+    assert [t for t, _ in G.history(job, ["turn"], 4)] == ["step 2.", "step 3.", "step 4.", "step 5."]
+    assert G.history(job, ["turn"], 0) == []
 
 
 def test_output_folder_files_of_others_are_never_overwritten(runs, tmp_path, capsys):
@@ -285,11 +285,9 @@ def test_output_folder_files_of_others_are_never_overwritten(runs, tmp_path, cap
 
 def test_story_images_are_decoded_only_while_their_batch_runs(runs, story_file, tmp_path, capsys):
     (story,) = read_stories(str(story_file))
-    assert story.steps[0]["has_image"] and story.steps[0]["image"] is None
-    story.open()
-    assert story.steps[0]["image"].size == Image.open(story_file.parent / "a.png").size
-    story.close()
-    assert story.steps[0]["image"] is None
+    picture = story.steps[0].image
+    assert picture.path == story_file.parent / "a.png" and picture.data is None  # nothing decoded yet
+    assert picture.open().size == Image.open(story_file.parent / "a.png").size
     (story_file.parent / "a.png").write_bytes(b"not a picture")
     capsys.readouterr()
     assert run_cli("generate", "--story", str(story_file), "--model", str(runs / "lora"), "--output",
@@ -306,3 +304,14 @@ def test_bf16_generation_runs(runs, tmp_path, run):
                    "--precision", "bf16", "-b", "2", *FAST) == 0
     doc = json.loads((tmp_path / "o" / "a" / "story.json").read_text())
     assert doc["model"]["precision"] == "bf16" and doc["generated"][0]["images"]
+
+
+def test_story_page_names_the_model_and_keeps_its_paths_in_story_json(tmp_path):
+    from minigpt5_cli.modeling.bundle import default_model
+
+    assert run_cli("generate", "--story", "Draw a red circle.", "--output", str(tmp_path / "o"), *FAST) == 0
+    page = (tmp_path / "o" / "story.html").read_text()
+    footer = page[page.index("<footer>"):page.index("</footer>")]
+    assert str(default_model().parent) not in page and "toy" in footer  # the bundle's name, not its path
+    doc = json.loads((tmp_path / "o" / "story.json").read_text())
+    assert doc["model"]["name"] == "toy" and doc["model"]["llm"] == str(default_model() / "llm")

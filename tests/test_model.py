@@ -2,10 +2,13 @@ import pytest
 import torch
 
 from minigpt5_cli import recipe as R
-from minigpt5_cli.data import Collator, TrainSet, read_jsonl
-from minigpt5_cli.mapper import FeatureMapper
-from minigpt5_cli.model import build_model
-from minigpt5_cli.params import paper_counts
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.samples import TrainSet
+from minigpt5_cli.data.sources import read_jsonl
+from minigpt5_cli.modeling import checkpoint
+from minigpt5_cli.modeling.mapper import FeatureMapper
+from minigpt5_cli.modeling.model import build_model
+from minigpt5_cli.modeling.params import paper_counts
 
 from conftest import DEBUG
 
@@ -19,11 +22,10 @@ def make(stage=1, adapter="none", llm="tiny:llava", extra=()):
 
 def batch_for(model, recipe, size=4):
     records = read_jsonl(recipe.data.train, recipe.train.stage)
-    ds = TrainSet(records, recipe.train.stage, model.gen_info.resolution, recipe.data.history, 0,
-                  recipe.data.instruction_prob, model.llm_info.accepts_images)
-    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
-                       recipe.model.n_vokens, recipe.data.max_length)
-    return collate([ds[i] for i in range(min(size, len(ds)))])
+    ds = TrainSet(records, stage=recipe.train.stage, resolution=model.gen_info.resolution,
+                  history=recipe.data.history, seed=0, instruction_prob=recipe.data.instruction_prob,
+                  images_in_prompt=model.llm_info.accepts_images)
+    return Collator.for_model(model)([ds[i] for i in range(min(size, len(ds)))])
 
 
 @pytest.mark.parametrize("llm", ["tiny:llava", "tiny:llama"])
@@ -58,9 +60,7 @@ def test_voken_hooks_route_rows_into_embeddings_and_logits():
 def test_step_changes_exactly_the_trainable_tensors(stage, adapter, llm):
     extra = ["loss.cfg_drop=0.0"]
     recipe, model = make(stage, adapter, llm, extra)
-    if stage == 2:  # stage 2 freezes the mapper's fc and queries
-        model.mapper.fc.requires_grad_(False)
-        model.mapper.queries.requires_grad_(False)
+    assert recipe.train.freeze_mapper_input == (stage == 2)  # the debug stage-2 recipes freeze fc and queries
     batch = batch_for(model, recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -75,8 +75,17 @@ def test_step_changes_exactly_the_trainable_tensors(stage, adapter, llm):
     trainable_same = [n for n in trainable if torch.equal(before[n], after[n])]
     assert frozen_changed == []
     assert trainable_same == []
-    if stage == 2:
-        assert torch.equal(before["mapper.queries"], after["mapper.queries"])
+    frozen_input = {n for n in before if n.startswith(("mapper.fc.", "mapper.queries"))}
+    assert frozen_input and (frozen_input <= trainable) == (stage == 1)
+    assert all(torch.equal(before[n], after[n]) for n in frozen_input) == (stage == 2)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_freeze_mapper_input_freezes_exactly_fc_and_queries(freeze):
+    _, model = make(2, "lora", extra=[f"train.freeze_mapper_input={str(freeze).lower()}"])
+    frozen = {n for n, p in model.mapper.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in model.mapper.named_parameters() if n.startswith(("fc.", "queries"))}
+    assert frozen == (expected if freeze else set()) and expected
 
 
 @pytest.mark.parametrize("stage,adapter", [(1, "none"), (2, "lora")])
@@ -144,9 +153,9 @@ def test_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for p in (p for ps in model.trainable_groups().values() for p in ps):
             p.add_(torch.randn_like(p))
-    model.save_trainables(tmp_path / "ckpt")
+    checkpoint.save(model, tmp_path / "ckpt")
     _, fresh = make(2, "lora")
-    fresh.load_trainables(tmp_path / "ckpt")
+    checkpoint.load(fresh, tmp_path / "ckpt")
     for (name, a), b in zip(model.named_parameters(), fresh.parameters()):
         assert torch.equal(a, b), name
 
@@ -162,3 +171,22 @@ def test_bf16_keeps_frozen_parts_low_and_trainables_fp32():
     out["loss"].backward()
     assert torch.isfinite(out["loss"])
     assert all(p.grad is not None for ps in model.trainable_groups().values() for p in ps)
+
+
+@pytest.mark.parametrize("part,key", [("adapter/adapter_model.safetensors", None), ("mapper", "queries"),
+                                      ("vokens.safetensors", "rows_out")])
+def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path, part, key):
+    from safetensors.torch import load_file, save_file
+
+    from minigpt5_cli.errors import UserError
+
+    _, model = make(2, "lora")
+    checkpoint.save(model, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / part
+    path = path / "diffusion_pytorch_model.safetensors" if path.is_dir() else path
+    state = load_file(path)
+    state.pop(key or sorted(state)[0])
+    save_file(state, path)
+    _, fresh = make(2, "lora")
+    with pytest.raises(UserError, match="does not fit"):
+        checkpoint.load(fresh, tmp_path / "ckpt")

@@ -12,11 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt5_cli import prepare as P
+from minigpt5_cli.data import prepare as P
 from minigpt5_cli import recipe as R
-from minigpt5_cli.data import Collator, TrainSet, load_source
-from minigpt5_cli.model import build_model
-from minigpt5_cli.readers import clean_caption
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.samples import TrainSet
+from minigpt5_cli.data.sources import load_source
+from minigpt5_cli.modeling.model import build_model
+from minigpt5_cli.data.readers import clean_caption
 
 from conftest import DEBUG, run_cli
 
@@ -225,6 +227,30 @@ def test_vist_continuation_set(tmp_path):
     assert len(row["steps"]) == 4 and row["target"]["text"] == "Story s1, step 4." and row["target"]["image"]
 
 
+def test_vist_root_without_split_reads_its_only_split_or_names_the_choices(tmp_path, capsys):
+    root = vist_fixture(tmp_path / "vist", split="val")
+    summary = prepare("vist", "--input", root, "--output", tmp_path / "out")
+    assert summary["kept"] == 1 and summary["settings"]["split"] == "val"
+    vist_fixture(tmp_path / "other", split="test")
+    for f in ("sis/test.story-in-sequence.json",):
+        (root / f).write_bytes((tmp_path / "other" / f).read_bytes())
+    capsys.readouterr()
+    prepare("vist", "--input", root, "--output", tmp_path / "out2", expect=2)
+    assert capsys.readouterr().err.strip() == f"error: {root} holds the VIST splits test, val; pick one with --split"
+
+
+def test_an_error_while_writing_is_not_taken_for_all_rejected(tmp_path, monkeypatch):
+    """"Nothing was kept" is decided by counting the kept records, not from any ValueError datasets
+    raises: good records and a failing writer must not give an empty dataset."""
+    def broken(*args, **kwargs):
+        raise ValueError("the writer failed")
+
+    monkeypatch.setattr(datasets.Dataset, "from_generator", broken)
+    with pytest.raises(ValueError, match="the writer failed"):
+        P.prepare("cc3m", cc3m_pairs(tmp_path), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_vist_derived_form_with_image_mapping(tmp_path):
     (tmp_path / "img").mkdir()
     for i in range(5):
@@ -384,22 +410,25 @@ def test_training_reads_prepared_datasets(tmp_path):
 def test_stage2_tasks_build_the_documented_samples(tmp_path):
     prepare("vist", "--input", vist_fixture(tmp_path / "raw"), "--output", tmp_path / "vist")
     source = load_source(tmp_path / "vist", 2)
-    ds = TrainSet(source, 2, 32, 4, 0, 0.0, True, ["turn", "gen", "multimodal", "understanding"])
+    ds = TrainSet(source, **_set(True, ["turn", "gen", "multimodal", "understanding"]))
     tasks = [task for _, _, task in ds.index]
     # One story of 5 steps, all with images: turn 4, gen 5, multimodal 4, understanding 4.
     assert [tasks.count(t) for t in ("turn", "gen", "multimodal", "understanding")] == [4, 5, 4, 4]
     by_task = {task: ds[i] for i, (_, k, task) in enumerate(ds.index) if k == 2}
-    assert by_task["gen"]["history"][-1][0] == "Generate an image with the scene description: Story s1, step 2."
-    assert by_task["gen"]["target"] == "" and by_task["gen"]["vokens"]
-    assert by_task["multimodal"]["history"][-1] == ("Tell me the next scene with image.", None)
-    assert by_task["multimodal"]["target"] == "Story s1, step 2." and by_task["multimodal"]["vokens"]
-    text, image = by_task["understanding"]["history"][-1]
+    assert by_task["gen"].history[-1][0] == "Generate an image with the scene description: Story s1, step 2."
+    assert by_task["gen"].target == "" and by_task["gen"].vokens
+    assert by_task["multimodal"].history[-1] == ("Tell me the next scene with image.", None)
+    assert by_task["multimodal"].target == "Story s1, step 2." and by_task["multimodal"].vokens
+    text, image = by_task["understanding"].history[-1]
     assert text.startswith("Tell me the next scene description by this image") and image is not None
-    assert not by_task["understanding"]["vokens"] and by_task["understanding"]["image"] is None
-    assert [h[0] for h in by_task["turn"]["history"]] == ["Story s1, step 0.", "Story s1, step 1."]
+    assert not by_task["understanding"].vokens and by_task["understanding"].image is None
+    assert [h[0] for h in by_task["turn"].history] == ["Story s1, step 0.", "Story s1, step 1."]
     # Text-only LLMs get no understanding samples: the image could not reach them.
-    assert "understanding" not in {t for _, _, t in TrainSet(source, 2, 32, 4, 0, 0.0, False,
-                                                              ["understanding", "turn"]).index}
+    assert "understanding" not in {t for _, _, t in TrainSet(source, **_set(False, ["understanding", "turn"])).index}
+
+
+def _set(images: bool, tasks: list[str]) -> dict:
+    return dict(stage=2, resolution=32, history=4, seed=0, instruction_prob=0.0, images_in_prompt=images, tasks=tasks)
 
 
 def test_cached_latents_give_the_same_loss(tmp_path):
@@ -415,11 +444,11 @@ def test_cached_latents_give_the_same_loss(tmp_path):
     recipe = R.load(DEBUG / "stage1.yaml", ["data.instruction_prob=0"])
     torch.manual_seed(0)
     model = build_model(recipe)
-    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
-                       recipe.model.n_vokens, recipe.data.max_length)
+    collate = Collator.for_model(model)
     losses = {}
     for name, folder in (("plain", plain), ("cached", cached)):
-        ds = TrainSet(load_source(folder, 1), 1, model.gen_info.resolution, 0, 0, 0.0, True)
+        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.gen_info.resolution, history=0, seed=0,
+                      instruction_prob=0.0, images_in_prompt=True)
         batch = collate([ds[i] for i in range(4)])
         assert ("latent_mean" in batch) == (name == "cached") and ("caption_embeds" in batch) == (name == "cached")
         torch.manual_seed(1)

@@ -21,8 +21,23 @@ def test_every_recipe_validates(path):
     recipe = R.load(path)
     assert isinstance(recipe, R.Recipe)
     assert path.read_text().startswith("#"), "a recipe opens with a comment giving its command"
-    # Every key written in the file survives into the resolved recipe.
-    assert yaml.safe_load(R.dump(recipe))["train"]["stage"] == yaml.safe_load(path.read_text())["train"]["stage"]
+    # Every key written in the file survives, with its value, into the resolved recipe.
+    resolved = yaml.safe_load(R.dump(recipe))
+    written = list(_leaves(yaml.safe_load(path.read_text())))
+    assert written
+    for key, value in written:
+        found = resolved
+        for part in key.split("."):
+            found = found[part]
+        assert found == (float(value) if isinstance(found, float) else value), key
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
 
 
 def test_paper_hyperparameters():
@@ -83,3 +98,23 @@ def test_save_round_trip(tmp_path):
 def test_stage1_refuses_adapter():
     with pytest.raises(UserError, match="adapter.kind=none"):
         R.load(None, ["train.stage=1", "adapter.kind=lora"])
+
+
+def test_optional_and_union_types_are_checked(tmp_path):
+    from dataclasses import dataclass
+    from typing import Optional
+
+    @dataclass
+    class Section:
+        size: Optional[int] = None
+        memory: int | str = 0
+
+    assert R._build(Section, {"size": None, "memory": "24GiB"}) == Section(None, "24GiB")
+    assert R._build(Section, {"size": 3, "memory": 5}) == Section(3, 5)
+    with pytest.raises(UserError, match="'size' must be int or null"):
+        R._build(Section, {"size": "big"})
+
+
+def test_scratch_stages_refuse_mixed_precision():
+    with pytest.raises(UserError, match="trains in float32: set train.mixed_precision=no"):
+        R.load(REPO / "recipes" / "toy" / "generator.yaml", ["train.mixed_precision=bf16"])

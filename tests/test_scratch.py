@@ -1,5 +1,6 @@
 """Backbones trained from scratch (stages llm and generator), multi-source data, bundles."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,15 +9,24 @@ import torch
 
 from conftest import DEBUG, run_cli
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli import tiny, toy
-from minigpt5_cli.backbones import load_generator, load_llm
-from minigpt5_cli.data import TrainSet, load_sources
+from minigpt5_cli.toyworld import tiny
+from minigpt5_cli.toyworld import world as toy
+from minigpt5_cli.modeling.backbones import load_generator, load_llm
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.samples import TrainSet
+from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
+
+
+def _set(stage, history: int) -> dict:
+    """TrainSet's settings in these tests: 32 px, no instruction form, images in prompts, turns."""
+    return dict(stage=stage, resolution=32, history=history, seed=0, instruction_prob=0.0, images_in_prompt=True,
+                tasks=["turn"])
 
 
 @pytest.fixture(scope="module")
 def toy_data(tmp_path_factory):
-    from minigpt5_cli.prepare import prepare_toy
+    from minigpt5_cli.data.prepare import prepare_toy
 
     root = tmp_path_factory.mktemp("toy") / "data"
     prepare_toy(root, seed=0, counts={"pairs": 40, "stories": 8, "stories_test": 3, "dialogs": 4})
@@ -38,31 +48,30 @@ def test_toy_tokenizers_hold_every_toy_word_whole():
 
 def test_sources_chain_and_the_llm_stage_captions_one_step_rows(toy_data):
     source = load_sources([str(toy_data / "pairs"), str(toy_data / "dialogs")], 2)
-    assert len(source) == 44 and source[40]["id"] == "dialog-train-00000"
-    llm = TrainSet(source, "llm", 32, 4, 0, 0.0, True, ["turn"])
+    assert len(source) == 44 and source[40].id == "dialog-train-00000"
+    llm = TrainSet(source, **_set("llm", 4))
     tasks = [task for _, _, task in llm.index]
     assert tasks.count("caption") == 40 and tasks.count("turn") == 4 * 3
-    assert not any(llm[i]["vokens"] for i in range(len(llm)))
+    assert not any(llm[i].vokens for i in range(len(llm)))
     sample = llm[0]
-    assert sample["target"] == source[0]["steps"][0]["text"] and sample["history"][0][1] is not None
-    stage2 = TrainSet(source, 2, 32, 4, 0, 0.0, True, ["turn"])
+    assert sample.target == source[0].steps[0].text and sample.history[0][1] is not None
+    stage2 = TrainSet(source, **_set(2, 4))
     assert [s for _, _, s in stage2.index] == ["turn"] * 12  # pairs have no turns
-    assert sum(stage2[i]["vokens"] for i in range(len(stage2))) == 8
+    assert sum(stage2[i].vokens for i in range(len(stage2))) == 8
 
 
 def test_stage2_caption_targets_only_when_every_target_has_one(toy_data):
-    from minigpt5_cli.data import Collator
-
     gen, llm = load_generator("toy:sd"), load_llm("toy:llava")
-    collate = Collator(llm.tokenizer, llm.processor, gen.tokenizer, 0, 0, 256)
-    stories = TrainSet(load_sources([str(toy_data / "stories")], 2), 2, 32, 2, 0, 0.0, True, ["turn"])
+    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=gen.tokenizer,
+                       first_voken=0, n_vokens=0, max_length=256)
+    stories = TrainSet(load_sources([str(toy_data / "stories")], 2), **_set(2, 2))
     batch = collate([stories[i] for i in range(4)])
-    steps = [stories.source[r]["steps"][k] for r, k, _ in stories.index[:4]]
+    steps = [stories.source[r].steps[k] for r, k, _ in stories.index[:4]]
     assert batch["caption_ids"].shape == (4, gen.cond_shape[0])
     assert gen.tokenizer.batch_decode(batch["caption_ids"], skip_special_tokens=True) == \
-        [s["caption"] for s in steps]
-    assert all(s["caption"] not in str(stories[i]["history"]) for i, s in enumerate(steps))  # never in prompts
-    plain = dict(stories[0], caption=None)
+        [s.caption for s in steps]
+    assert all(s.caption not in str(stories[i].history) for i, s in enumerate(steps))  # never in prompts
+    plain = dataclasses.replace(stories[0], caption=None)
     assert "caption_ids" not in collate([stories[1], plain])
 
 
@@ -71,7 +80,7 @@ def _recipe(path, **overrides):
 
 
 def test_generator_stage_trains_and_saves_a_loadable_pipeline(toy_data, tmp_path):
-    from minigpt5_cli.train import train
+    from minigpt5_cli.training.train import train
 
     out = tmp_path / "gen"
     before = load_generator("toy:sd")
@@ -93,14 +102,33 @@ def test_generator_stage_trains_and_saves_a_loadable_pipeline(toy_data, tmp_path
         train(recipe, resume=True)
 
 
+def test_generator_stage_counts_steps_from_epochs_and_accumulates(toy_data, tmp_path, monkeypatch):
+    """With max_steps 0 the UNet trains for train.epochs passes over the images, train.grad_accum
+    micro-batches per step; neither is silently ignored."""
+    from minigpt5_cli.training.train import train
+
+    recipe = _recipe(DEBUG.parent / "toy" / "generator.yaml", **{
+        "data.train": toy_data / "pairs", "train.output_dir": tmp_path / "gen", "scratch.vae_steps": 1,
+        "train.max_steps": 0, "train.epochs": 1, "train.batch_size": 4, "train.grad_accum": 2,
+        "scratch.eval_every": 0})
+    calls = []
+    real = torch.nn.Module.__call__
+    monkeypatch.setattr(type(load_generator("toy:sd").unet), "__call__",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    train(recipe)
+    state = json.loads((tmp_path / "gen" / "scratch_state.json").read_text())
+    assert state["steps"] == 5  # 40 pairs / (4 x 2) per step
+    assert len(calls) == 10  # every micro-batch ran the UNet
+
+
 def test_llm_stage_learns_the_toy_text(toy_data, tmp_path):
-    from minigpt5_cli.data import Collator
-    from minigpt5_cli.train import train
+    from minigpt5_cli.training.train import train
 
     def loss_of(name):
         llm = load_llm(name)
-        data = TrainSet(load_sources([str(toy_data / "pairs")], 2), "llm", 32, 4, 0, 0.0, True, ["turn"])
-        batch = Collator(llm.tokenizer, llm.processor, None, 0, 0, 256)([data[i] for i in range(16)])
+        data = TrainSet(load_sources([str(toy_data / "pairs")], 2), **_set("llm", 4))
+        batch = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=None, first_voken=0,
+                         n_vokens=0, max_length=256)([data[i] for i in range(16)])
         with torch.no_grad():
             return llm.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},
                              labels=batch["labels"]).loss.item()
@@ -115,7 +143,7 @@ def test_llm_stage_learns_the_toy_text(toy_data, tmp_path):
 
 
 def test_stage2_without_stage1_starts_fresh(tmp_path):
-    from minigpt5_cli.train import train
+    from minigpt5_cli.training.train import train
 
     recipe = _recipe(DEBUG / "stage2_lora.yaml", **{"train.init_from": "none", "train.output_dir": tmp_path / "s2",
                                                     "train.max_steps": 1})
@@ -123,7 +151,7 @@ def test_stage2_without_stage1_starts_fresh(tmp_path):
 
 
 def test_bundle_runs_from_anywhere_like_its_checkpoint(tmp_path, monkeypatch):
-    from minigpt5_cli.stories import read_stories
+    from minigpt5_cli.generation.stories import read_stories
 
     s1, s2 = tmp_path / "s1", tmp_path / "s2"
     assert run_cli("train", "-r", str(DEBUG / "stage1.yaml"), f"train.output_dir={s1}", "train.max_steps=2") == 0
@@ -156,7 +184,7 @@ def test_tiny_names_resolve_to_distinct_folders():
 
 
 def test_sampling_defaults_come_from_the_model_recipe():
-    from minigpt5_cli.generate import Settings
+    from minigpt5_cli.generation.settings import Settings
 
     toy_recipe = recipes.load(DEBUG.parent / "toy" / "stage2_lora.yaml")
     settled = Settings(top_p=0.5).resolve(toy_recipe.sample)
@@ -173,9 +201,8 @@ def test_quick_chain_runs_from_nothing(tmp_path):
     import os
     import subprocess
     import sys
-    from pathlib import Path
 
-    env = {**os.environ, "QUICK": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "QUICK": "1", "PYTHON": sys.executable}  # no `minigpt5` script needed on PATH
     done = subprocess.run(["bash", str(DEBUG.parent / "toy" / "chain.sh"), str(tmp_path)], env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -192,7 +219,7 @@ def test_default_model_continues_held_out_stories_offline(tmp_path):
     images; a plain-text drawing request gets the picture it asks for."""
     from PIL import Image
 
-    from minigpt5_cli.bundle import default_model
+    from minigpt5_cli.modeling.bundle import default_model
 
     assert (default_model() / "recipe.yaml").is_file()
     rows, truth = [], []

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from minigpt5_cli import toy
+from minigpt5_cli.toyworld import world as toy
 
 
 def test_checker_is_exact_on_every_render():

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt5_cli import recipe as R
-from minigpt5_cli import train as train_module
-from minigpt5_cli.model import build_model
-from minigpt5_cli.train import checkpoints
+from minigpt5_cli.training import train as train_module
+from minigpt5_cli.modeling.model import build_model
+from minigpt5_cli.modeling import checkpoint
+from minigpt5_cli.modeling.checkpoint import checkpoints
 
 from conftest import DEBUG, REPO, run_cli
 
@@ -53,7 +54,7 @@ def test_stage1_writes_rotating_checkpoints_that_reload(stage1_run):
     assert recipe.train.output_dir == str(stage1_run)
     model = build_model(recipe)
     before = {k: v.clone() for k, v in model.vokens.state_dict().items()}
-    model.load_trainables(last)
+    checkpoint.load(model, last)
     saved = weights(last)
     assert torch.equal(model.vokens.rows_in, saved["rows_in"])
     assert not torch.equal(before["rows_in"], saved["rows_in"]), "training changed the voken rows"
@@ -73,7 +74,7 @@ def test_stage2_from_stage1(stage1_run, tmp_path, kind):
     assert not torch.equal(s1["mapper.out.weight"] if "mapper.out.weight" in s1 else s1["mapper.transformer.decoder.norm.weight"],
                            s2["mapper.out.weight"] if "mapper.out.weight" in s2 else s2["mapper.transformer.decoder.norm.weight"])
     model = build_model(R.load(last / "recipe.yaml"))
-    model.load_trainables(last)
+    checkpoint.load(model, last)
 
 
 def test_resume_equals_straight_run(tmp_path, monkeypatch):
@@ -121,7 +122,7 @@ def test_two_processes_write_one_loadable_checkpoint(tmp_path):
     assert sorted(p.name for p in last.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
     assert not list(out.glob(".checkpoint-*")), "no half-written checkpoint is left"
     model = build_model(R.load(last / "recipe.yaml"))
-    model.load_trainables(last)
+    checkpoint.load(model, last)
 
 
 def _error(capsys, *argv) -> str:
@@ -166,3 +167,21 @@ def test_module_entry_point_lists_commands():
     assert proc.returncode == 0
     for name in ("prepare-data", "train", "generate", "evaluate"):
         assert name in proc.stdout
+
+
+def test_logged_losses_are_the_mean_over_accumulated_micro_batches(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    from minigpt5_cli.modeling.model import MiniGPT5
+
+    forward, calls, logged = MiniGPT5.forward, [], []
+
+    def counted(self, batch):
+        out = forward(self, batch)
+        calls.append(1)
+        return {**out, "text": torch.tensor(float(len(calls)))}  # micro-batch k reports text loss k
+
+    monkeypatch.setattr(MiniGPT5, "forward", counted)
+    monkeypatch.setattr(Accelerator, "log", lambda self, values, step=None, **kw: logged.append((step, values)))
+    assert run_cli(*stage1_args(tmp_path / "run", "train.grad_accum=2", "train.max_steps=2")) == 0
+    assert [(step, values["text"]) for step, values in logged] == [(1, 1.5), (2, 3.5)]

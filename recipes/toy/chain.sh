@@ -8,6 +8,9 @@
 # Everything is written under ROOT (default: the current directory): ROOT/data/toy, ROOT/runs/toy
 # (generator, llm_vision, llm, stage1, stage2_lora), ROOT/runs/toy/bundle and ROOT/runs/toy/test (metrics.json).
 set -euo pipefail
+# The minigpt5 program, as `python3 -m minigpt5_cli` (no need for the `minigpt5` script on PATH);
+# PYTHON picks another interpreter, e.g. PYTHON=.venv/bin/python.
+MINIGPT5=("${PYTHON:-python3}" -m minigpt5_cli)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="${1:-.}"
 mkdir -p "$ROOT" && cd "$ROOT"
@@ -22,14 +25,14 @@ else
   DATA=() GEN=() LLM=() STAGE=() SAMPLE=()
 fi
 
-minigpt5 prepare-data toy --output data/toy --seed 0 "${DATA[@]}"
-minigpt5 train --recipe "$HERE/generator.yaml" "${GEN[@]}"
-minigpt5 train --recipe "$HERE/llm_vision.yaml" "${LLM[@]}"
-minigpt5 train --recipe "$HERE/llm.yaml" "${LLM[@]}"
-minigpt5 train --recipe "$HERE/stage1.yaml" "${STAGE[@]}"
-minigpt5 train --recipe "$HERE/stage2_lora.yaml" "${STAGE[@]}"
-minigpt5 bundle runs/toy/stage2_lora runs/toy/bundle --overwrite
-minigpt5 generate --story data/toy/stories_test --model runs/toy/bundle --output runs/toy/test \
+"${MINIGPT5[@]}" prepare-data toy --output data/toy --seed 0 "${DATA[@]}"
+"${MINIGPT5[@]}" train --recipe "$HERE/generator.yaml" "${GEN[@]}"
+"${MINIGPT5[@]}" train --recipe "$HERE/llm_vision.yaml" "${LLM[@]}"
+"${MINIGPT5[@]}" train --recipe "$HERE/llm.yaml" "${LLM[@]}"
+"${MINIGPT5[@]}" train --recipe "$HERE/stage1.yaml" "${STAGE[@]}"
+"${MINIGPT5[@]}" train --recipe "$HERE/stage2_lora.yaml" "${STAGE[@]}"
+"${MINIGPT5[@]}" bundle runs/toy/stage2_lora runs/toy/bundle --overwrite
+"${MINIGPT5[@]}" generate --story data/toy/stories_test --model runs/toy/bundle --output runs/toy/test \
   --batch-size 25 "${SAMPLE[@]}"
-minigpt5 evaluate --predictions runs/toy/test --references data/toy/stories_test --metrics toy \
+"${MINIGPT5[@]}" evaluate --predictions runs/toy/test --references data/toy/stories_test --metrics toy \
   --output runs/toy/test/metrics.json

@@ -5,6 +5,9 @@
 #   bash recipes/toy/experiment.sh [ROOT]          # writes ROOT/runs/toy/experiment.md
 #   JOBS=6 bash recipes/toy/experiment.sh [ROOT]   # trains the ablations 6 at a time (many cores)
 set -euo pipefail
+# The minigpt5 program, as `python3 -m minigpt5_cli` (no need for the `minigpt5` script on PATH);
+# PYTHON picks another interpreter, e.g. PYTHON=.venv/bin/python.
+MINIGPT5=("${PYTHON:-python3}" -m minigpt5_cli)
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="${1:-.}"
 cd "$ROOT"
@@ -17,7 +20,7 @@ train() {  # NAME RECIPE OVERRIDES...: one run, logged, skipped when already don
   local name=$1 recipe=$2; shift 2
   if [[ -f "$A/$name.done" ]]; then return; fi
   rm -rf "$A/$name"
-  minigpt5 train --recipe "$HERE/$recipe" train.output_dir="$A/$name" "$@" > "$A/$name.log" 2>&1
+  "${MINIGPT5[@]}" train --recipe "$HERE/$recipe" train.output_dir="$A/$name" "$@" > "$A/$name.log" 2>&1
   touch "$A/$name.done"
 }
 wait_for_slot() { while (( $(jobs -rp | wc -l) >= JOBS )); do wait -n; done; }
@@ -45,8 +48,8 @@ done
 
 gen() {  # NAME MODEL OPTIONS...: generate the held-out stories and score them
   local name=$1 model=$2; shift 2
-  minigpt5 generate --story data/toy/stories_test --model "$model" --output "$A/out/$name" --batch-size 25 "$@"
-  minigpt5 evaluate --predictions "$A/out/$name" --references data/toy/stories_test --metrics toy \
+  "${MINIGPT5[@]}" generate --story data/toy/stories_test --model "$model" --output "$A/out/$name" --batch-size 25 "$@"
+  "${MINIGPT5[@]}" evaluate --predictions "$A/out/$name" --references data/toy/stories_test --metrics toy \
     --output "$A/out/$name/metrics.json"
 }
 gen minigpt5 runs/toy/stage2_lora

@@ -12,8 +12,11 @@ from typing import Any
 
 import torch
 
-from minigpt5_cli import tiny
+from minigpt5_cli import hub
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.toyworld import tiny
+
+OFFLINE_HINT = "offline, pass a local folder made with save_pretrained"
 
 
 @dataclass
@@ -62,40 +65,12 @@ class Generator:
         return pipe
 
 
-def pick_device(device: str | None) -> str:
-    """The device asked for, checked, or cuda when there is one, else cpu."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return device
-
-
-def _load_error(what: str, name: str, err: Exception) -> UserError:
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return UserError(
-        f"cannot load the {what} {name!r} ({first}); offline, pass a local folder made with save_pretrained"
-    )
-
-
-def _quiet() -> None:
-    """Per-file loading bars from transformers and diffusers drown our own progress display."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-
-
 def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LLM:
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
                               AutoProcessor, AutoTokenizer)
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    _quiet()
+    hub.quiet()
     path = tiny.resolve(name)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -106,7 +81,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise _load_error("LLM", name, e) from None
+        raise hub.load_error("LLM", name, e, OFFLINE_HINT) from None
     if tokenizer.pad_token is None:  # the paper pads with eos
         tokenizer.pad_token = tokenizer.eos_token
     return LLM(model=model, tokenizer=tokenizer, processor=processor, name=name)
@@ -115,14 +90,14 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
 def load_generator(name: str, dtype: torch.dtype | None = None) -> Generator:
     from diffusers import DiffusionPipeline
 
-    _quiet()
+    hub.quiet()
     path = tiny.resolve(name)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             path, dtype=dtype, safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise _load_error("generator", name, e) from None
+        raise hub.load_error("generator", name, e, OFFLINE_HINT) from None
     missing = [c for c in ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing or getattr(pipe, "text_encoder_2", None) is not None:
         raise UserError(

@@ -5,7 +5,7 @@ They exist so that tests and the debug recipes run offline in seconds. A recipe 
 Diffusion). `resolve` builds the folder once into a cache and returns its path; the production
 loaders in `backbones.py` then load it like any local folder.
 
-`toy:llava` and `toy:sd` are the untrained shapes-world backbones (`toy.py`): larger than the
+`toy:llava` and `toy:sd` are the untrained shapes-world backbones (`world.py`): larger than the
 tiny ones, with tokenizers that hold every toy word whole. `minigpt5 train` stages `llm` and
 `generator` train them from scratch.
 """
@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 
+from minigpt5_cli.errors import UserError
+
 TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "toy:llava", "toy:sd")
 VERSION = "2"  # bump when a builder changes, so stale caches are not reused
+BUILD_SEED = 0  # the weights of every tiny and toy backbone
 
 # A few lines of plain English so the byte-level BPE learns some merges; any text still encodes.
 _CORPUS = [
@@ -40,8 +43,6 @@ def resolve(name: str) -> str:
     if not name.startswith(("tiny:", "toy:")):
         return name
     if name not in TINY_NAMES:
-        from minigpt5_cli.errors import UserError
-
         raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(TINY_NAMES)}")
     target = cache_dir() / f"{name.replace(':', '-')}-v{VERSION}"
     if not target.exists():
@@ -59,13 +60,16 @@ def resolve(name: str) -> str:
 
 
 def build(name: str, out: str | Path) -> str:
-    """Build tiny backbone `name` with fixed random weights into folder `out`."""
-    torch.manual_seed(0)
+    """Build tiny backbone `name` with fixed random weights into folder `out`. The weights come from
+    a forked RNG, so building leaves the caller's random state as it was: a cold cache and a warm
+    one give a run the same initial weights."""
     out = Path(out)
-    if name.endswith(":sd"):
-        _build_sd(out, SIZES[name])
-    else:
-        _build_llm(out, SIZES[name])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(BUILD_SEED)
+        if name.endswith(":sd"):
+            _build_sd(out, SIZES[name])
+        else:
+            _build_llm(out, SIZES[name])
     return str(out)
 
 
@@ -85,10 +89,11 @@ SIZES = {
 
 
 def _toy_corpus() -> list[str]:
-    from minigpt5_cli import data, toy
+    from minigpt5_cli.data import prompts
+    from minigpt5_cli.toyworld import world
 
-    prompts = [data.INSTRUCTION, data.GEN, data.NEXT, data.DESCRIBE, data.CAPTION, "###Human: ###Assistant:"]
-    return toy.corpus() + [p.replace("{}", "") for p in prompts]
+    texts = [*prompts.TEMPLATES, "###Human: ###Assistant:"]
+    return world.corpus() + [p.replace("{}", "") for p in texts]
 
 
 def _llm_tokenizer(extra_special: list[str], toy: bool = False):
@@ -187,11 +192,11 @@ def _build_sd(out: Path, size: dict) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from minigpt5_cli import toy
+    from minigpt5_cli.toyworld import world
 
     # Neither is 77 x 1024 on purpose: nothing may assume SD's numbers.
     cond_len, width = size["cond_len"], size["width"]
-    tokenizer = _clip_tokenizer(cond_len, toy.words() if size.get("toy") else ())
+    tokenizer = _clip_tokenizer(cond_len, world.words() if size.get("toy") else ())
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=cond_len,

@@ -18,7 +18,7 @@ from minigpt5_cli import recipe as recipes
 from minigpt5_cli.errors import UserError
 
 
-DEFAULT = Path(__file__).parent / "models" / "toy"
+DEFAULT = Path(__file__).parents[1] / "models" / "toy"
 
 
 def default_model() -> Path:
@@ -35,9 +35,8 @@ def beside(folder: Path, name: str) -> str:
 
 
 def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False) -> Path:
-    from minigpt5_cli.backbones import load_generator, load_llm
-    from minigpt5_cli.model import META_FILE, PREFIX_FILE
-    from minigpt5_cli.train import checkpoint_folder
+    from minigpt5_cli.modeling.backbones import load_generator, load_llm
+    from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE, checkpoint_folder
 
     folder = checkpoint_folder(str(checkpoint))
     if not (folder / "recipe.yaml").is_file() or not (folder / META_FILE).is_file():
@@ -52,7 +51,7 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     tmp.mkdir(parents=True)
     # The trained weights as train wrote them (no optimizer state); the base backbones beside them,
     # without vokens or adapter: loading adds both again, as for any checkpoint.
-    for name in ("vokens.safetensors", "mapper", "adapter", PREFIX_FILE, META_FILE):
+    for name in (VOKENS_FILE, "mapper", "adapter", PREFIX_FILE, META_FILE):
         src = folder / name
         if src.is_dir():
             shutil.copytree(src, tmp / name)

@@ -30,7 +30,7 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minigpt5_cli.mapper import FeatureMapper
+    from minigpt5_cli.modeling.mapper import FeatureMapper
 
     m = dataclasses.replace(MapperConfig(), kind=mapper_kind)
     adapter = dataclasses.replace(AdapterConfig(), kind=adapter_kind)

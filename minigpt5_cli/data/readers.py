@@ -1,8 +1,8 @@
 """Readers for the raw data sets as people have them on disk: CC3M, VIST and MMDialog.
 
-Each reader yields, in a fixed order, either a `Record` (an id and its steps, each a text and an
-image source: a path, raw bytes or nothing) or a `Reject` (an id, a reason from `REASONS`, a detail).
-Images are not decoded here; `prepare.py` decodes them in parallel and may still reject a record.
+Each reader yields, in a fixed order, either a `Story` (an id and its steps, each a text and a
+`Picture` of the image file or bytes) or a `Reject` (an id, a reason, a detail). Images are not
+decoded here; `prepare.py` decodes them in parallel and may still reject a story.
 """
 
 from __future__ import annotations
@@ -17,49 +17,32 @@ from pathlib import Path
 from typing import Iterator, Union
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import read_json
+from minigpt5_cli.story import Picture, Step, Story
 
-REASONS = ("malformed_json", "malformed_record", "empty_caption", "missing_image", "corrupt_image",
-           "missing_step", "too_short", "truncated_tar")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
-Source = Union[Path, bytes, None]
-
-
-@dataclass
-class Step:
-    text: str
-    image: Source = None
-
-
-@dataclass
-class Record:
-    id: str
-    steps: list[Step]
-    extra_media: int = 0  # MMDialog: images beyond the first of a turn, not kept
 
 
 @dataclass
 class Reject:
     id: str
-    reason: str
+    reason: str  # one of the reasons the README lists (malformed_json, missing_image, ...)
     detail: str = ""
 
 
-Item = Union[Record, Reject]
+Item = Union[Story, Reject]
+
+
+def _step(text: str, image: Path | bytes | None, where: str) -> Step:
+    if image is None:
+        return Step(text)
+    return Step(text, Picture(where, data=image) if isinstance(image, bytes) else Picture(where, path=Path(image)))
 
 
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise UserError(f"{what} not found: {path}")
     return path
-
-
-def _load_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def images_by_stem(folder: Path) -> dict[str, Path]:
@@ -101,7 +84,7 @@ def read_cc3m(path: Path, images: Path | None = None, clean: bool = True) -> tup
 
 def _captioned(items: Iterator[Item], clean: bool) -> Iterator[Item]:
     for item in items:
-        if isinstance(item, Record):
+        if isinstance(item, Story):
             text = clean_caption(item.steps[0].text) if clean else item.steps[0].text.strip()
             if not text:
                 yield Reject(item.id, "empty_caption")
@@ -142,7 +125,7 @@ def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve) -> Iterator[Item]:
             if image is None or not Path(image).is_file():
                 yield Reject(rid, "missing_image", str(image or ""))
                 continue
-            yield Record(rid, [Step(cols[0], Path(image))])
+            yield Story(rid, [_step(cols[0], Path(image), rid)])
 
 
 def _cc3m_tars(shards: list[Path]) -> Iterator[Item]:
@@ -172,7 +155,7 @@ def _cc3m_tars(shards: list[Path]) -> Iterator[Item]:
             elif image is None:
                 yield Reject(key, "missing_image")
             else:
-                yield Record(key, [Step(sample["txt"].decode("utf-8", "replace"), image)])
+                yield Story(key, [_step(sample["txt"].decode("utf-8", "replace"), image, key)])
         if broken and not order:
             yield Reject(shard.name, "truncated_tar", broken)
 
@@ -197,7 +180,7 @@ def _cc3m_parquet(files: list[Path]) -> Iterator[Item]:
                 if rows["jpg"][i] is None:
                     yield Reject(key, "missing_image")
                 else:
-                    yield Record(key, [Step(rows["txt"][i] or "", rows["jpg"][i])])
+                    yield Story(key, [_step(rows["txt"][i] or "", rows["jpg"][i], key)])
 
 
 def _cc3m_files(folder: Path) -> Iterator[Item]:
@@ -208,24 +191,38 @@ def _cc3m_files(folder: Path) -> Iterator[Item]:
         if image is None or image.parent != txt.parent:
             yield Reject(key, "missing_image")
         else:
-            yield Record(key, [Step(txt.read_text(encoding="utf-8", errors="replace"), image)])
+            yield Story(key, [_step(txt.read_text(encoding="utf-8", errors="replace"), image, key)])
 
 
 # -- VIST ---------------------------------------------------------------------------------------
 
+VIST_SIS = ".story-in-sequence.json"
+
+
+def vist_split(root: Path) -> str:
+    """The one split a VIST root holds annotations for (`sis/<split>.story-in-sequence.json`)."""
+    found = sorted(p.name[:-len(VIST_SIS)] for p in (root / "sis").glob(f"*{VIST_SIS}"))
+    if len(found) != 1:
+        raise UserError(f"{root} holds the VIST splits {', '.join(found)}; pick one with --split" if found
+                        else f"{root}: no sis/*{VIST_SIS} in this VIST root")
+    return found[0]
+
+
 def vist_paths(path: Path, images: Path | None, split: str) -> tuple[Path, Path | None]:
-    """The annotation file and image folder, from a file (+ --images) or a VIST root + --split."""
+    """The annotation file and image folder, from a file (+ --images) or a VIST root + --split; an
+    empty split names the root's only one."""
     _need(path, "input")
     if path.is_dir():
-        ann = path / "sis" / f"{split}.story-in-sequence.json"
+        split = split or vist_split(path)
+        ann = path / "sis" / f"{split}{VIST_SIS}"
         return _need(ann, "VIST annotation file"), images or path / "images" / split
     return path, images
 
 
-def read_vist(path: Path, images: Path | None, split: str = "train", mapping: Path | None = None,
+def read_vist(path: Path, images: Path | None, split: str = "", mapping: Path | None = None,
               steps: int = 5) -> tuple[str, Iterator[Item]]:
     ann, images = vist_paths(path, images, split)
-    data = _load_json(ann)
+    data = read_json(ann)
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if images is None:
             raise UserError("pass --images, the folder of VIST images (files named by photo id)")
@@ -265,15 +262,15 @@ def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
             image = files.get(str(r["photo_flickr_id"]))
             if image is None:
                 break
-            out.append(Step(str(r.get("original_text") or r.get("text") or ""), image))
+            out.append(_step(str(r.get("original_text") or r.get("text") or ""), image, sid))
         if len(out) < steps:
             yield Reject(sid, "missing_image", f"photo {recs[len(out)]['photo_flickr_id']}")
         else:
-            yield Record(sid, out)
+            yield Story(sid, out)
 
 
 def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path | None, steps: int) -> Iterator[Item]:
-    table = _load_json(mapping) if mapping else None
+    table = read_json(mapping) if mapping else None
     if table is not None and not isinstance(table, dict):
         raise UserError(f"{mapping}: an image mapping is a JSON object {{image_id: path}}")
     table = {str(k): v for k, v in table.items()} if table else None
@@ -298,9 +295,9 @@ def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path 
             if image is None or not Path(image).is_file():
                 yield Reject(str(sid), "missing_image", f"image {key}")
                 break
-            out.append(Step(str(r.get("caption", "")), Path(image)))
+            out.append(_step(str(r.get("caption", "")), Path(image), str(sid)))
         else:
-            yield Record(str(sid), out)
+            yield Story(str(sid), out)
 
 
 # -- MMDialog -----------------------------------------------------------------------------------
@@ -356,11 +353,11 @@ def _dialogs(records, folder: Path) -> Iterator[Item]:
             if image is not None and not image.is_file():
                 missing = media[0]
                 break
-            steps.append(Step(text, image))
+            steps.append(_step(text, image, cid))
         if missing is not None:
             yield Reject(cid, "missing_image", f"media {missing}")
         elif len(steps) < 2:
             yield Reject(cid, "too_short", f"{len(steps)} turn(s)")
         else:
-            yield Record(cid, steps, extra_media=extra)
+            yield Story(cid, steps, extra_media=extra)
 

@@ -1,6 +1,6 @@
 """`minigpt5 train`: stage 1 (vokens + mapper on pairs) and stage 2 (plus LoRA or prefix tuning on
 interleaved sequences), with accelerate, so the same code runs on one process or many. Stages llm
-and generator (backbones from scratch) are in `scratch.py`.
+and generator (backbones from scratch) are in `toyworld/scratch.py`.
 
 Checkpoints are `OUTPUT/checkpoint-STEP/` folders holding only the trained weights (vokens as
 safetensors, the mapper via `save_pretrained`, the PEFT adapter folder), `recipe.yaml`, and the
@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import re
 import shutil
 from contextlib import nullcontext
 from pathlib import Path
@@ -22,26 +21,23 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli import tiny
-from minigpt5_cli.data import Collator, TrainSet, load_sources
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.samples import TrainSet
+from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.model import MiniGPT5, build_model
-from minigpt5_cli.params import table
+from minigpt5_cli.modeling import checkpoint
+from minigpt5_cli.modeling.checkpoint import STATE_FILE, checkpoint_folder, checkpoints
+from minigpt5_cli.modeling.model import MiniGPT5, build_model
+from minigpt5_cli.modeling.params import table
+from minigpt5_cli.toyworld import tiny
 
-STATE_FILE = "trainer_state.json"
-_CKPT = re.compile(r"checkpoint-(\d+)$")
-
-
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoint folders, oldest first."""
-    folder = Path(output_dir)
-    found = [p for p in folder.glob("checkpoint-*") if _CKPT.search(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_CKPT.search(p.name).group(1)))
+# Two primes that spread (seed, micro-batch) pairs over distinct per-step seeds.
+SEED_STRIDE, MICRO_STRIDE = 1_000_003, 7919
 
 
 def _step_seed(seed: int, rank: int, micro: int) -> int:
     # Noise, timesteps, CFG drops and dropout depend on the step alone, so a resumed run replays them.
-    return (seed * 1_000_003 + micro * 7919 + rank) % (2**63)
+    return (seed * SEED_STRIDE + micro * MICRO_STRIDE + rank) % (2**63)
 
 
 def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
@@ -53,7 +49,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     console = console or Console(stderr=True)
     t = recipe.train
     if t.stage in ("llm", "generator"):
-        from minigpt5_cli.scratch import train_backbone
+        from minigpt5_cli.toyworld.scratch import train_backbone
 
         return train_backbone(recipe, resume, console)
     if t.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -89,10 +85,10 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
             console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
 
-    dataset = TrainSet(source, t.stage, model.gen_info.resolution, recipe.data.history, t.seed,
-                       recipe.data.instruction_prob, model.llm_info.accepts_images, recipe.data.tasks)
-    collate = Collator(model.tokenizer, model.processor, model.gen_info.tokenizer, model.first_voken,
-                       recipe.model.n_vokens, recipe.data.max_length)
+    dataset = TrainSet(source, stage=t.stage, resolution=model.gen_info.resolution, history=recipe.data.history,
+                       seed=t.seed, instruction_prob=recipe.data.instruction_prob,
+                       images_in_prompt=model.llm_info.accepts_images, tasks=recipe.data.tasks)
+    collate = Collator.for_model(model)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=recipe.data.num_workers)
     groups = model.trainable_groups()
@@ -133,6 +129,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     try:
         with progress:
             task = progress.add_task("train", total=total, completed=step, losses="")
+            sums: dict[str, torch.Tensor] = {}  # loss parts summed over the accumulated micro-batches
             for micro in range(step * t.grad_accum, total * t.grad_accum):
                 if micro // per_epoch != epoch or iterator is None:
                     epoch = micro // per_epoch
@@ -145,6 +142,8 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
                 with nullcontext() if sync else accelerator.no_sync(model):
                     losses = model(batch)
                     accelerator.backward(losses["loss"] / t.grad_accum)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0) + v.detach()
                 if not sync:
                     continue
                 if t.max_grad_norm > 0:
@@ -153,7 +152,8 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                logs = {k: accelerator.reduce(v.detach(), "mean").item() for k, v in losses.items()}
+                logs = {k: accelerator.reduce(v / t.grad_accum, "mean").item() for k, v in sums.items()}
+                sums = {}
                 progress.update(task, completed=step,
                                 losses=" ".join(f"{k} {v:.4f}" for k, v in logs.items()))
                 if step % t.log_every == 0 or step == total:
@@ -183,25 +183,16 @@ def _check_cache(source, recipe: recipes.Recipe) -> None:
                         f"{recipe.model.generator}, or without --cache-latents")
 
 
-def checkpoint_folder(path: str) -> Path:
-    """A checkpoint folder, or a run folder whose latest checkpoint is taken."""
-    folder = Path(path)
-    if not folder.exists():
-        raise UserError(f"checkpoint not found: {folder}")
-    found = checkpoints(folder)
-    return found[-1] if found else folder
-
-
 def _register_hooks(accelerator) -> None:
     """Let accelerate save optimizer and RNG state while we write only the trained weights."""
 
     def save(models, weights, output_dir):
         if accelerator.is_main_process:
-            accelerator.unwrap_model(models[0]).save_trainables(output_dir)
+            checkpoint.save(accelerator.unwrap_model(models[0]), output_dir)
         weights.clear()  # no full-model state dict on disk
 
     def load(models, input_dir):
-        accelerator.unwrap_model(models.pop()).load_trainables(input_dir)
+        checkpoint.load(accelerator.unwrap_model(models.pop()), input_dir)
 
     accelerator.register_save_state_pre_hook(save)
     accelerator.register_load_state_pre_hook(load)

@@ -1,18 +1,20 @@
 """`minigpt5 train` stages `llm` and `generator`: a backbone trained from scratch.
 
-They exist for the shapes world (`toy.py`), whose backbones (`toy:llava`, `toy:sd`) start from
+They exist for the shapes world (`world.py`), whose backbones (`toy:llava`, `toy:sd`) start from
 random weights. The result is a plain `save_pretrained` folder in `train.output_dir`, which stage-1
 and stage-2 recipes name as `model.llm` or `model.generator` like any local backbone.
 
 - llm: every weight of the LLM (vision tower and projector included) learns the text targets of
-  `data.TrainSet` stage "llm": captions of the pairs, and the stories' and dialogues' next steps.
+  `TrainSet` stage "llm": captions of the pairs, and the stories' and dialogues' next steps.
 - generator: first the VAE alone (`scratch.vae_steps`, reconstruction plus a small KL term), then
   its latent scale is measured, then the UNet and text encoder together, with the generator's own
   noise schedule, Min-SNR weighting, null captions at `loss.cfg_drop` and EMA weights. Every image
   is held in memory: this stage is meant for small worlds.
 
-One process in float32, no `--resume`: an interrupted run saves what it has to `output_dir` and
-says so.
+Both honour `train.max_steps` (or `train.epochs` when it is 0), `train.batch_size` and
+`train.grad_accum`; they run in one process in float32 (the recipe must say
+`train.mixed_precision: "no"`), without `--resume`: an interrupted run saves what it has to
+`output_dir` and says so.
 """
 
 from __future__ import annotations
@@ -27,11 +29,19 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minigpt5_cli import images as imaging
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data import Collator, TrainSet, as_rgb, load_sources, to_pixels
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.samples import TrainSet
+from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
 
 STATE_FILE = "scratch_state.json"
+KL_WEIGHT = 1e-6  # VAE: the KL term only keeps the posterior from collapsing; reconstruction dominates
+VAE_WARMUP = 20  # VAE: warm up over 1/20 of its steps
+ENCODE_BATCH = 256  # images per VAE call when measuring the latents
+FOREGROUND_LEVEL = 0.1  # summed |pixel - border| in [-1, 1] units above which a pixel is an object's
+SAMPLE_STEPS, SAMPLE_GUIDANCE = 20, 3.0  # the in-training samples read by the attribute checker
 
 
 def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
@@ -76,15 +86,18 @@ def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
 # -- the LLM ---------------------------------------------------------------------------------------
 
 def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
-    from minigpt5_cli.backbones import load_llm
-    from minigpt5_cli.model import text_loss
+    from minigpt5_cli.modeling.backbones import load_llm
+    from minigpt5_cli.modeling.losses import text_loss
 
     t = recipe.train
     llm = load_llm(recipe.model.llm, trust_remote_code=recipe.model.trust_remote_code)
     model = llm.model.float().train()
     model.requires_grad_(True)
-    dataset = TrainSet(source, "llm", 32, recipe.data.history, t.seed, 0.0, llm.accepts_images, recipe.data.tasks)
-    collate = Collator(llm.tokenizer, llm.processor, None, 0, 0, recipe.data.max_length)
+    # No vokens in this stage, so no target images: the resolution is never used.
+    dataset = TrainSet(source, stage="llm", resolution=0, history=recipe.data.history, seed=t.seed,
+                       instruction_prob=0.0, images_in_prompt=llm.accepts_images, tasks=recipe.data.tasks)
+    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=None, first_voken=0,
+                       n_vokens=0, max_length=recipe.data.max_length)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=recipe.data.num_workers,
                                          generator=torch.Generator().manual_seed(t.seed))
@@ -103,15 +116,17 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
         with _progress(console, "llm") as progress:
             task = progress.add_task("llm", total=total, info="")
             while step < total:
+                losses = []
                 for _ in range(t.grad_accum):
                     batch = next(batches)
                     logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")
                                       if k in batch}).logits
                     loss = text_loss(logits, batch["labels"])
                     (loss / t.grad_accum).backward()
+                    losses.append(loss.item())
                 _step(model.parameters(), optimizer, scheduler, t.max_grad_norm)
                 step += 1
-                progress.update(task, completed=step, info=f"text {loss.item():.4f}")
+                progress.update(task, completed=step, info=f"text {sum(losses) / len(losses):.4f}")
     except KeyboardInterrupt:
         _save(out, write, recipe, {"step": step, "of": total, "interrupted": True})
         console.print(f"interrupted: saved the LLM at step {step} of {total} to {out}")
@@ -141,10 +156,10 @@ def _pairs(source, resolution: int) -> tuple[torch.Tensor, list[str]]:
     for r, flags in enumerate(source.images):
         if not any(flags):
             continue
-        for step, has_image in zip(source[r]["steps"], flags):
-            if has_image:
-                images.append(to_pixels(as_rgb(step["image"]), resolution))
-                captions.append(step["text"])
+        for step in source[r].steps:
+            if step.image is not None:
+                images.append(imaging.to_pixels(step.image.open(), resolution))
+                captions.append(step.text)
     if not images:
         raise UserError("the training data holds no images")
     return torch.stack(images), captions
@@ -153,20 +168,21 @@ def _pairs(source, resolution: int) -> tuple[torch.Tensor, list[str]]:
 def _foreground(x: torch.Tensor) -> torch.Tensor:
     """Pixels unlike the image's border colour: the objects, which a plain MSE under-weights."""
     border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1).mean(-1)
-    return ((x - border[..., None, None]).abs().sum(1, keepdim=True) > 0.1).float()
+    return ((x - border[..., None, None]).abs().sum(1, keepdim=True) > FOREGROUND_LEVEL).float()
 
 
 def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from minigpt5_cli.backbones import load_generator
-    from minigpt5_cli.model import diffusion_loss
+    from minigpt5_cli.modeling.backbones import load_generator
+    from minigpt5_cli.modeling.losses import diffusion_loss
 
     t, s, w = recipe.train, recipe.scratch, recipe.loss
     gen = load_generator(recipe.model.generator)
     images, captions = _pairs(source, gen.resolution)
     fg = _foreground(images)
+    total = t.max_steps or math.ceil(t.epochs * len(images) / (t.batch_size * t.grad_accum))
     console.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
                   f"{_millions(gen.vae)}, UNet {_millions(gen.unet)}, text encoder {_millions(gen.text_encoder)}")
     checker = _checker(source, captions, s.eval_samples) if s.eval_every else None
@@ -181,21 +197,26 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
             # 1. The autoencoder.
             vae = gen.vae.float().train().requires_grad_(True)
             opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
-            sched = _schedule(opt, max(1, s.vae_steps // 20), s.vae_steps)
+            sched = _schedule(opt, max(1, s.vae_steps // VAE_WARMUP), s.vae_steps)
             task = progress.add_task("vae", total=s.vae_steps, info="")
             for step in range(s.vae_steps):
-                idx = torch.randint(0, len(images), (t.batch_size,))
-                x = images[idx]
-                posterior = vae.encode(x).latent_dist
-                rec = vae.decode(posterior.sample()).sample
-                loss = ((1 + s.foreground_weight * fg[idx]) * (rec - x) ** 2).mean() + 1e-6 * posterior.kl().mean()
-                loss.backward()
+                losses = []
+                for _ in range(t.grad_accum):
+                    idx = torch.randint(0, len(images), (t.batch_size,))
+                    x = images[idx]
+                    posterior = vae.encode(x).latent_dist
+                    rec = vae.decode(posterior.sample()).sample
+                    loss = ((1 + s.foreground_weight * fg[idx]) * (rec - x) ** 2).mean() + \
+                        KL_WEIGHT * posterior.kl().mean()
+                    (loss / t.grad_accum).backward()
+                    losses.append(loss.item())
                 _step(vae.parameters(), opt, sched, t.max_grad_norm)
                 state["vae_steps"] = step + 1
-                progress.update(task, completed=step + 1, info=f"reconstruction {loss.item():.4f}")
+                progress.update(task, completed=step + 1, info=f"reconstruction {sum(losses) / len(losses):.4f}")
             vae.eval().requires_grad_(False)
             with torch.no_grad():
-                posts = [vae.encode(images[i:i + 256]).latent_dist for i in range(0, len(images), 256)]
+                posts = [vae.encode(images[i:i + ENCODE_BATCH]).latent_dist
+                         for i in range(0, len(images), ENCODE_BATCH)]
                 mean = torch.cat([p.mean for p in posts])
                 std = torch.cat([p.std for p in posts])
             if s.vae_steps:
@@ -215,25 +236,28 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
                       return_tensors="pt").input_ids
             null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
             opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-            sched = _schedule(opt, t.warmup_steps, t.max_steps)
+            sched = _schedule(opt, t.warmup_steps, total)
             if s.ema > 0:
                 ema = (EMAModel(unet.parameters(), decay=s.ema), EMAModel(text_encoder.parameters(), decay=s.ema))
             scale = vae.config.scaling_factor
-            task = progress.add_task("unet", total=t.max_steps, info="")
-            for step in range(t.max_steps):
-                idx = torch.randint(0, len(images), (t.batch_size,))
-                latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
-                cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
-                loss = diffusion_loss(unet, noise_sched, text_encoder(cond_ids).last_hidden_state, latents,
-                                      w.snr_gamma)
-                loss.backward()
+            task = progress.add_task("unet", total=total, info="")
+            for step in range(total):
+                losses = []
+                for _ in range(t.grad_accum):
+                    idx = torch.randint(0, len(images), (t.batch_size,))
+                    latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
+                    cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
+                    loss = diffusion_loss(unet, noise_sched, text_encoder(cond_ids).last_hidden_state, latents,
+                                          w.snr_gamma)
+                    (loss / t.grad_accum).backward()
+                    losses.append(loss.item())
                 _step(params, opt, sched, t.max_grad_norm)
                 if ema is not None:
                     ema[0].step(unet.parameters())
                     ema[1].step(text_encoder.parameters())
                 state["steps"] = step + 1
-                progress.update(task, completed=step + 1, info=f"diffusion {loss.item():.4f}")
-                if checker and ((step + 1) % s.eval_every == 0 or step + 1 == t.max_steps):
+                progress.update(task, completed=step + 1, info=f"diffusion {sum(losses) / len(losses):.4f}")
+                if checker and ((step + 1) % s.eval_every == 0 or step + 1 == total):
                     state["accuracy"] = checker(lambda: _sampled(gen, ema, captions, checker.rows, t.seed))
                     progress.console.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
     except KeyboardInterrupt:
@@ -256,7 +280,7 @@ def _fmt(acc: dict) -> str:
 def _checker(source, captions: list[str], n: int):
     """On shapes-world data, a function that scores images for `n` fixed captions with the attribute
     checker; None for other data."""
-    from minigpt5_cli import toy
+    from minigpt5_cli.toyworld import world as toy
 
     if (source.summary or {}).get("format") != "toy":
         return None
@@ -293,5 +317,5 @@ def _sampled(gen, ema, captions: list[str], rows: list[int], seed: int) -> list:
     """Samples from the saved pipeline's weights."""
     pipe, size = _saved_pipeline(gen, ema), gen.resolution
     with torch.no_grad():
-        return pipe([captions[i] for i in rows], num_inference_steps=20, guidance_scale=3.0, height=size,
-                    width=size, generator=torch.Generator().manual_seed(seed)).images
+        return pipe([captions[i] for i in rows], num_inference_steps=SAMPLE_STEPS, guidance_scale=SAMPLE_GUIDANCE,
+                    height=size, width=size, generator=torch.Generator().manual_seed(seed)).images

@@ -1,0 +1,1 @@
+"""Data: raw readers and prepare-data, training sources, prompts, samples and the collator."""

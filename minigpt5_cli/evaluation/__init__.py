@@ -1,0 +1,1 @@
+"""`minigpt5 evaluate`: the metric registry, metric maths, model loaders, feature caches."""

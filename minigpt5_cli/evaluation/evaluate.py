@@ -1,0 +1,181 @@
+"""`minigpt5 evaluate`: score predictions against references with the metrics of the registry, write
+metrics.json, a per-sample CSV and a table. The metric maths live in `metrics.py`, the networks in
+`loaders.py`, the declarations in `registry.py`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.evaluation import loaders
+from minigpt5_cli.evaluation import metrics as M
+from minigpt5_cli.evaluation.features import ClipFeatures, InceptionFeatures
+from minigpt5_cli.evaluation.registry import METRICS, PRESETS, SELECTABLE
+from minigpt5_cli.evaluation.samples import PREDICTION, Sample, match, read_predictions, read_references
+
+COMPAT = ("minigpt5",)
+
+
+@dataclass
+class Settings:
+    metrics: list[str]
+    compat: str | None = None
+    clip_model: str | None = None  # default: `default_clip_model`
+    sbert_model: str | None = None
+    inception_weights: str | None = None
+    wordnet: str | None = None
+    fid_real_stats: str | None = None
+    is_splits: int = 10
+    device: str = "cpu"
+    batch_size: int = 32
+    resamples: int = 1000
+    seed: int = 0
+    skip_unavailable: bool = False
+
+
+def default_clip_model(spec: str) -> str:
+    """ViT-L/14, or ViT-B/32 when the mmdialog preset is asked for (as the MMDialog evaluation uses)."""
+    return loaders.CLIP_MMDIALOG if "mmdialog" in [n.strip().lower() for n in spec.split(",")] else \
+        loaders.CLIP_DEFAULT
+
+
+def resolve_metrics(spec: str, compat: str | None = None) -> list[str]:
+    """Metric names and presets, comma-separated, to the metric list (in order, no repeats)."""
+    if compat not in (None, *COMPAT):
+        raise UserError(f"unknown --compat {compat!r}; choose {', '.join(COMPAT)}")
+    names = []
+    for name in (n.strip().lower() for n in spec.split(",")):
+        if name in PRESETS:
+            names += PRESETS[name]
+        elif name in SELECTABLE:
+            names.append(name)
+        elif name:
+            raise UserError(f"unknown metric {name!r}; choose from {', '.join(SELECTABLE)} or a preset "
+                            f"({', '.join(PRESETS)})")
+    if compat == "minigpt5":
+        names = ["mm_relevance_minigpt5" if n == "mm_relevance" else n for n in names]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise UserError("no metrics asked for: give --metrics, e.g. --metrics vist")
+    return names
+
+
+class Models:
+    """The networks the asked metrics need, each loaded once; a metric whose model fails to load is
+    either an error or, with `skip_unavailable`, skipped with its reason."""
+
+    def __init__(self, s: Settings, metrics: list[str]):
+        from minigpt5_cli.evaluation.wordnet import load_wordnet
+
+        self.clip = self.sbert = self.wordnet = self.inception = None
+        self.skipped: dict[str, str] = {}
+        load = {
+            "clip": lambda: loaders.load_clip(s.clip_model or loaders.CLIP_DEFAULT, s.device, s.batch_size),
+            "sbert": lambda: loaders.load_sbert(s.sbert_model, s.device),
+            "wordnet": lambda: load_wordnet(s.wordnet),
+            "inception": lambda: loaders.load_inception(s.inception_weights, s.device),
+        }
+        for need, loader in load.items():
+            wanted = [m for m in metrics if METRICS[m].needs == need]
+            if not wanted:
+                continue
+            try:
+                setattr(self, need, loader())
+            except UserError as e:
+                if not s.skip_unavailable:
+                    raise
+                self.skipped.update({m: str(e) for m in wanted})
+
+
+class Scoring:
+    """One evaluation run over matched pairs: the metrics' functions record into `results` (metric ->
+    record) and `per_sample` (metric -> {id: value}), sharing the feature caches."""
+
+    def __init__(self, pairs: list[tuple[Sample, Sample]], s: Settings, models: Models, console: Console):
+        self.pairs, self.s, self.models, self.console = pairs, s, models, console
+        self.results: dict[str, dict] = {}
+        self.per_sample: dict[str, dict[str, float]] = {}
+        self.memo: dict[str, object] = {}  # work that several metrics share
+        self.clip = ClipFeatures(models.clip, s.batch_size)
+        self.inception = InceptionFeatures(models.inception, s.device, s.batch_size)
+
+    def mean(self, name: str, ids: list[str], values: list[float], **record) -> None:
+        """A per-sample metric: its mean, bootstrap interval, count and per-sample values."""
+        self.per_sample[name] = dict(zip(ids, values))
+        ci = M.bootstrap_ci(values, 0.95, self.s.resamples, self.s.seed)
+        self.results[name] = {"value": float(np.mean(values)) if values else None, "ci95": ci, "n": len(values),
+                              "definition": METRICS[name].definition, **record}
+
+    def run(self) -> None:
+        for name in self.s.metrics:
+            if name in self.models.skipped:
+                continue
+            with self.console.status(f"{name}..."):
+                METRICS[name].compute(self)
+
+
+def evaluate(predictions: str | Path, references: str | Path, s: Settings, output: str | Path,
+             console: Console | None = None) -> dict:
+    """Read, match, score, and write OUTPUT (metrics.json) and OUTPUT's .samples.csv beside it."""
+    console = console or Console(stderr=True)
+    preds, run = read_predictions(predictions)
+    pairs = match(preds, read_references(references))
+    models = Models(s, s.metrics)
+    scoring = Scoring(pairs, s, models, console)
+    scoring.run()
+    report = {
+        "predictions": str(predictions), "references": str(references), "prediction": PREDICTION, "run": run,
+        "samples": len(pairs), "compat": s.compat,
+        "bootstrap": {"level": 0.95, "resamples": s.resamples, "seed": s.seed, "method": "percentile, of the mean"},
+        "metrics": scoring.results, "skipped": models.skipped,
+    }
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    write_samples(out.with_suffix(".samples.csv"), pairs, scoring.per_sample)
+    return report
+
+
+def write_samples(path: Path, pairs, per_sample: dict[str, dict[str, float]]) -> None:
+    names = list(per_sample)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["id", *names])
+        for p, _ in pairs:
+            w.writerow([p.id, *(_fmt_csv(per_sample[n].get(p.id)) for n in names)])
+
+
+def _fmt_csv(v) -> str:
+    return "" if v is None else repr(float(v))
+
+
+def fmt(v, digits: int = 4) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def table(report: dict) -> Table:
+    t = Table(title=f"{report['predictions']} vs {report['references']} ({report['samples']} samples)")
+    for col in ("metric", "value", "95% CI", "n", "model / weights"):
+        t.add_column(col, justify="right" if col in ("value", "n") else "left")
+    for name, r in report["metrics"].items():
+        ci = f"[{fmt(r['ci95'][0])}, {fmt(r['ci95'][1])}]" if r.get("ci95") else ""
+        value = fmt(r["value"]) + (f" ± {r['std']:.3f}" if "std" in r else "")
+        n = r.get("n", r.get("stories"))
+        if "n_reference" in r:
+            n = f"{r['n_generated']} gen / {r['n_reference'] if r['n_reference'] is not None else '?'} ref"
+        elif n is None:
+            n = f"{r['n_generated']} gen"
+        t.add_row(name + (" (compat)" if "compat" in r else ""), value, ci, str(n),
+                  str(r.get("model") or r.get("weights") or ""))
+    if report["skipped"]:
+        t.caption = ("skipped, their model or data not loadable (reasons in metrics.json): "
+                     + ", ".join(report["skipped"]))
+    return t

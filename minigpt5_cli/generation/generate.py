@@ -1,0 +1,176 @@
+"""`minigpt5 generate`: continue stories with interleaved text and images, in one pass, in batches.
+
+The decoder (`decoder.py`) samples each batch's text, voken groups included; the mapper turns every
+kept group into a conditioning and the renderer (`renderer.py`) draws them in one diffusion call.
+
+`mode="two-stage"` is the paper's baseline: the same LLM writes the text with vokens banned, and
+the generator's own text encoder renders one image per response from that text.
+
+Randomness is per story and per image (seeded from `--seed` and the story's position in the
+input), so a story comes out the same at any batch size, up to float rounding in padded batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from minigpt5_cli import recipe as recipes
+from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.prompts import NEXT
+from minigpt5_cli.data.samples import Sample
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.generation.decoder import Decoder
+from minigpt5_cli.generation.output import STORY_FILE, clashes, folder_name, write_index, write_story
+from minigpt5_cli.generation.renderer import Renderer
+from minigpt5_cli.generation.settings import Settings, derive_seed
+from minigpt5_cli.generation.stories import Job
+from minigpt5_cli.hub import pick_device
+from minigpt5_cli.modeling import checkpoint
+from minigpt5_cli.modeling.model import MiniGPT5, build_model
+from minigpt5_cli.story import Story
+
+
+def load(model: str, precision: str | None = None, device: str | None = None,
+         console: Console | None = None) -> tuple[MiniGPT5, dict]:
+    """Build the model from a checkpoint (or run) folder written by `train`, or from a recipe's base
+    backbones (untrained vokens and mapper: only the two-stage baseline is meaningful then)."""
+    from minigpt5_cli.modeling.bundle import beside
+
+    console = console or Console(stderr=True)
+    path = Path(model)
+    if not path.exists():
+        raise UserError(f"model not found: {path} (give a checkpoint folder written by train, or a recipe)")
+    folder = None
+    if path.is_dir():
+        folder = checkpoint.checkpoint_folder(path)
+        if not (folder / "recipe.yaml").is_file():
+            raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
+        recipe = recipes.load(folder / "recipe.yaml", [])
+        m = recipe.model  # a bundle names its backbones as folders inside it
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(
+            m, llm=beside(folder, m.llm), generator=beside(folder, m.generator)))
+    else:
+        recipe = recipes.load(path, [])
+    device = pick_device(device)
+    precision = precision or recipe.train.mixed_precision
+    if precision == "fp16" and not device.startswith("cuda"):
+        console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32")
+        precision = "no"
+    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, mixed_precision=precision))
+    net = build_model(recipe)
+    if folder is not None:
+        checkpoint.load(net, folder)
+    net.to(device).eval()
+    info = {"name": model_name(folder or path), "llm": recipe.model.llm, "generator": recipe.model.generator,
+            "checkpoint": str(folder) if folder else None, "recipe": None if folder else str(path),
+            "precision": precision, "device": device, "trained": folder is not None}
+    return net, info
+
+
+def model_name(path: Path) -> str:
+    """A short name for pages: a run's checkpoint as RUN/checkpoint-N, else the folder or file name."""
+    path = Path(path).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
+
+
+def history(job: Job, tasks: list[str], keep: int, images: bool = True) -> list[tuple[str, object]]:
+    """The prompt's steps, as in training: the last `keep` of the input and the generated responses,
+    as (text, decoded image or None); closed by the "next scene" instruction when the model was
+    trained with it rather than on bare turns. `images=False` (a text-only LLM) leaves images out."""
+    steps = [(s.text, s.image) for s in job.story.steps]
+    for response in job.responses:
+        text = " ".join(seg["text"] for seg in response if "text" in seg)
+        steps.append((text, next((seg["image"] for seg in response if "image" in seg), None)))
+    steps = steps[max(0, len(steps) - keep):]
+    steps = [(text, (image.open() if hasattr(image, "open") else image) if images else None)
+             for text, image in steps]
+    if "multimodal" in tasks and "turn" not in tasks:
+        steps.append((NEXT, None))
+    return steps
+
+
+def run_batch(model: MiniGPT5, settings: Settings, jobs: list[Job], decoder: Decoder, renderer: Renderer,
+              collator: Collator, progress: Progress | None = None) -> None:
+    """Generate `settings.steps` responses for each job, appended to its responses."""
+    tokens = progress.add_task("tokens", total=None) if progress else None
+    images = progress.add_task("diffusion", total=None) if progress else None
+    for k in range(settings.steps):
+        data = model.recipe.data
+        prompts = [collator.prompt(Sample(history=history(s, data.tasks, data.history, model.processor is not None)),
+                                   data.max_length) for s in jobs]
+        seeds = [derive_seed(settings.seed, s.index, k) for s in jobs]
+        budget = settings.max_new_tokens * len(jobs)
+        if progress:
+            progress.reset(tokens, total=budget, description=f"tokens (step {k + 1})")
+        segments, states = decoder(prompts, seeds, on_tokens=(lambda n: progress.advance(tokens, n)) if progress else None)
+        if progress:
+            progress.update(tokens, completed=budget)  # rows that stopped early leave their budget unused
+        captions = None
+        if settings.mode == "two-stage":  # one image per response, from its own text
+            captions = [" ".join(s["text"] for s in segs if "text" in s) for segs in segments]
+            for segs in segments:
+                segs.append({"image": None})
+        wanted = [(r, j, seg) for r, segs in enumerate(segments) for j, seg in enumerate(segs) if "image" in seg]
+        if progress:
+            progress.reset(images, total=settings.diffusion_steps, description=f"diffusion ({len(wanted)} images)")
+        seeds = [derive_seed(settings.seed, jobs[r].index, k, j + 1) for r, j, _ in wanted]
+        on_step = (lambda: progress.advance(images)) if progress else None
+        if captions is not None:
+            pictures = renderer(seeds, captions=captions, on_step=on_step)
+        else:
+            pictures = renderer(seeds, states=states[[seg["image"] for _, _, seg in wanted]], on_step=on_step)
+        for (_, _, seg), picture in zip(wanted, pictures):
+            seg["image"] = picture
+        for job, segs in zip(jobs, segments):
+            job.responses.append(segs)
+    if progress:
+        progress.remove_task(tokens)
+        progress.remove_task(images)
+
+
+def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settings, out: Path, nested: bool,
+             overwrite: bool = False, console: Console | None = None) -> list[Path]:
+    """Generate every story and write its folder; finished stories already under `out` are kept."""
+    settings = settings.resolve(model.recipe.sample)
+    console = console or Console(stderr=True)
+    if settings.mode == "vokens" and not info["trained"]:
+        console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")
+    if model.processor is None and any(s.image is not None for st in stories for s in st.steps):
+        console.print("[yellow]warning:[/] the LLM is text-only: images in the stories are dropped from its prompts")
+    jobs = [Job(story, index) for index, story in enumerate(stories)]
+    folders = {st.id: out / folder_name(st.id) if nested else out for st in stories}
+    if nested and len(set(folders.values())) < len(folders):
+        folders = {job.story.id: out / f"{job.index:05d}-{folder_name(job.story.id)}" for job in jobs}
+    todo = [job for job in jobs if overwrite or not (folders[job.story.id] / STORY_FILE).is_file()]
+    for job in todo:
+        found = clashes(folders[job.story.id])
+        if found:
+            raise UserError(f"{folders[job.story.id]} already holds {', '.join(found[:3])}, not written by "
+                            "minigpt5; pick another --output")
+    if len(todo) < len(jobs):
+        console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
+    out.mkdir(parents=True, exist_ok=True)
+    decoder, renderer = Decoder(model, settings), Renderer(model, settings)
+    collator = Collator.for_model(model)
+    record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
+              "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
+                                             "device")}}
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), console=console)
+    with progress:
+        task = progress.add_task("stories", total=len(todo))
+        for i in range(0, len(todo), settings.batch_size):
+            batch = todo[i:i + settings.batch_size]
+            run_batch(model, settings, batch, decoder, renderer, collator, progress)
+            for job in batch:
+                write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index})
+                job.responses = []  # written: a long run holds only its batch's pictures
+            progress.advance(task, len(batch))
+    done = [folders[st.id] for st in stories if (folders[st.id] / STORY_FILE).is_file()]
+    if nested:
+        write_index(out, done)
+    return done

@@ -1,0 +1,101 @@
+"""Stories into `minigpt5 generate`.
+
+A JSON file holding one story, a JSONL file holding one story per line, a dataset folder written by
+`prepare-data` (its rows' steps; a continuation set's targets stay out), or plain text. A story is
+`{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training sequence form) or
+just the list of steps; image paths are relative to the file. Plain text is one step. Images are
+decoded only when a story's batch is worked on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import json_lines, read_json
+from minigpt5_cli.story import Step, Story, step_from_json
+
+
+@dataclass
+class Job:
+    """A story being continued."""
+
+    story: Story
+    index: int  # position in the input: the story's seed offset, whatever the batching
+    responses: list[list[dict]] = field(default_factory=list)  # per response: {"text": str} | {"image": PIL}
+
+
+def _as_path(arg: str) -> Path | None:
+    """`arg` as a path, unless it cannot be one (plain text longer than a file name, say)."""
+    try:
+        path = Path(arg)
+        path.exists()
+        return path
+    except (OSError, ValueError):
+        return None
+
+
+def is_collection(arg: str) -> bool:
+    """Whether `--story` names many stories (one output folder each)."""
+    path = _as_path(arg)
+    return arg.lower().endswith(".jsonl") or (path is not None and path.is_dir())
+
+
+def read_stories(arg: str) -> list[Story]:
+    """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text."""
+    path = _as_path(arg)
+    if path is not None and path.is_dir():
+        return _dataset_stories(path)
+    if path is not None and (path.suffix.lower() in (".json", ".jsonl") or path.is_file()):
+        if not path.is_file():
+            raise UserError(f"story file not found: {path}")
+        if path.suffix.lower() == ".jsonl":
+            stories = [_story(rec, where, path.parent, str(i)) for i, (_, where, rec) in enumerate(json_lines(path))]
+            if not stories:
+                raise UserError(f"story file {path} holds no stories")
+            _check_ids(stories, path)
+            return stories
+        return [_story(read_json(path), str(path), path.parent, path.stem)]
+    if not arg.strip():
+        raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
+    return [Story(id="story", steps=[Step(text=arg.strip())])]
+
+
+def _dataset_stories(folder: Path) -> list[Story]:
+    from minigpt5_cli.data.sources import load_source, row_picture, step_field
+
+    source = load_source(folder, stage=2)
+    table = source.rows.ds.data.table
+    ids = table.column("id").to_pylist()
+    texts = step_field(source.rows.ds, "text")
+    stories = []
+    for i, (sid, row_texts) in enumerate(zip(ids, texts)):  # no image is read here
+        steps = [Step(text=(t or "").strip(), image=row_picture(source, i, k) if has else None)
+                 for k, (t, has) in enumerate(zip(row_texts, source.images[i]))]
+        if not any(s.text or s.image for s in steps):
+            raise UserError(f"{folder}: story {sid!r} is empty")
+        stories.append(Story(id=str(sid), steps=steps))
+    _check_ids(stories, folder)
+    return stories
+
+
+def _story(rec, where: str, root: Path, default_id: str) -> Story:
+    steps = rec.get("steps") if isinstance(rec, dict) else rec
+    if not isinstance(steps, list):
+        raise UserError(f'{where}: a story is {{"id": ..., "steps": [...]}} or a list of steps')
+    out = [step_from_json(step, root, where, k + 1) for k, step in enumerate(steps)]
+    for step in out:
+        step.text = step.text.strip()
+    if not any(s.text or s.image for s in out):
+        raise UserError(f"{where}: the story is empty (no text, no image)")
+    sid = rec.get("id") if isinstance(rec, dict) else None
+    return Story(id=str(sid if sid is not None else default_id), steps=out)
+
+
+def _check_ids(stories: list[Story], path: Path) -> None:
+    seen = set()
+    for s in stories:
+        if s.id in seen:
+            raise UserError(f"{path}: story id {s.id!r} appears twice")
+        seen.add(s.id)

@@ -1,0 +1,53 @@
+"""Loading models by hub id or local folder: quietly, with one-line errors, and the device to run on."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from minigpt5_cli.errors import UserError
+
+# What "this model cannot be loaded here" looks like: a missing or unreadable file, the hub out of
+# reach offline (OSError), a config or file that is not what it should be (ValueError). Any other
+# exception is a bug and propagates.
+UNAVAILABLE = (OSError, ValueError)
+
+
+class _DropTorchvisionFallback(logging.Filter):
+    """transformers warns on every run that an image processor falls back from torchvision to PIL,
+    which is what a CPU-only torch needs: nothing for a user to act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+def quiet(errors_only: bool = False) -> None:
+    """Per-file loading bars from transformers and diffusers drown our own progress display."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropTorchvisionFallback) for f in logger.filters):
+        logger.addFilter(_DropTorchvisionFallback())
+    if errors_only:
+        transformers.utils.logging.set_verbosity_error()
+
+
+def load_error(what: str, name: str, err: Exception, hint: str) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return UserError(f"cannot load the {what} {name!r} ({first[:300]}); {hint}")
+
+
+def pick_device(device: str | None) -> str:
+    """The device asked for, checked, or cuda when there is one, else cpu."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"unknown device {device!r}; try cpu or cuda") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device

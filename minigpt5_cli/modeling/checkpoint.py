@@ -1,0 +1,144 @@
+"""Checkpoint folders: only the trained weights, in Hugging Face formats, and what they fit.
+
+A checkpoint holds `vokens.safetensors` (the voken rows), `mapper/` (`FeatureMapper.save_pretrained`),
+`adapter/` (the PEFT adapter, stage 2; prefix tuning also keeps `prefix_encoder.safetensors`),
+`minigpt5.json` (the backbones it fits) and `recipe.yaml`. Training adds optimizer, scheduler and
+sampler state for `--resume` and `trainer_state.json` (`train.checkpoints` writes those).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.modeling.mapper import FeatureMapper
+
+META_FILE = "minigpt5.json"
+PREFIX_FILE = "prefix_encoder.safetensors"
+VOKENS_FILE = "vokens.safetensors"
+STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoint folders of a run, oldest first."""
+    folder = Path(output_dir)
+    found = [p for p in folder.glob("checkpoint-*") if _NAME.search(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.search(p.name).group(1)))
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder whose latest checkpoint is taken."""
+    folder = Path(path)
+    if not folder.exists():
+        raise UserError(f"checkpoint not found: {folder}")
+    found = checkpoints(folder)
+    return found[-1] if found else folder
+
+
+def describe(model) -> dict:
+    """What a checkpoint of `model` fits: the backbones' kinds and sizes, the vokens, the adapter."""
+    length, width = model.gen_info.cond_shape
+    text = model.llm_info.model.config.get_text_config()
+    return {
+        "llm": model.llm_info.name, "generator": model.gen_info.name, "llm_width": model.llm_info.width,
+        "llm_type": model.llm_info.model.config.model_type, "llm_layers": text.num_hidden_layers,
+        "first_voken_id": model.first_voken, "n_vokens": model.vokens.n, "cond_shape": [length, width],
+        "adapter": model.recipe.adapter.kind,
+    }
+
+
+def save(model, folder: str | Path) -> None:
+    """Write only the trained weights of `model` (a MiniGPT5), in Hugging Face formats."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.vokens.state_dict().items()}, folder / VOKENS_FILE)
+    model.mapper.save_pretrained(folder / "mapper")
+    kind = model.recipe.adapter.kind
+    if kind != "none":
+        model.llm.save_pretrained(folder / "adapter")
+    if kind == "prefix":
+        # PEFT saves the prefix as its computed key/values, which is enough for inference but not
+        # for training on: keep the projection's own weights beside it.
+        save_file({k: v.detach().contiguous() for k, v in model.llm.prompt_encoder.state_dict().items()},
+                  folder / PREFIX_FILE)
+    (folder / META_FILE).write_text(json.dumps(describe(model), indent=2))
+
+
+def load(model, folder: str | Path, adapter: bool = True) -> None:
+    """Load weights written by `save` into `model`; refuse a checkpoint made for other backbones, and
+    any weight file that lacks a tensor the model needs or holds one it does not."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta_path = folder / META_FILE
+    if not meta_path.is_file():
+        raise UserError(f"{folder} is not a minigpt5 checkpoint (no {META_FILE})")
+    check_compatible(json.loads(meta_path.read_text()), describe(model), folder, adapter)
+    _strict(model.vokens, load_file(folder / VOKENS_FILE), folder / VOKENS_FILE)
+    saved = _load_mapper(folder / "mapper")
+    diff = [f"{k} {saved.config.get(k)} there, {v} here" for k, v in model.mapper.config.items()
+            if not k.startswith("_") and saved.config.get(k) != v]
+    if diff:
+        raise UserError(f"checkpoint {folder}: its mapper differs from the recipe's ({', '.join(diff)})")
+    model.mapper.load_state_dict(saved.state_dict())
+    kind = model.recipe.adapter.kind
+    if adapter and kind == "prefix":
+        _strict(model.llm.prompt_encoder, load_file(folder / PREFIX_FILE), folder / PREFIX_FILE)
+    elif adapter and kind == "lora":
+        _load_adapter(model.llm, folder / "adapter")
+
+
+def _load_mapper(folder: Path) -> FeatureMapper:
+    """The mapper in `folder`, read by `from_pretrained`; a weight file that lacks a tensor or holds an
+    extra one is refused rather than filled with random weights."""
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its warnings would repeat the error below
+    try:
+        mapper, info = FeatureMapper.from_pretrained(folder, output_loading_info=True)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if bad:
+        raise UserError(f"{folder} does not fit this model: " + "; ".join(
+            f"{k.replace('_keys', '')} {', '.join(map(str, v[:3]))}" for k, v in bad.items()))
+    return mapper
+
+
+def _strict(module, state: dict, where: Path) -> None:
+    missing, unexpected = (sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict())))
+    if missing or unexpected:
+        raise UserError(f"{where} does not fit this model: " + "; ".join(
+            f"{what} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    module.load_state_dict(state)
+
+
+def _load_adapter(peft_model, folder: Path) -> None:
+    """The PEFT adapter in `folder`, read with PEFT's own loader; every adapter tensor must be there."""
+    from peft import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+
+    state = load_peft_weights(str(folder), device="cpu")
+    wanted = set(get_peft_model_state_dict(peft_model))
+    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    if missing or unexpected:
+        keys = missing or unexpected
+        raise UserError(f"checkpoint {folder}: its adapter does not fit this model "
+                        f"({'missing' if missing else 'unexpected'} {', '.join(keys[:3])})")
+    set_peft_model_state_dict(peft_model, state)
+
+
+def check_compatible(saved: dict, current: dict, folder: Path, adapter: bool) -> None:
+    keys = ["llm_type", "llm_layers", "llm_width", "first_voken_id", "n_vokens", "cond_shape"]
+    for key in keys + (["adapter"] if adapter else []):
+        if saved.get(key) != current[key]:
+            raise UserError(
+                f"checkpoint {folder} was made for other backbones: {key} is {saved.get(key)} there, "
+                f"{current[key]} here (checkpoint: {saved.get('llm')} + {saved.get('generator')})"
+            )

@@ -1,0 +1,157 @@
+"""The MiniGPT-5 model: a frozen LLM with n trainable vokens, a feature mapper, a frozen generator.
+
+`build_model(recipe)` is the one construction path, used by training, generation and tests.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt5_cli.modeling.backbones import LLM, Generator, load_generator, load_llm
+from minigpt5_cli.modeling.losses import cached_latents, diffusion_loss, text_loss
+from minigpt5_cli.modeling.mapper import FeatureMapper
+from minigpt5_cli.modeling.vokens import VokenRows, add_vokens
+from minigpt5_cli.recipe import Recipe
+
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class MiniGPT5(nn.Module):
+    def __init__(self, recipe: Recipe, llm: LLM, generator: Generator, mapper: FeatureMapper, vokens: VokenRows):
+        super().__init__()
+        from diffusers import DDPMScheduler
+
+        self.recipe = recipe
+        self.llm = llm.model
+        self.tokenizer, self.processor = llm.tokenizer, llm.processor
+        self.llm_info, self.gen_info = llm, generator
+        self.vae, self.unet, self.text_encoder = generator.vae, generator.unet, generator.text_encoder
+        self.mapper, self.vokens = mapper, vokens
+        # Training noise follows the generator's own schedule (betas, prediction type).
+        self.noise_scheduler = DDPMScheduler.from_config(generator.scheduler.config)
+        self.first_voken = vokens.first
+        self._null_caption = None
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for frozen in (self.vae, self.unet, self.text_encoder):  # frozen backbones never leave eval mode
+            frozen.eval()
+        return self
+
+    def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by component, in a fixed order."""
+        adapter = [p for n, p in self.llm.named_parameters() if p.requires_grad]
+        return {
+            "vokens": [p for p in self.vokens.parameters() if p.requires_grad],
+            "mapper": [p for p in self.mapper.parameters() if p.requires_grad],
+            "adapter": adapter,
+        }
+
+    def voken_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states of each voken group: the state that predicts [IMG0], then [IMG0]..[IMG{n-2}]."""
+        rows, cols = (input_ids == self.first_voken).nonzero(as_tuple=True)
+        cols = cols[:, None] - 1 + torch.arange(self.vokens.n, device=cols.device)
+        return hidden[rows[:, None], cols]
+
+    def null_caption(self) -> torch.Tensor:
+        if self._null_caption is None:
+            ids = self.gen_info.tokenizer([""], padding="max_length", truncation=True, return_tensors="pt",
+                                          max_length=self.gen_info.cond_shape[0]).input_ids
+            with torch.no_grad():
+                self._null_caption = self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state.float()
+        return self._null_caption
+
+    def target_latents(self, batch: dict) -> torch.Tensor:
+        """Scaled latents of the target images: sampled from the cached VAE posterior when the data
+        holds one, else encoded now. Both draw the same noise, so the loss is the same either way."""
+        with torch.no_grad():
+            if "latent_mean" in batch:
+                dtype = self.vae.dtype
+                latents = cached_latents(batch["latent_mean"].to(dtype), batch["latent_logvar"].to(dtype))
+            else:
+                latents = self.vae.encode(batch["target_pixels"].to(self.vae.dtype)).latent_dist.sample()
+        return latents * self.vae.config.scaling_factor
+
+    def diffusion_loss(self, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return diffusion_loss(self.unet, self.noise_scheduler, cond, latents, self.recipe.loss.snr_gamma)
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        w = self.recipe.loss
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+        out = self.llm(**inputs, output_hidden_states=True)
+        logits, labels = out.logits.float(), batch["labels"]
+        text = text_loss(logits, labels)
+        zero = logits.new_zeros(())
+        image = caption = zero
+        states = self.voken_states(out.hidden_states[-1], batch["input_ids"])
+        targets = batch["latent_mean" if "latent_mean" in batch else "target_pixels"].shape[0]
+        if states.shape[0] != targets:
+            raise RuntimeError("voken groups and target images do not match; the collator is out of step")
+        if states.shape[0]:
+            drop = torch.rand(states.shape[0], device=states.device) < w.cfg_drop  # classifier-free guidance
+            states = states.masked_fill(drop[:, None, None], 0.0)
+            cond = self.mapper(states.float())
+            image = self.diffusion_loss(cond, self.target_latents(batch))
+            if ("caption_ids" in batch or "caption_embeds" in batch) and w.caption > 0:
+                if "caption_embeds" in batch:
+                    target = batch["caption_embeds"].float()
+                else:
+                    with torch.no_grad():
+                        target = self.text_encoder(batch["caption_ids"]).last_hidden_state.float()
+                target = torch.where(drop[:, None, None], self.null_caption(), target)
+                caption = F.mse_loss(cond.float(), target)
+        loss = w.text * text + w.image * image + w.caption * caption
+        return {"loss": loss, "text": text.detach(), "image": image.detach(), "caption": caption.detach()}
+
+
+def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+
+    a = recipe.adapter
+    if a.kind == "none":
+        return model
+    if a.kind == "lora":
+        # Only the language model's projections: a vision tower may use the same names.
+        decoder = model.get_decoder()
+        prefix = next(name for name, m in model.named_modules() if m is decoder)
+        targets = "|".join(map(re.escape, a.target_modules))
+        pattern = rf"{re.escape(prefix)}\..*\.({targets})" if prefix else rf".*\.({targets})"
+        config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=pattern,
+                            task_type="CAUSAL_LM")
+    else:
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.virtual_tokens,
+                                    prefix_projection=True, encoder_hidden_size=a.prefix_hidden)
+    return get_peft_model(model, config)
+
+
+def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
+    """Load both backbones, add vokens, freeze, attach the adapter and a fresh or loaded mapper."""
+    from minigpt5_cli.modeling import checkpoint
+
+    dtype = DTYPES[recipe.train.mixed_precision]
+    m = recipe.model
+    llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code)
+    generator = load_generator(m.generator, dtype=dtype)
+    first = add_vokens(llm, m.n_vokens)
+    for module in (llm.model, generator.vae, generator.unet, generator.text_encoder):
+        module.requires_grad_(False)
+        module.eval()
+    vokens = VokenRows(llm.model, first, m.n_vokens)
+    llm.model = _apply_adapter(recipe, llm.model)
+    length, width = generator.cond_shape
+    mapper = FeatureMapper(
+        llm_width=llm.width, cond_len=length, cond_width=width, kind=m.mapper.kind, hidden=m.mapper.hidden,
+        heads=m.mapper.heads, encoder_layers=m.mapper.encoder_layers, decoder_layers=m.mapper.decoder_layers,
+        ffn=m.mapper.ffn,
+    )
+    model = MiniGPT5(recipe, llm, generator, mapper, vokens)
+    if init_from:
+        checkpoint.load(model, init_from, adapter=False)
+    if recipe.train.freeze_mapper_input:
+        for name in FeatureMapper.input_modules:
+            getattr(mapper, name).requires_grad_(False)
+    return model

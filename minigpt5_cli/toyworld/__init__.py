@@ -1,0 +1,1 @@
+"""The shapes world: a procedural domain, its tiny and toy backbones, and the scratch stages."""
