@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -9,6 +10,7 @@ from typing import Optional
 import typer
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import WRITE_ERRORS, writable_file, writable_folder
 
 app = typer.Typer(
     help="Interleaved text-and-image generation with generative vokens (MiniGPT-5).",
@@ -170,6 +172,7 @@ def generate(
     settings.check()
     if precision not in (None, "no", "bf16", "fp16"):
         raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
+    writable_folder(output, "--output")
     stories = read_stories(story)
     net, info = stage.load(str(model or default_model()), precision=precision, device=device)
     done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
@@ -196,6 +199,7 @@ def bundle(
 ) -> None:
     from minigpt5_cli.modeling.bundle import bundle as run
 
+    writable_folder(output, "OUTPUT")
     out = run(checkpoint, output, half=not fp32, overwrite=overwrite)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"bundled {checkpoint} into {out} ({size / 2**20:.1f} MiB)")
@@ -251,14 +255,17 @@ def evaluate(
     from minigpt5_cli.evaluation import evaluate as stage
     from minigpt5_cli.evaluation.compare import compare as compare_runs
     from minigpt5_cli.hub import pick_device
+    from minigpt5_cli.recipe import in_range
 
     if compare:
         Console().print(compare_runs(*compare))
         return
     if predictions is None or references is None or output is None or not metrics:
         raise UserError("give --predictions, --references, --metrics and --output (or --compare RUN_A RUN_B)")
-    if is_splits < 1 or batch_size < 1 or bootstrap < 1:
-        raise UserError("--is-splits, --batch-size and --bootstrap must be at least 1")
+    for option, value, high in (("--is-splits", is_splits, 1000), ("--batch-size", batch_size, 4096),
+                                ("--bootstrap", bootstrap, 100_000)):
+        in_range(option, value, (1, high, True, True))
+    writable_file(output, "--output")
     settings = stage.Settings(
         metrics=stage.resolve_metrics(metrics, compat), compat=compat,
         clip_model=clip_model or stage.default_clip_model(metrics), sbert_model=sbert_model,
@@ -277,11 +284,39 @@ def main(argv: list[str] | None = None) -> None:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)  # the libraries' deprecation notes: nothing to act on
+    try:  # typer carries its own copy of click since 0.2x
+        from typer._click.exceptions import NoArgsIsHelpError, UsageError as Usage
+    except ImportError:
+        from click.exceptions import NoArgsIsHelpError, UsageError as Usage
+
     try:
-        app(args=argv, prog_name="minigpt5")
+        # Not standalone: click's own error display is a box of several lines, ours is one. It returns
+        # an exit code instead of exiting: 130 after Ctrl-C (training saved its last finished step).
+        code = app(args=argv, prog_name="minigpt5", standalone_mode=False)
+        if isinstance(code, int) and code:
+            print("interrupted" if code == 130 else f"exit code {code}", file=sys.stderr)
+            sys.exit(code)
+    except NoArgsIsHelpError:
+        sys.exit(2)  # the help was printed
+    except Usage as e:  # an unknown command or option, a missing or malformed value
+        command = e.ctx.command_path if e.ctx else "minigpt5"
+        _fail(f"{e.format_message()} (see {command} --help)")
+    except typer.Abort:  # end of input at a prompt
+        _fail("aborted")
     except UserError as e:
         lines = [line for line in str(e).strip().splitlines() if line.strip()]
         # Raised in a DataLoader worker, the message carries the worker's traceback: keep the last line.
         message = lines[-1].removeprefix(f"{UserError.__module__}.{UserError.__name__}: ") if lines else "error"
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+        _fail(message)
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        # A full disk or a folder that refuses writes, wherever it happens: every output is written
+        # beside its target and moved into place, so what was there before is still whole.
+        where = f" writing {e.filename}" if e.filename else ""
+        _fail(f"{e.strerror or os.strerror(e.errno)}{where}; the earlier output is left as it was")
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

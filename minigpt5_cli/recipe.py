@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import read_text
 
 
 @dataclass
@@ -252,7 +254,7 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise UserError(f"recipe not found: {path}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            tree = yaml.safe_load(read_text(path)) or {}
         except yaml.YAMLError as e:
             raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(tree, dict):
@@ -264,14 +266,69 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
     return recipe
 
 
+def _at_least(low):
+    return low, math.inf, True
+
+
+def _above(low):
+    return low, math.inf, False
+
+
+def _between(low, high, high_closed: bool = True):
+    return low, high, True, high_closed
+
+
+# The range of every numeric key: (low, high, low included[, high included]). Outside it, training
+# or sampling would fail deep inside a library, or run and produce garbage (a NaN learning rate).
+RANGES = {
+    "model.n_vokens": _at_least(2), "model.mapper.hidden": _at_least(0), "model.mapper.heads": _at_least(1),
+    "model.mapper.encoder_layers": _at_least(1), "model.mapper.decoder_layers": _at_least(1),
+    "model.mapper.ffn": _at_least(1),
+    "adapter.r": _at_least(1), "adapter.alpha": _above(0), "adapter.dropout": _between(0, 1, False),
+    "adapter.virtual_tokens": _at_least(1), "adapter.prefix_hidden": _at_least(1),
+    "data.max_length": _at_least(1), "data.history": _at_least(0), "data.instruction_prob": _between(0, 1),
+    "data.num_workers": _at_least(0),
+    "loss.text": _at_least(0), "loss.image": _at_least(0), "loss.caption": _at_least(0),
+    "loss.snr_gamma": _at_least(0), "loss.cfg_drop": _between(0, 1),
+    "scratch.vae_steps": _at_least(0), "scratch.vae_lr": _above(0), "scratch.foreground_weight": _at_least(0),
+    "scratch.ema": _between(0, 1, False), "scratch.eval_every": _at_least(0), "scratch.eval_samples": _at_least(1),
+    "train.lr": _above(0), "train.mapper_lr_scale": _at_least(0), "train.weight_decay": _at_least(0),
+    "train.adam_eps": _above(0), "train.max_grad_norm": _at_least(0), "train.batch_size": _at_least(1),
+    "train.grad_accum": _at_least(1), "train.epochs": _at_least(0), "train.max_steps": _at_least(0),
+    "train.warmup_steps": _at_least(0), "train.seed": _between(0, 2**32 - 1), "train.save_every": _at_least(1),
+    "train.keep_checkpoints": _at_least(1), "train.log_every": _at_least(1),
+    "sample.max_new_tokens": _at_least(1), "sample.top_p": (0, 1, False, True), "sample.temperature": _at_least(0),
+    "sample.repetition_penalty": _above(0), "sample.diffusion_steps": _at_least(1),
+    "sample.guidance_scale": _at_least(0),
+}
+
+
+def in_range(key: str, value, bounds: tuple) -> None:
+    """Refuse a value outside `bounds` (see RANGES), and any float that is not finite, naming the key."""
+    low, high, low_closed, high_closed = (*bounds, True)[:4]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number, got {value}")
+    if (value < low if low_closed else value <= low) or (value > high if high_closed else value >= high):
+        if high == math.inf:
+            raise UserError(f"{key} must be {'at least' if low_closed else 'above'} {low}, got {value}")
+        raise UserError(f"{key} must be in {'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}, "
+                        f"got {value}")
+
+
 def check(recipe: Recipe) -> None:
-    """Cross-field rules that types alone cannot say."""
+    """Ranges, and cross-field rules that types alone cannot say."""
     t, m = recipe.train, recipe.model
-    if m.n_vokens < 2:
-        raise UserError("recipe key 'model.n_vokens' must be at least 2")
-    for key in ("batch_size", "grad_accum", "keep_checkpoints", "save_every", "log_every"):
-        if getattr(t, key) < 1:
-            raise UserError(f"recipe key 'train.{key}' must be at least 1")
+    tree = to_dict(recipe)
+    for key, bounds in RANGES.items():
+        value = tree
+        for part in key.split("."):
+            value = value[part]
+        in_range(f"recipe key {key!r}", value, bounds)
+    if t.epochs == 0 and t.max_steps == 0:
+        raise UserError("recipe keys 'train.epochs' and 'train.max_steps' are both 0: nothing to train")
+    if m.mapper.kind == "paper" and m.mapper.hidden and m.mapper.hidden % m.mapper.heads:
+        raise UserError(f"recipe key 'model.mapper.hidden' ({m.mapper.hidden}) must be a multiple of "
+                        f"'model.mapper.heads' ({m.mapper.heads})")
     if not recipe.data.tasks:
         raise UserError("recipe key 'data.tasks' needs at least one task")
     if t.stage != 2 and recipe.adapter.kind != "none":

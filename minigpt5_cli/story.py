@@ -32,9 +32,10 @@ class Picture:
         """The encoded image as stored: bytes, or the file's path."""
         return self.fetch() if self.fetch is not None else self.data if self.data is not None else self.path
 
-    def open(self):
-        """The decoded RGB image (a one-line error when it does not decode)."""
-        return images.decode(self.raw(), self.where)
+    def open(self, size: int | None = None):
+        """The decoded RGB image (a one-line error when it does not decode or is too large); `size`, the
+        short side the caller will resize to, lets a large JPEG decode at a reduced scale."""
+        return images.decode(self.raw(), self.where, size)
 
 
 @dataclass

@@ -513,6 +513,17 @@ def test_compat_text_metrics_follow_the_original_script(tmp_path, sbert_model):
     assert abs(m["bleu2"]["value"] - flat) > 1e-3
 
 
+def test_text_metrics_with_no_reference_text_report_none(tmp_path, sbert_model):
+    lines = _jsonl(tmp_path / "p.jsonl", [{"id": "a", "text": "a red circle"}, {"id": "b", "text": "a square"}])
+    refs = _jsonl(tmp_path / "r.jsonl", [{"id": "a", "text": ""}, {"id": "b", "text": "  "}])
+    out = tmp_path / "m.json"
+    assert run_cli("evaluate", "-p", str(lines), "-r", str(refs), "-m", "sbert,rouge_l,bleu1", "-o", str(out)) == 0
+    m = json.loads(out.read_text())["metrics"]
+    for name in ("sbert", "rouge_l", "bleu1"):
+        assert m[name]["value"] is None and m[name]["n"] == 0
+        assert m[name]["left_out"] == {"empty reference text": 2}
+
+
 def test_inception_score_never_splits_below_two_images(tmp_path, tiny_inception, capsys):
     names = ["red_circle", "blue_square", "green_circle"]
     _with_images(tmp_path, names)

@@ -64,6 +64,7 @@ def test_generate_writes_story_folder(runs, story_file, tmp_path):
     assert '<meta name="viewport"' in page
     md = (out / "story.md").read_text()
     assert all(f"]({name})" in md for name in images)
+    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md  # Markdown passes raw HTML on
     assert not (out / ".partial").exists()
 
 

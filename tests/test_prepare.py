@@ -168,6 +168,30 @@ def test_all_rejected_gives_an_empty_dataset_and_says_why(tmp_path, capsys):
     assert "holds no rows" in capsys.readouterr().err
 
 
+def test_oversized_images_and_broken_text_are_rejected_with_their_reason(tmp_path):
+    """A 1 x 100000 PNG (a few hundred bytes) and a record whose text holds an unpaired surrogate are
+    rejects with a reason, not a memory blow-up or a traceback from the dataset writer."""
+    Image.new("RGB", (1, 100_000)).save(tmp_path / "thin.png")
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "ok.png")
+    conversations = [
+        {"conversation_id": 0, "conversation": [{"turn": [{"__TEXT__": "a"}, {"__MEDIA__": "ok"}]},
+                                                {"turn": [{"__TEXT__": "b"}]}]},
+        {"conversation_id": 1, "conversation": [{"turn": [{"__TEXT__": "c"}, {"__MEDIA__": "thin"}]},
+                                                {"turn": [{"__TEXT__": "d"}]}]},
+    ]
+    for name in ("ok", "thin"):
+        (tmp_path / f"{name}.jpg").write_bytes((tmp_path / f"{name}.png").read_bytes())
+    lines = [json.dumps(c) for c in conversations]
+    lines.append('{"conversation_id": 2, "conversation": [{"turn": [{"__TEXT__": "e\\ud800"}]}, '
+                 '{"turn": [{"__TEXT__": "f"}]}]}')
+    (tmp_path / "c.json").write_text("\n".join(lines) + "\n")
+    summary = prepare("mmdialog", "--input", tmp_path / "c.json", "--output", tmp_path / "out")
+    assert summary["kept"] == 1 and summary["rejected"] == {"malformed_record": 1, "oversized_image": 1}
+    reasons = {r["id"]: (r["reason"], r["detail"]) for r in rejects(tmp_path / "out")}
+    assert reasons["1"] == ("oversized_image", "step 1: 1 x 100000 pixels, more than 20 times longer than wide")
+    assert reasons["2"][0] == "malformed_record"
+
+
 def test_clean_caption_follows_the_original():
     assert clean_caption('  The "Best" cake: (ever)*; #1~!  ') == "the best cake ever 1"
 

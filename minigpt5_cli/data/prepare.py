@@ -25,15 +25,13 @@ import os
 import shutil
 import sys
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from minigpt5_cli import images
+from minigpt5_cli import display, files, images
 from minigpt5_cli.data import readers
 from minigpt5_cli.data.sources import SUMMARY_FILE
 from minigpt5_cli.errors import UserError
@@ -70,19 +68,29 @@ def read(fmt: str, path: Path, s: Settings):
     raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}, toy")
 
 
+def _input_error(e: Exception, path: Path) -> Exception:
+    """A failure to read the input as a one-line error; a failure to write (a full disk) stays itself."""
+    if isinstance(e, UnicodeDecodeError):
+        return UserError(f"cannot read {path}: it is not UTF-8 text")
+    if isinstance(e, OSError) and e.errno in files.WRITE_ERRORS:
+        return e
+    return UserError(f"cannot read {path}: {e}")
+
+
 def _encode_image(source, size: int) -> dict:
     """Decode fully (a truncated file fails here), downscale, and re-encode deterministically."""
     from PIL import Image
 
     data = source.read_bytes() if isinstance(source, Path) else source
-    img = images.load(data)
+    img = images.load(data, size)  # a large JPEG decodes at a reduced scale
+    width, height = img.info["stored_size"]
+    scale = size / min(width, height)
     fmt = img.format
     rgb = images.to_rgb(img)
-    scale = size / min(rgb.size)
-    if scale >= 1 and fmt in ("JPEG", "PNG") and img.mode == "RGB":
-        return {"bytes": data, "path": None}  # already small enough: keep the original bytes
+    if scale >= 1 and fmt in ("JPEG", "PNG") and rgb is img:
+        return {"bytes": data, "path": None}  # small enough, plain RGB: keep the original bytes
     if scale < 1:
-        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BICUBIC)
+        rgb = rgb.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
     out = io.BytesIO()
     if fmt == "JPEG":
         rgb.save(out, format="JPEG", quality=95)
@@ -95,6 +103,10 @@ def process(item, size: int):
     """Worker: a reader item to a dataset row, or a Reject."""
     if isinstance(item, readers.Reject):
         return item
+    try:
+        json.dumps([item.id, *(step.text for step in item.steps)], ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # JSON may spell unpaired surrogates, which no text column can hold
+        return readers.Reject(item.id, "malformed_record", "its text holds an unpaired surrogate")
     steps = []
     for k, step in enumerate(item.steps):
         image = None
@@ -103,6 +115,8 @@ def process(item, size: int):
                 image = _encode_image(step.image.raw(), size)
             except FileNotFoundError:
                 return readers.Reject(item.id, "missing_image", f"step {k + 1}")
+            except images.OversizedImage as e:
+                return readers.Reject(item.id, "oversized_image", f"step {k + 1}: {e}")
             except Exception as e:  # PIL raises many kinds for broken files
                 return readers.Reject(item.id, "corrupt_image", f"step {k + 1}: {type(e).__name__}")
         steps.append({"text": step.text, "image": image})
@@ -150,12 +164,12 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
         s = dataclasses.replace(s, split=readers.vist_split(path))  # recorded in the summary
     try:
         layout, items = read(fmt, path, s)
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise _input_error(e, path) from None
 
     counts, kept, extra = Counter(), [0], [0]
-    with _staged(out) as tmp:
-        with (tmp / REJECTS_FILE).open("w") as rejects, _progress(console) as progress:
+    with files.staged(out, replace=overwrite) as tmp:
+        with (tmp / REJECTS_FILE).open("w") as rejects, display.progress(console) as progress:
             task = progress.add_task(f"{fmt} ({layout})", total=None)
 
             def rows():
@@ -185,11 +199,11 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
             except datasets.exceptions.DatasetGenerationError as e:
                 if isinstance(e.__cause__, (UserError, KeyboardInterrupt)):
                     raise e.__cause__ from None
-                if isinstance(e.__cause__, OSError):
-                    raise UserError(f"cannot read the input: {e.__cause__}") from None
+                if isinstance(e.__cause__, (OSError, UnicodeDecodeError)):
+                    raise _input_error(e.__cause__, path) from None
                 raise
-            except OSError as e:
-                raise UserError(f"cannot read the input: {e}") from None
+            except (OSError, UnicodeDecodeError) as e:
+                raise _input_error(e, path) from None
         cache = None
         if s.cache_latents and len(ds):
             ds, cache = _cache_latents(ds, s, tmp / "cache", console)
@@ -232,8 +246,8 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
         raise UserError("toy set sizes cannot be negative, and --image-size must be at least 24")
     _check_output(out, overwrite)
     summary = {}
-    with _staged(out) as tmp:
-        with _progress(console) as progress:
+    with files.staged(out, replace=overwrite) as tmp:
+        with display.progress(console) as progress:
             for name, (kind, split, continuation) in TOY_SETS.items():
                 task = progress.add_task(f"toy {name}", total=counts[name])
 
@@ -281,28 +295,12 @@ def _written_by_us(folder: Path) -> bool:
 
 def _check_output(out: Path, overwrite: bool) -> None:
     """--overwrite replaces only what prepare-data wrote: never a folder of other files."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {out} is a file; give a folder")
+    files.writable_folder(out, "--output")
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"{out} exists and is not empty; pass --overwrite to replace it")
         if not _written_by_us(out):
             raise UserError(f"{out} holds files prepare-data did not write; --overwrite only replaces its own output")
-
-
-@contextmanager
-def _staged(out: Path):
-    """A temporary folder beside `out`, moved into its place when the block ends without error."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _results(items, s: Settings):
@@ -315,11 +313,6 @@ def _results(items, s: Settings):
     context = get_context("fork" if sys.platform == "linux" else "spawn")
     with context.Pool(s.num_proc) as pool:
         yield from pool.imap(_process_star, ((item, s.image_size) for item in items), chunksize=32)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console)
 
 
 class _quiet_datasets:

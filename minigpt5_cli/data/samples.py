@@ -84,7 +84,7 @@ class TrainSet(torch.utils.data.Dataset):
         """The target image as pixels, or as its cached VAE posterior."""
         if step.cache and step.cache.get("latent_mean") is not None:
             return {"latent": (_tensor(step.cache["latent_mean"]), _tensor(step.cache["latent_logvar"]))}
-        return {"image": images.to_pixels(step.image.open(), self.resolution)}
+        return {"image": images.to_pixels(step.image.open(self.resolution), self.resolution)}
 
     def __getitem__(self, i: int) -> Sample:
         r, k, task = self.index[i]

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from rich.table import Table
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import read_json
 from minigpt5_cli.evaluation.evaluate import fmt
 from minigpt5_cli.evaluation.registry import METRICS
 
@@ -19,11 +19,10 @@ def _lower_is_better(name: str) -> bool:
 def _load_report(path: str | Path) -> dict:
     p = Path(path)
     p = p / "metrics.json" if p.is_dir() else p
-    try:
-        report = json.loads(p.read_text())
-        report["metrics"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{p} is not a metrics.json written by evaluate") from None
+    report = read_json(p)
+    if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or \
+            not all(isinstance(r, dict) for r in report["metrics"].values()):
+        raise UserError(f"{p} is not a metrics.json written by evaluate")
     return report
 
 

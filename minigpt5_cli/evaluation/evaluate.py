@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from minigpt5_cli import files
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.evaluation import loaders
 from minigpt5_cli.evaluation import metrics as M
@@ -139,18 +140,23 @@ def evaluate(predictions: str | Path, references: str | Path, s: Settings, outpu
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    write_samples(out.with_suffix(".samples.csv"), pairs, scoring.per_sample)
+    # Both files are written beside themselves, then moved into place: a full disk leaves the old pair whole.
+    files.write_atomic({out: lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False)),
+                        out.with_suffix(".samples.csv"): samples_writer(pairs, scoring.per_sample)})
     return report
 
 
-def write_samples(path: Path, pairs, per_sample: dict[str, dict[str, float]]) -> None:
+def samples_writer(pairs, per_sample: dict[str, dict[str, float]]):
+    """A function writing the per-sample CSV (a row per sample, a column per metric) to a file."""
     names = list(per_sample)
-    with path.open("w", newline="") as f:
+
+    def write(f) -> None:
         w = csv.writer(f)
         w.writerow(["id", *names])
         for p, _ in pairs:
             w.writerow([p.id, *(_fmt_csv(per_sample[n].get(p.id)) for n in names)])
+
+    return write
 
 
 def _fmt_csv(v) -> str:

@@ -142,7 +142,7 @@ def _sbert(run) -> None:
         run.results["sbert"]["model"] = model.name
         return
     pairs, extra = _text_pairs(run)
-    values = M.sbert([p.text for p, _ in pairs], [r.text for _, r in pairs], model, run.s.batch_size)
+    values = M.sbert([p.text for p, _ in pairs], [r.text for _, r in pairs], model, run.s.batch_size) if pairs else []
     run.mean("sbert", [p.id for p, _ in pairs], values, model=model.name, **extra)
 
 

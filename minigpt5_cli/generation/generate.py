@@ -16,15 +16,17 @@ import dataclasses
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
+from minigpt5_cli import display
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.prompts import NEXT
 from minigpt5_cli.data.samples import Sample
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.generation.decoder import Decoder
-from minigpt5_cli.generation.output import STORY_FILE, clashes, folder_name, write_index, write_story
+from minigpt5_cli.generation.output import (INDEX, clashes, finished, folder_name, index_clash, read_record, stamp,
+                                            write_index, write_story)
 from minigpt5_cli.generation.renderer import Renderer
 from minigpt5_cli.generation.settings import Settings, derive_seed
 from minigpt5_cli.generation.stories import Job
@@ -145,32 +147,39 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     folders = {st.id: out / folder_name(st.id) if nested else out for st in stories}
     if nested and len(set(folders.values())) < len(folders):
         folders = {job.story.id: out / f"{job.index:05d}-{folder_name(job.story.id)}" for job in jobs}
-    todo = [job for job in jobs if overwrite or not (folders[job.story.id] / STORY_FILE).is_file()]
+    if nested and index_clash(out):
+        raise UserError(f"{out / INDEX} was not written by minigpt5; pick another --output")
+    todo = [job for job in jobs if overwrite or not finished(folders[job.story.id], job)]
     for job in todo:
-        found = clashes(folders[job.story.id])
+        folder = folders[job.story.id]
+        found = clashes(folder)
         if found:
-            raise UserError(f"{folders[job.story.id]} already holds {', '.join(found[:3])}, not written by "
-                            "minigpt5; pick another --output")
+            raise UserError(f"{folder} already holds {', '.join(found[:3])}, not written by minigpt5; "
+                            "pick another --output")
+        if read_record(folder) and not overwrite:
+            raise UserError(f"{folder} holds another story ({read_record(folder)['id']!r}); pass --overwrite to "
+                            "replace it, or pick another --output")
     if len(todo) < len(jobs):
         console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
+    before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
     out.mkdir(parents=True, exist_ok=True)
     decoder, renderer = Decoder(model, settings), Renderer(model, settings)
     collator = Collator.for_model(model)
     record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
               "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
                                              "device")}}
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=console)
+    progress = display.progress(console)
     with progress:
         task = progress.add_task("stories", total=len(todo))
         for i in range(0, len(todo), settings.batch_size):
             batch = todo[i:i + settings.batch_size]
             run_batch(model, settings, batch, decoder, renderer, collator, progress)
             for job in batch:
-                write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index})
+                write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
+                            before[job.story.id])
                 job.responses = []  # written: a long run holds only its batch's pictures
             progress.advance(task, len(batch))
-    done = [folders[st.id] for st in stories if (folders[st.id] / STORY_FILE).is_file()]
+    done = [folders[job.story.id] for job in jobs if finished(folders[job.story.id], job)]
     if nested:
         write_index(out, done)
     return done

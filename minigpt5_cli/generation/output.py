@@ -10,7 +10,11 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
+
+from minigpt5_cli import files
+from minigpt5_cli.errors import UserError
 
 from minigpt5_cli.generation.stories import Job
 from minigpt5_cli.story import STORY_FILE
@@ -24,12 +28,27 @@ def folder_name(story_id: str) -> str:
     return name[:100]
 
 
-def write_story(folder: Path, job: Job, record: dict) -> None:
+def write_story(folder: Path, job: Job, record: dict, before: int | None) -> dict:
     """Write one story's files; `story.json` goes in last, so its presence means the story is complete.
-    Other files in `folder` are left alone."""
-    tmp = folder / ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    Other files in `folder` are left alone. `before`: the story.json this run planned to replace (its
+    `stamp`); if another run wrote one meanwhile, nothing is replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-"))  # unique: runs may share an output folder
+    try:
+        doc = _write_files(tmp, job, record)
+        if stamp(folder) != before:
+            raise UserError(f"{folder / STORY_FILE} was written by another run meanwhile; nothing of this story "
+                            "replaced it (run again to keep it, or --overwrite to redo it)")
+        for old in _written(folder):  # an earlier run's files, story.json first
+            old.unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == STORY_FILE):
+            os.replace(f, folder / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return doc
+
+
+def _write_files(tmp: Path, job: Job, record: dict) -> dict:
     inputs = []
     for k, step in enumerate(job.story.steps):
         name = None
@@ -57,26 +76,55 @@ def write_story(folder: Path, job: Job, record: dict) -> None:
     (tmp / STORY_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (tmp / "story.md").write_text(_markdown(doc))
     (tmp / "story.html").write_text(_html(doc))
-    for old in _written(folder):  # an earlier run's files, story.json first
-        old.unlink(missing_ok=True)
-    for f in sorted(tmp.iterdir(), key=lambda f: f.name == STORY_FILE):
-        os.replace(f, folder / f.name)
-    tmp.rmdir()
+    return doc
+
+
+def stamp(folder: Path) -> int | None:
+    """The state of `folder`'s story.json (its modification time), or None when there is none."""
+    try:
+        return (folder / STORY_FILE).stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
+def read_record(folder: Path) -> dict | None:
+    """`folder`'s story.json when it is one generate wrote (it parses, with an id, the input steps and
+    the generated responses and their images); None when there is none. A story.json of another
+    shape is not ours: `clashes` lists it."""
+    path = folder / STORY_FILE
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        ok = isinstance(doc, dict) and isinstance(doc.get("id"), str) and isinstance(doc.get("input"), list) and \
+            isinstance(doc.get("generated"), list) and all(isinstance(s, dict) for s in doc["input"]) and \
+            all(isinstance(g, dict) and isinstance(g.get("images"), list) for g in doc["generated"])
+    except (OSError, ValueError):
+        ok = False
+    return doc if ok else {}
+
+
+def finished(folder: Path, job: Job) -> bool:
+    """Whether `folder` holds this very story, generated: same id and the same input texts."""
+    doc = read_record(folder)
+    return bool(doc) and doc["id"] == job.story.id and \
+        [s.get("text") for s in doc["input"]] == [s.text for s in job.story.steps]
 
 
 def _written(folder: Path) -> list[Path]:
     """The files an earlier run wrote into `folder`, as its story.json lists them, story.json first."""
-    old = folder / STORY_FILE
-    if not old.is_file():
+    doc = read_record(folder)
+    if not doc:
         return []
-    doc = json.loads(old.read_text())
-    names = [s.get("image") for s in doc.get("input", [])] + [i for g in doc.get("generated", []) for i in g["images"]]
-    return [old, folder / "story.md", folder / "story.html"] + [folder / n for n in names if n and _OURS.fullmatch(n)]
+    names = [s.get("image") for s in doc["input"]] + [i for g in doc["generated"] for i in g["images"]]
+    return [folder / STORY_FILE, folder / "story.md", folder / "story.html"] + \
+        [folder / n for n in names if isinstance(n, str) and _OURS.fullmatch(n)]
 
 
 def clashes(folder: Path) -> list[str]:
     """Files in `folder` with the names a story is written under, that no earlier run wrote: a story
-    is never written over someone else's `image-1.png`. Other files are never touched."""
+    is never written over someone else's `image-1.png`, or a story.json that is not one of ours.
+    Other files are never touched."""
     if not folder.is_dir():
         return []
     ours = {f.name for f in _written(folder)}
@@ -85,14 +133,21 @@ def clashes(folder: Path) -> list[str]:
 
 
 def _markdown(doc: dict) -> str:
-    lines = [f"# {doc['id']}", ""]
+    e = _md_text
+    lines = [f"# {e(doc['id'])}", ""]
     for step in doc["input"]:
-        lines += [step["text"], ""] + ([f"![input]({step['image']})", ""] if step["image"] else [])
+        lines += [e(step["text"]), ""] + ([f"![input]({step['image']})", ""] if step["image"] else [])
     for step in doc["generated"]:
         lines += ["---", ""]
         for seg in step["segments"]:
-            lines += [f"![generated]({seg['image']})" if "image" in seg else seg["text"], ""]
+            lines += [f"![generated]({seg['image']})" if "image" in seg else e(seg["text"]), ""]
     return "\n".join(lines)
+
+
+def _md_text(text: str) -> str:
+    """Text as Markdown shows it, never as markup: Markdown passes raw HTML through, so it is escaped
+    as in story.html."""
+    return html.escape(text, quote=False)
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:40em;margin:0 auto;padding:1em;line-height:1.5}
@@ -127,14 +182,25 @@ def _html(doc: dict) -> str:
     return _page(str(doc["id"]), "\n".join(parts))
 
 
+INDEX = "index.html"
+_INDEX_TITLE = "<h1>Stories</h1>"  # how an index.html generate wrote is told from someone else's
+
+
+def index_clash(out: Path) -> bool:
+    """Whether `out` holds an index.html that generate did not write."""
+    page = out / INDEX
+    return page.exists() and (not page.is_file() or _INDEX_TITLE not in page.read_text(errors="replace"))
+
+
 def write_index(out: Path, folders: list[Path]) -> None:
     """`index.html` linking every finished story folder under `out`."""
     e = html.escape
     items = []
     for folder in folders:
-        doc = json.loads((folder / STORY_FILE).read_text())
+        doc = read_record(folder)
         first = next((img for step in doc["generated"] for img in step["images"]), None)
         thumb = f'<img src="{e(folder.name)}/{e(first)}" alt="" style="width:6em">' if first else ""
         text = " ".join(step["text"] for step in doc["generated"])[:200]
         items.append(f'<li><a href="{e(folder.name)}/story.html">{e(doc["id"])}</a> {thumb}<br>{e(text)}</li>')
-    (out / "index.html").write_text(_page("stories", "<h1>Stories</h1>\n<ul>\n" + "\n".join(items) + "\n</ul>"))
+    page = _page("stories", f"{_INDEX_TITLE}\n<ul>\n" + "\n".join(items) + "\n</ul>")
+    files.write_atomic({out / INDEX: lambda f: f.write(page)})

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.recipe import RANGES, SampleConfig, in_range
+
+MAX_IMAGE_SIZE = 2048  # pixels a side: SDXL's 1024 with room; 99,992 would need terabytes
 
 MODES = ("vokens", "two-stage")
 
@@ -36,16 +40,16 @@ class Settings:
     def check(self) -> None:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
-        for name in ("steps", "max_new_tokens", "diffusion_steps", "batch_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise UserError("--top-p must be in (0, 1]")
-        if self.image_size < 0 or self.image_size % 8:
-            raise UserError("--image-size must be a positive multiple of 8 (or 0 for the generator's own)")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0 or \
-                self.temperature is not None and self.temperature < 0:
-            raise UserError("--repetition-penalty must be above 0, and --temperature at least 0")
+        for f in dataclasses.fields(SampleConfig):  # the recipe's ranges for the same values
+            if getattr(self, f.name) is not None:
+                in_range(f"--{f.name.replace('_', '-')}", getattr(self, f.name), RANGES[f"sample.{f.name}"])
+        for name in ("steps", "batch_size"):
+            in_range(f"--{name.replace('_', '-')}", getattr(self, name), (1, math.inf, True))
+        in_range("--min-images", self.min_images, (0, math.inf, True))
+        in_range("--seed", self.seed, (0, 2**63 - 1, True))
+        if self.image_size and (self.image_size % 8 or not 8 <= self.image_size <= MAX_IMAGE_SIZE):
+            raise UserError(f"--image-size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} (or 0 for the "
+                            f"generator's own), got {self.image_size}")
 
 
 SEED_STRIDE = 1_000_003  # a prime: distinct (seed, story, response, image) tuples get distinct seeds

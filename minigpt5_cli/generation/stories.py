@@ -44,6 +44,8 @@ def is_collection(arg: str) -> bool:
 
 def read_stories(arg: str) -> list[Story]:
     """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text."""
+    if not arg.strip():  # before it is read as a path: Path("") is the current folder
+        raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
     path = _as_path(arg)
     if path is not None and path.is_dir():
         return _dataset_stories(path)
@@ -57,8 +59,6 @@ def read_stories(arg: str) -> list[Story]:
             _check_ids(stories, path)
             return stories
         return [_story(read_json(path), str(path), path.parent, path.stem)]
-    if not arg.strip():
-        raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
     return [Story(id="story", steps=[Step(text=arg.strip())])]
 
 

@@ -9,12 +9,18 @@ sampler state for `--resume` and `trainer_state.json` (`train.checkpoints` write
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
+
+from safetensors import SafetensorError
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.mapper import FeatureMapper
 
+# What loading a truncated or overwritten state file raises: torch's archive reader (RuntimeError),
+# pickle (EOFError, UnpicklingError), safetensors (SafetensorError), JSON (ValueError), the file system.
+DAMAGED = (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, ValueError, OSError)
 META_FILE = "minigpt5.json"
 PREFIX_FILE = "prefix_encoder.safetensors"
 VOKENS_FILE = "vokens.safetensors"
@@ -36,6 +42,47 @@ def checkpoint_folder(path: str | Path) -> Path:
         raise UserError(f"checkpoint not found: {folder}")
     found = checkpoints(folder)
     return found[-1] if found else folder
+
+
+def damaged(folder: Path, err: Exception) -> UserError:
+    """A one-line error naming the file of checkpoint `folder` that is missing or does not load, and
+    the checkpoint before it."""
+    if isinstance(err, FileNotFoundError) and err.filename:
+        what = f"{err.filename} is missing"
+    else:
+        bad = next((f for f in sorted(folder.rglob("*")) if f.is_file() and not _loads(f)), None)
+        what = f"{bad} does not load" if bad else f"it does not load ({type(err).__name__})"
+    earlier = [c for c in checkpoints(folder.parent) if _step(c) < _step(folder)]
+    advice = (f"use the checkpoint before it, {earlier[-1]} (remove {folder} to resume from there)" if earlier
+              else "no earlier checkpoint is kept")
+    return UserError(f"checkpoint {folder} is damaged: {what}; {advice}")
+
+
+def is_checkpoint_name(folder: Path) -> bool:
+    """Whether `folder` is named as a run's checkpoint (`checkpoint-STEP`)."""
+    return bool(_NAME.search(folder.name))
+
+
+def _step(folder: Path) -> int:
+    found = _NAME.search(folder.name)
+    return int(found.group(1)) if found else -1
+
+
+def _loads(path: Path) -> bool:
+    """Whether a checkpoint file reads back whole."""
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        if path.suffix == ".safetensors":
+            load_file(path)
+        elif path.suffix in (".bin", ".pt", ".pkl"):  # accelerate writes all three with torch.save
+            torch.load(path, map_location="cpu", weights_only=False)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except DAMAGED:
+        return False
+    return True
 
 
 def describe(model) -> dict:
@@ -72,13 +119,20 @@ def save(model, folder: str | Path) -> None:
 def load(model, folder: str | Path, adapter: bool = True) -> None:
     """Load weights written by `save` into `model`; refuse a checkpoint made for other backbones, and
     any weight file that lacks a tensor the model needs or holds one it does not."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{folder} is not a minigpt5 checkpoint (no {META_FILE})")
-    check_compatible(json.loads(meta_path.read_text()), describe(model), folder, adapter)
+    try:
+        check_compatible(json.loads(meta_path.read_text()), describe(model), folder, adapter)
+        _load(model, folder, adapter)
+    except DAMAGED as e:
+        raise damaged(folder, e) from None
+
+
+def _load(model, folder: Path, adapter: bool) -> None:
+    from safetensors.torch import load_file
+
     _strict(model.vokens, load_file(folder / VOKENS_FILE), folder / VOKENS_FILE)
     saved = _load_mapper(folder / "mapper")
     diff = [f"{k} {saved.config.get(k)} there, {v} here" for k, v in model.mapper.config.items()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.backbones import LLM, Generator, load_generator, load_llm
 from minigpt5_cli.modeling.losses import cached_latents, diffusion_loss, text_loss
 from minigpt5_cli.modeling.mapper import FeatureMapper
@@ -143,6 +144,10 @@ def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
     vokens = VokenRows(llm.model, first, m.n_vokens)
     llm.model = _apply_adapter(recipe, llm.model)
     length, width = generator.cond_shape
+    if (m.mapper.kind == "compact" or not m.mapper.hidden) and width % m.mapper.heads:
+        raise UserError(f"the generator's conditioning width {width} is not a multiple of model.mapper.heads "
+                        f"({m.mapper.heads}); set model.mapper.heads" +
+                        (", or model.mapper.hidden" if m.mapper.kind == "paper" else ""))
     mapper = FeatureMapper(
         llm_width=llm.width, cond_len=length, cond_width=width, kind=m.mapper.kind, hidden=m.mapper.hidden,
         heads=m.mapper.heads, encoder_layers=m.mapper.encoder_layers, decoder_layers=m.mapper.decoder_layers,

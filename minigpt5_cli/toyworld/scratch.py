@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minigpt5_cli import display
 from minigpt5_cli import images as imaging
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.collate import Collator
@@ -42,6 +42,7 @@ VAE_WARMUP = 20  # VAE: warm up over 1/20 of its steps
 ENCODE_BATCH = 256  # images per VAE call when measuring the latents
 FOREGROUND_LEVEL = 0.1  # summed |pixel - border| in [-1, 1] units above which a pixel is an object's
 SAMPLE_STEPS, SAMPLE_GUIDANCE = 20, 3.0  # the in-training samples read by the attribute checker
+REPORT = Console()  # what a stage reports goes to stdout; warnings and progress to stderr
 
 
 def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
@@ -58,11 +59,6 @@ def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Consol
     source = load_sources([recipe.data.train, *recipe.data.extra], 1 if t.stage == "generator" else 2)
     run = _train_generator if t.stage == "generator" else _train_llm
     return run(recipe, source, out, console)
-
-
-def _progress(console: Console, what: str) -> Progress:
-    return Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), TextColumn("{task.fields[info]}"), console=console)
 
 
 def _schedule(optimizer, warmup: int, total: int):
@@ -104,7 +100,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
     total = t.max_steps or math.ceil(t.epochs * len(loader) / t.grad_accum)
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
     scheduler = _schedule(optimizer, t.warmup_steps, total)
-    console.print(f"llm {recipe.model.llm}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+    REPORT.print(f"llm {recipe.model.llm}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                   f"{len(dataset)} samples")
 
     def write(folder: Path) -> None:
@@ -113,7 +109,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
 
     step, batches = 0, _forever(loader)
     try:
-        with _progress(console, "llm") as progress:
+        with display.progress(console) as progress:
             task = progress.add_task("llm", total=total, info="")
             while step < total:
                 losses = []
@@ -132,7 +128,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
         console.print(f"interrupted: saved the LLM at step {step} of {total} to {out}")
         raise
     _save(out, write, recipe, {"step": step, "of": total})
-    console.print(f"done: {out}")
+    REPORT.print(f"done: {out}")
     return out
 
 
@@ -183,7 +179,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
     images, captions = _pairs(source, gen.resolution)
     fg = _foreground(images)
     total = t.max_steps or math.ceil(t.epochs * len(images) / (t.batch_size * t.grad_accum))
-    console.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
+    REPORT.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
                   f"{_millions(gen.vae)}, UNet {_millions(gen.unet)}, text encoder {_millions(gen.text_encoder)}")
     checker = _checker(source, captions, s.eval_samples) if s.eval_every else None
     state = {"vae_steps": 0, "steps": 0}
@@ -193,7 +189,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
 
     ema = None
     try:
-        with _progress(console, "generator") as progress:
+        with display.progress(console) as progress:
             # 1. The autoencoder.
             vae = gen.vae.float().train().requires_grad_(True)
             opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
@@ -223,7 +219,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
                 vae.register_to_config(scaling_factor=float(1 / mean.std()))
             if checker:
                 state["vae_accuracy"] = checker(lambda: _decoded(vae, mean[checker.rows]))
-                progress.console.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
+                REPORT.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
 
             # 2. The UNet and text encoder, on the frozen VAE's latents.
             unet, text_encoder = gen.unet.float().train(), gen.text_encoder.float().train()
@@ -259,13 +255,13 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
                 progress.update(task, completed=step + 1, info=f"diffusion {sum(losses) / len(losses):.4f}")
                 if checker and ((step + 1) % s.eval_every == 0 or step + 1 == total):
                     state["accuracy"] = checker(lambda: _sampled(gen, ema, captions, checker.rows, t.seed))
-                    progress.console.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
+                    REPORT.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
     except KeyboardInterrupt:
         _save(out, write, recipe, {**state, "interrupted": True})
         console.print(f"interrupted: saved the generator as it was to {out}")
         raise
     _save(out, write, recipe, state)
-    console.print(f"done: {out}")
+    REPORT.print(f"done: {out}")
     return out
 
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from minigpt5_cli import display, files
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
@@ -46,8 +46,10 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     from accelerate.utils import DataLoaderConfiguration, set_seed
     from transformers import get_linear_schedule_with_warmup
 
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True)  # warnings and progress; the report goes to stdout
+    report = Console()
     t = recipe.train
+    files.writable_folder(Path(t.output_dir), "train.output_dir")
     if t.stage in ("llm", "generator"):
         from minigpt5_cli.toyworld.scratch import train_backbone
 
@@ -81,7 +83,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     fresh = t.stage == 1 or t.init_from == "none"
     model = build_model(recipe, init_from=None if fresh else checkpoint_folder(t.init_from))
     if main:
-        console.print(table(model, recipe))
+        report.print(table(model, recipe))
         if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
             console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
 
@@ -108,27 +110,28 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
 
     step = 0
     if resume and existing:
-        accelerator.load_state(str(existing[-1]))
-        step = json.loads((existing[-1] / STATE_FILE).read_text())["step"]
+        try:
+            accelerator.load_state(str(existing[-1]))
+            step = json.loads((existing[-1] / STATE_FILE).read_text())["step"]
+        except checkpoint.DAMAGED as e:
+            raise checkpoint.damaged(existing[-1], e) from None
         if main:
-            console.print(f"resumed from {existing[-1]} at step {step}")
+            report.print(f"resumed from {existing[-1]} at step {step}")
     elif resume and main:
-        console.print(f"no checkpoint in {out}; starting fresh")
-    if main:
+        report.print(f"no checkpoint in {out}; starting fresh")
+    if main and not (resume and existing):  # a resumed run keeps the recipe it started with
         out.mkdir(parents=True, exist_ok=True)
         recipes.save(recipe, out / "recipe.yaml")
     accelerator.init_trackers("minigpt5", config=_flat(recipes.to_dict(recipe)))
 
     trainable = [p for ps in raw.trainable_groups().values() for p in ps]
     last = existing[-1] if existing and resume else None
-    progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.fields[losses]}"), console=console,
-                        disable=not main)
+    progress = display.progress(console, disable=not main)
     model.train()
     iterator, epoch = None, -1
     try:
         with progress:
-            task = progress.add_task("train", total=total, completed=step, losses="")
+            task = progress.add_task("train", total=total, completed=step, info="")
             sums: dict[str, torch.Tensor] = {}  # loss parts summed over the accumulated micro-batches
             for micro in range(step * t.grad_accum, total * t.grad_accum):
                 if micro // per_epoch != epoch or iterator is None:
@@ -146,16 +149,15 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
                     sums[k] = sums.get(k, 0) + v.detach()
                 if not sync:
                     continue
-                if t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, t.max_grad_norm)
+                logs = {k: accelerator.reduce(v / t.grad_accum, "mean").item() for k, v in sums.items()}
+                sums = {}
+                norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
+                _check_finite(logs, norm if t.mixed_precision != "fp16" else None, step + 1, last)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                logs = {k: accelerator.reduce(v / t.grad_accum, "mean").item() for k, v in sums.items()}
-                sums = {}
-                progress.update(task, completed=step,
-                                losses=" ".join(f"{k} {v:.4f}" for k, v in logs.items()))
+                progress.update(task, completed=step, info=" ".join(f"{k} {v:.4f}" for k, v in logs.items()))
                 if step % t.log_every == 0 or step == total:
                     accelerator.log({**logs, "lr": scheduler.get_last_lr()[0]}, step=step)
                 if step % t.save_every == 0 or step == total:
@@ -170,8 +172,21 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         raise
     accelerator.end_training()
     if main:
-        console.print(f"done: {last}")
+        report.print(f"done: {last}")
     return last
+
+
+def _check_finite(logs: dict[str, float], grad_norm, step: int, last: Path | None) -> None:
+    """Stop, before the optimizer step, when a loss or the gradient norm is not finite: every later
+    step would train on NaN weights. (fp16's scaler skips steps with inf gradients by itself, so its
+    gradient norm is not checked.) The same on every process: the values are reduced across them."""
+    bad = [f"{k} {v}" for k, v in logs.items() if not math.isfinite(v)]
+    if grad_norm is not None and not torch.isfinite(grad_norm):
+        bad.append(f"gradient norm {grad_norm.item()}")
+    if bad:
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        raise UserError(f"training diverged at step {step} ({', '.join(bad)}); nothing of this step was kept, "
+                        f"{kept}; lower train.lr or check the data")
 
 
 def _check_cache(source, recipe: recipes.Recipe) -> None:
@@ -199,17 +214,24 @@ def _register_hooks(accelerator) -> None:
 
 
 def save_checkpoint(accelerator, model: MiniGPT5, recipe: recipes.Recipe, step: int) -> Path:
-    """Write `checkpoint-STEP` beside a temporary name and rename, then rotate old ones out."""
+    """Write `checkpoint-STEP` beside a temporary name and rename, then rotate old ones out. A failed
+    write (a full disk) leaves the earlier checkpoints as they were, and no partial folder."""
     out = Path(recipe.train.output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            recipes.save(recipe, tmp / "recipe.yaml")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+    except BaseException:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if accelerator.is_main_process:
-        recipes.save(recipe, tmp / "recipe.yaml")
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         for old in checkpoints(out)[:-recipe.train.keep_checkpoints]:

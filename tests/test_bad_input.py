@@ -1,0 +1,389 @@
+"""Bad input, for every command: one line on stderr, exit code 2, no traceback, and the files that were
+there before (the user's, and earlier outputs) byte-identical afterwards, with no temporary left.
+
+Each row of CASES builds its input under a fresh folder and returns the command line; the harness runs
+it through the real entry point (`minigpt5_cli.cli.main`).
+"""
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from PIL import Image
+
+from conftest import DEBUG, run_cli
+
+IMAGES = DEBUG / "data" / "images"
+PAIRS = DEBUG / "data" / "pairs.jsonl"
+SEQS = DEBUG / "data" / "sequences.jsonl"
+FAST = ["--diffusion-steps", "2", "--max-new-tokens", "12"]
+BINARY = bytes(range(256)) * 4  # not UTF-8
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A stage-1 run, a stage-2 LoRA run, a bundle and a generate output folder, made once."""
+    root = tmp_path_factory.mktemp("runs")
+    assert run_cli("train", "-r", str(DEBUG / "stage1.yaml"), f"train.output_dir={root / 's1'}") == 0
+    assert run_cli("train", "-r", str(DEBUG / "stage2_lora.yaml"), f"train.output_dir={root / 's2'}",
+                   f"train.init_from={root / 's1'}") == 0
+    assert run_cli("bundle", str(root / "s2"), str(root / "bundle")) == 0
+    assert run_cli("generate", "-s", str(DEBUG / "data" / "story.json"), "-m", str(root / "s2"), "-o",
+                   str(root / "out"), *FAST) == 0
+    return root
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    runs: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    def file(self, name: str, content: bytes | str) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode() if isinstance(content, str) else content)
+        return path
+
+    def copy(self, name: str, as_name: str | None = None) -> Path:
+        """A copy of one of the module's runs (cases may damage or grow it)."""
+        target = self.tmp / (as_name or name)
+        shutil.copytree(self.runs / name, target)
+        return target
+
+    def read_only(self, name: str) -> Path:
+        """A folder nothing can be written to. Root ignores permission bits, so there the check that
+        refuses it (os.access) is told the truth the bits would tell anyone else."""
+        folder = self.tmp / name
+        folder.mkdir()
+        folder.chmod(0o555)
+        if os.geteuid() == 0:
+            real = os.access
+            self.monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == folder.absolute() and
+                                     mode & os.W_OK else real(p, mode, **kw))
+        return folder
+
+    def disk_full(self, target: str, attribute: str) -> None:
+        """`target.attribute` (a function that writes) fails as a full disk does."""
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.tmp / "somewhere"))
+
+        self.monkeypatch.setattr(f"{target}.{attribute}", full)
+
+
+def big_png(width: int, height: int) -> bytes:
+    """A PNG whose header says width x height, with almost no data behind it: a few bytes on disk that
+    would decode to gigabytes."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+def thin_png() -> bytes:
+    import io
+
+    out = io.BytesIO()
+    Image.new("RGB", (1, 100_000), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()  # about 500 bytes
+
+
+def story_with_image(c: Ctx, data: bytes) -> Path:
+    c.file("s/a.png", data)
+    return c.file("s/story.json", json.dumps({"id": "s", "steps": [{"text": "a shape.", "image": "a.png"}]}))
+
+
+def train_args(c: Ctx, *extra: str, recipe: str = "stage1.yaml") -> list[str]:
+    return ["train", "-r", str(DEBUG / recipe), f"train.output_dir={c.tmp / 'run'}", *extra]
+
+
+def generate_args(c: Ctx, story, *extra: str, model: Path | None = None) -> list[str]:
+    return ["generate", "-s", str(story), "-m", str(model or c.runs / "s2"), "-o", str(c.tmp / "out"), *FAST, *extra]
+
+
+def evaluate_args(c: Ctx, predictions, references, *extra: str, metrics: str = "rouge_l") -> list[str]:
+    return ["evaluate", "-p", str(predictions), "-r", str(references), "-m", metrics, "-o", str(c.tmp / "m.json"),
+            *extra]
+
+
+def nan_loss(c: Ctx) -> list[str]:
+    """Training whose loss turns to NaN at step 3: it stops there, checkpoint-2 stays the last."""
+    from minigpt5_cli.modeling.model import MiniGPT5
+
+    forward, calls = MiniGPT5.forward, []
+
+    def diverging(self, batch):
+        out = forward(self, batch)
+        calls.append(1)
+        return {**out, "loss": out["loss"] * float("nan")} if len(calls) >= 3 else out
+
+    c.monkeypatch.setattr(MiniGPT5, "forward", diverging)
+    return train_args(c, "train.max_steps=4", "train.save_every=2")
+
+
+def resume_with_damaged(c: Ctx, name: str) -> list[str]:
+    run = c.copy("s1", "run")
+    (run / "checkpoint-4" / name).write_bytes((run / "checkpoint-4" / name).read_bytes()[:100])
+    return train_args(c, "train.max_steps=6") + ["--resume"]
+
+
+def generate_with_damaged_vokens(c: Ctx) -> list[str]:
+    run = c.copy("s2", "model")
+    (run / "checkpoint-4" / "vokens.safetensors").write_bytes(b"\0" * 10)
+    return generate_args(c, "a circle.", model=run)
+
+
+def prepare_raced(c: Ctx) -> list[str]:
+    """Another run finishes the same new output folder while this one writes it."""
+    import datasets
+
+    save, out = datasets.Dataset.save_to_disk, c.tmp / "data"
+
+    def save_then_race(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        (out / "theirs").mkdir(parents=True, exist_ok=True)
+        (out / "theirs" / "summary.json").write_text("{}")
+
+    c.monkeypatch.setattr(datasets.Dataset, "save_to_disk", save_then_race)
+    return ["prepare-data", "cc3m", "--input", str(cc3m_tsv(c)), "--output", str(out)]
+
+
+def generate_raced(c: Ctx) -> list[str]:
+    """Another run writes the story while this one renders it."""
+    from minigpt5_cli.generation import output
+
+    write = output._write_files
+
+    def racing(tmp, job, record):
+        doc = write(tmp, job, record)
+        shutil.copy(c.runs / "out" / "story.json", c.tmp / "out" / "story.json")
+        return doc
+
+    c.monkeypatch.setattr(output, "_write_files", racing)
+    return generate_args(c, DEBUG / "data" / "story.json")
+
+
+def cc3m_tsv(c: Ctx) -> Path:
+    shutil.copy(IMAGES / "red_circle.png", c.tmp / "red.png")
+    return c.file("cc3m.tsv", "caption\timage_path\na red circle\tred.png\n")
+
+
+def over_existing(c: Ctx, name: str) -> Path:
+    """An earlier output of the command, copied in: a failing rerun must leave it whole."""
+    return c.copy(name)
+
+
+def stories_jsonl_with_surrogate(c: Ctx) -> Path:
+    return c.file("s.jsonl", '{"id": "a\\ud800", "steps": [{"text": "x"}]}\n')
+
+
+def bundle_over_user_folder(c: Ctx) -> list[str]:
+    c.file("mine/notes.txt", "mine")
+    return ["bundle", str(c.runs / "s2"), str(c.tmp / "mine"), "--overwrite"]
+
+
+def bundle_disk_full(c: Ctx) -> list[str]:
+    over_existing(c, "bundle")
+    c.disk_full("shutil", "copy2")
+    return ["bundle", str(c.runs / "s2"), str(c.tmp / "bundle"), "--overwrite"]
+
+
+def train_on(c: Ctx, line: str, image: bytes | None = None) -> list[str]:
+    if image is None:
+        shutil.copy(IMAGES / "red_circle.png", c.tmp / "a.png")
+    else:
+        c.file("a.png", image)
+    return train_args(c, f"data.train={c.file('d.jsonl', line)}")
+
+
+def train_disk_full(c: Ctx) -> list[str]:
+    c.copy("s1", "run")
+    c.disk_full("minigpt5_cli.modeling.checkpoint", "save")
+    return train_args(c, "train.max_steps=6") + ["--resume"]
+
+
+def generate_over_malformed(c: Ctx) -> list[str]:
+    c.file("out/story.json", "{not json")
+    return generate_args(c, "a circle.", "--overwrite")
+
+
+def generate_over_another(c: Ctx) -> list[str]:
+    over_existing(c, "out")
+    return generate_args(c, "a square.")
+
+
+def generate_disk_full(c: Ctx) -> list[str]:
+    over_existing(c, "out")
+    c.disk_full("PIL.Image.Image", "save")
+    return generate_args(c, DEBUG / "data" / "story.json", "--overwrite")
+
+
+def generate_elsewhere(c: Ctx, output: Path) -> list[str]:
+    return ["generate", "-s", "a circle.", "-m", str(c.runs / "s2"), "-o", str(output), *FAST]
+
+
+def evaluate_huge(c: Ctx) -> list[str]:
+    c.file("big.png", big_png(13000, 13000))
+    predictions = c.file("p.jsonl", '{"id": "a", "images": ["big.png"]}\n')
+    references = c.file("r.jsonl", '{"id": "a", "text": "x", "images": ["big.png"]}\n')
+    return evaluate_args(c, predictions, references, metrics="toy_colour")
+
+
+def evaluate_disk_full(c: Ctx) -> list[str]:
+    """The CSV fails after metrics.json was written: neither old file is replaced."""
+    c.file("m.json", "{}")
+    c.file("m.samples.csv", "id\n")
+    c.disk_full("minigpt5_cli.evaluation.evaluate.csv", "writer")
+    lines = c.file("p.jsonl", '{"id": "a", "text": "a red circle"}\n')
+    return evaluate_args(c, lines, lines)
+
+
+def prepare_disk_full(c: Ctx) -> list[str]:
+    c.file("data/summary.json", "{}")
+    c.disk_full("datasets.Dataset", "save_to_disk")
+    return ["prepare-data", "cc3m", "--input", str(cc3m_tsv(c)), "--output", str(c.tmp / "data"), "--overwrite"]
+
+
+@dataclass
+class Case:
+    id: str
+    argv: Callable[[Ctx], list[str]]
+    message: str  # how the one line starts, after "error: " ({tmp}: the case's folder)
+
+
+PAIR = json.dumps({"caption": "x", "image": "a.png"})
+CASES = [
+    # bundle: never deletes what it did not write
+    Case("bundle-overwrite-user-folder", bundle_over_user_folder, "{tmp}/mine is not a bundle minigpt5 wrote"),
+    Case("bundle-into-its-run", lambda c: ["bundle", str(c.copy("s2")), str(c.tmp / "s2"), "--overwrite"],
+         "{tmp}/s2 overlaps"),
+    Case("bundle-inside-its-run", lambda c: ["bundle", str(c.copy("s2")), str(c.tmp / "s2" / "b")],
+         "{tmp}/s2/b overlaps"),
+    Case("bundle-onto-a-file", lambda c: ["bundle", str(c.runs / "s2"), str(c.file("f", "x")), "--overwrite"],
+         "OUTPUT {tmp}/f is a file"),
+    Case("bundle-read-only", lambda c: ["bundle", str(c.runs / "s2"), str(c.read_only("ro") / "b")],
+         "cannot write to {tmp}/ro"),
+    Case("bundle-disk-full", bundle_disk_full, "No space left on device"),
+    # train: garbage settings refused before any work
+    Case("train-lr-nan", lambda c: train_args(c, "train.lr=nan"), "recipe key 'train.lr' must be a finite number"),
+    Case("train-lr-inf", lambda c: train_args(c, "train.lr=.inf"), "recipe key 'train.lr' must be a finite number"),
+    Case("train-lr-negative", lambda c: train_args(c, "train.lr=-1e-3"), "recipe key 'train.lr' must be above 0"),
+    Case("train-mapper-lr-nan", lambda c: train_args(c, "train.mapper_lr_scale=nan"),
+         "recipe key 'train.mapper_lr_scale' must be a finite number"),
+    Case("train-max-steps-negative", lambda c: train_args(c, "train.max_steps=-1"),
+         "recipe key 'train.max_steps' must be at least 0"),
+    Case("train-nothing-to-train", lambda c: train_args(c, "train.epochs=0", "train.max_steps=0"),
+         "recipe keys 'train.epochs' and 'train.max_steps' are both 0"),
+    Case("train-num-workers", lambda c: train_args(c, "data.num_workers=-1"),
+         "recipe key 'data.num_workers' must be at least 0"),
+    Case("train-mapper-heads", lambda c: train_args(c, "model.mapper.hidden=30", "model.mapper.heads=4"),
+         "recipe key 'model.mapper.hidden' (30) must be a multiple"),
+    Case("train-mapper-heads-width", lambda c: train_args(c, "model.mapper.heads=5"),
+         "the generator's conditioning width 32 is not a multiple of model.mapper.heads (5)"),
+    Case("train-binary-recipe", lambda c: ["train", "-r", str(c.file("r.yaml", BINARY))], "{tmp}/r.yaml is not UTF-8"),
+    Case("train-binary-data", lambda c: train_args(c, f"data.train={c.file('d.jsonl', BINARY)}"),
+         "{tmp}/d.jsonl is not UTF-8"),
+    Case("train-surrogate-text", lambda c: train_on(c, PAIR.replace('"x"', '"x\\udc80"')),
+         "{tmp}/d.jsonl line 1: '\\udc80' is an unpaired surrogate"),
+    Case("train-oversized-image", lambda c: train_on(c, PAIR, thin_png()),
+         "image too large: {tmp}/a.png is 1 x 100000 pixels"),
+    Case("train-output-is-a-file", lambda c: train_args(c, f"train.output_dir={c.file('f', 'x')}"),
+         "train.output_dir {tmp}/f is a file"),
+    Case("train-read-only", lambda c: train_args(c, f"train.output_dir={c.read_only('ro') / 'run'}"),
+         "cannot write to {tmp}/ro"),
+    Case("train-nan-loss", nan_loss, "training diverged at step 3 (loss nan"),
+    Case("train-resume-damaged-optimizer", lambda c: resume_with_damaged(c, "optimizer.bin"),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/optimizer.bin does not load; use the "
+         "checkpoint before it, {tmp}/run/checkpoint-2"),
+    Case("train-resume-damaged-vokens", lambda c: resume_with_damaged(c, "vokens.safetensors"),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/vokens.safetensors does not load"),
+    Case("train-disk-full", train_disk_full, "No space left on device"),
+    # generate
+    Case("generate-binary-story-json", lambda c: generate_args(c, c.file("s.json", BINARY)),
+         "{tmp}/s.json is not UTF-8"),
+    Case("generate-binary-story-jsonl", lambda c: generate_args(c, c.file("s.jsonl", BINARY)),
+         "{tmp}/s.jsonl is not UTF-8"),
+    Case("generate-surrogate-id", lambda c: generate_args(c, stories_jsonl_with_surrogate(c)),
+         "{tmp}/s.jsonl line 1: '\\ud800' is an unpaired surrogate"),
+    Case("generate-oversized-image", lambda c: generate_args(c, story_with_image(c, thin_png())),
+         "image too large: {tmp}/s/a.png is 1 x 100000 pixels"),
+    Case("generate-huge-image", lambda c: generate_args(c, story_with_image(c, big_png(13000, 13000))),
+         "image too large: {tmp}/s/a.png is 13000 x 13000 pixels, more than 40 megapixels"),
+    Case("generate-output-is-a-file", lambda c: generate_elsewhere(c, c.file("f", "x")), "--output {tmp}/f is a file"),
+    Case("generate-read-only", lambda c: generate_elsewhere(c, c.read_only("ro")), "cannot write to {tmp}/ro"),
+    Case("generate-damaged-vokens", generate_with_damaged_vokens,
+         "checkpoint {tmp}/model/checkpoint-4 is damaged: {tmp}/model/checkpoint-4/vokens.safetensors does not load"),
+    Case("generate-malformed-story-json", generate_over_malformed,
+         "{tmp}/out already holds story.json, not written by minigpt5"),
+    Case("generate-another-story-there", generate_over_another, "{tmp}/out holds another story ('circle')"),
+    Case("generate-raced", generate_raced, "{tmp}/out/story.json was written by another run meanwhile"),
+    Case("generate-disk-full", generate_disk_full, "No space left on device"),
+    Case("generate-temperature-nan", lambda c: generate_args(c, "x", "--temperature", "nan"),
+         "--temperature must be a finite number"),
+    Case("generate-guidance-nan", lambda c: generate_args(c, "x", "--guidance-scale", "nan"),
+         "--guidance-scale must be a finite number"),
+    Case("generate-image-size", lambda c: generate_args(c, "x", "--image-size", "99992"),
+         "--image-size must be a multiple of 8 from 8 to 2048"),
+    Case("generate-empty-story", lambda c: generate_args(c, ""), "the story is empty"),
+    # evaluate
+    Case("evaluate-binary-predictions", lambda c: evaluate_args(c, c.file("p.jsonl", BINARY), SEQS),
+         "{tmp}/p.jsonl is not UTF-8"),
+    Case("evaluate-binary-compare", lambda c: ["evaluate", "--compare", str(c.file("a.json", BINARY)),
+                                               str(c.file("b.json", "{}"))], "{tmp}/a.json is not UTF-8"),
+    Case("evaluate-huge-image", evaluate_huge, "image too large: {tmp}/big.png is 13000 x 13000 pixels"),
+    Case("evaluate-output-is-a-folder", lambda c: evaluate_args(c, SEQS, SEQS)[:-2] + ["-o", str(c.runs)],
+         "--output {runs} is a folder"),
+    Case("evaluate-read-only", lambda c: evaluate_args(c, SEQS, SEQS)[:-2] + ["-o", str(c.read_only("ro") / "m.json")],
+         "cannot write to {tmp}/ro"),
+    Case("evaluate-bootstrap", lambda c: evaluate_args(c, SEQS, SEQS, "--bootstrap", "1000000000"),
+         "--bootstrap must be in [1, 100000]"),
+    Case("evaluate-disk-full", evaluate_disk_full, "No space left on device"),
+    # prepare-data
+    Case("prepare-binary-cc3m-tsv", lambda c: ["prepare-data", "cc3m", "--input", str(c.file("c.tsv", BINARY)),
+                                               "--output", str(c.tmp / "data")],
+         "cannot read {tmp}/c.tsv: it is not UTF-8"),
+    Case("prepare-output-is-a-file", lambda c: ["prepare-data", "toy", "--output", str(c.file("f", "x"))],
+         "--output {tmp}/f is a file"),
+    Case("prepare-read-only", lambda c: ["prepare-data", "toy", "--output", str(c.read_only("ro") / "d")],
+         "cannot write to {tmp}/ro"),
+    Case("prepare-raced", prepare_raced, "{tmp}/data appeared while this run was writing it"),
+    Case("prepare-disk-full", prepare_disk_full, "No space left on device"),
+]
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(case, runs, tmp_path, capsys, monkeypatch):
+    ctx = Ctx(tmp_path, runs, monkeypatch)
+    argv = [str(a) for a in case.argv(ctx)]
+    before = snapshot(tmp_path)
+    capsys.readouterr()
+    try:
+        code = run_cli(*argv)
+    finally:
+        for p in tmp_path.rglob("*"):  # let pytest clean up read-only folders
+            if p.is_dir():
+                p.chmod(0o755)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: " + case.message.format(tmp=tmp_path, runs=runs)), lines[0]
+    after = snapshot(tmp_path)
+    assert {k: after.get(k) for k in before} == before, "files that were there before changed"
+    assert not [p for p in after if any(m in p for m in (".partial", ".tmp", ".old-"))], "a temporary was left"
