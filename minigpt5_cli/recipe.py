@@ -46,7 +46,9 @@ class AdapterConfig:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # LoRA: the language model's layers to adapt; empty: PEFT's default for the architecture (q_proj,
+    # v_proj for Llama), else its fused attention projection (qkv_proj, query_key_value, c_attn)
+    target_modules: list[str] = field(default_factory=list)
     virtual_tokens: int = 5
     prefix_hidden: int = 1024
 
@@ -58,6 +60,8 @@ class DataConfig:
     tasks: list[Literal["turn", "gen", "multimodal", "understanding"]] = field(default_factory=lambda: ["turn"])
     max_length: int = 512  # tokens per sample; older history steps are dropped to fit
     history: int = 4  # previous steps kept in a stage-2 prompt
+    # paper: `###Human: ... ###Assistant:` text; chat: the LLM's chat template; auto: chat when it has one
+    prompt_format: Literal["auto", "paper", "chat"] = "auto"
     instruction_prob: float = 0.01  # stage 1: share of samples in instruction form
     num_workers: int = 0
 

@@ -254,6 +254,39 @@ def prepare_disk_full(c: Ctx) -> list[str]:
     return ["prepare-data", "cc3m", "--input", str(cc3m_tsv(c)), "--output", str(c.tmp / "data"), "--overwrite"]
 
 
+def clip_as_llm(c: Ctx) -> list[str]:
+    """A model folder of a kind that is neither a causal LM nor an image-text-to-text model."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    CLIPTextModel(CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                 vocab_size=100)).save_pretrained(c.tmp / "clip")
+    return train_args(c, f"model.llm={c.tmp / 'clip'}")
+
+
+def processor_missing_a_package(c: Ctx) -> list[str]:
+    """A processor that needs a package this machine lacks (as Qwen2-VL's video processor needs torchvision)."""
+    import transformers
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'torchvision'", name="torchvision")
+
+    c.monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", missing)
+    return train_args(c)
+
+
+def inpainting_generator(c: Ctx) -> list[str]:
+    from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
+
+    from minigpt5_cli.toyworld import tiny
+
+    sd = StableDiffusionPipeline.from_pretrained(tiny.resolve("tiny:sd"))
+    unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})  # latents, mask, masked image
+    StableDiffusionInpaintPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
+                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False).save_pretrained(c.tmp / "inpaint")
+    return train_args(c, f"model.generator={c.tmp / 'inpaint'}")
+
+
 @dataclass
 class Case:
     id: str
@@ -308,6 +341,14 @@ CASES = [
     Case("train-resume-damaged-vokens", lambda c: resume_with_damaged(c, "vokens.safetensors"),
          "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/vokens.safetensors does not load"),
     Case("train-disk-full", train_disk_full, "No space left on device"),
+    Case("train-unsupported-model-type", clip_as_llm, "the LLM '{tmp}/clip' is a 'clip_text_model' model, neither"),
+    Case("train-processor-needs-a-package", processor_missing_a_package,
+         "the processor of 'tiny:llava' needs the package 'torchvision': pip install torchvision"),
+    Case("train-lora-targets-match-nothing",
+         lambda c: train_args(c, "adapter.target_modules=[c_proj, wq]", "train.init_from=none", recipe="stage2_lora.yaml"),
+         "adapter.target_modules ['c_proj', 'wq'] match no layer of the language model; its linear layers are "),
+    Case("train-inpainting-generator", inpainting_generator,
+         "generator '{tmp}/inpaint' has a UNet of 9 input channels for 4-channel latents"),
     # generate
     Case("generate-binary-story-json", lambda c: generate_args(c, c.file("s.json", BINARY)),
          "{tmp}/s.json is not UTF-8"),

@@ -68,6 +68,11 @@ def test_generate_writes_story_folder(runs, story_file, tmp_path):
     assert not (out / ".partial").exists()
 
 
+def tokens(ids: list[int]) -> dict:
+    """A prompt's model inputs, as the collator gives them."""
+    return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+
 def boost_img0(model):
     """Make [IMG0] the overwhelming next token, wherever the model is."""
     head = model.llm.get_output_embeddings()
@@ -89,7 +94,7 @@ def test_voken_groups_are_forced_in_one_step_at_training_positions(runs, run):
     settings = G.Settings(max_new_tokens=2 * n, min_images=0)
     decoder = G.Decoder(model, settings)
     prompt = model.tokenizer("###Human: there is a circle. ###Assistant: ")["input_ids"]
-    segments, states = decoder([(prompt, None)], [0])
+    segments, states = decoder([tokens(prompt)], [0])
     handle.remove()
     # [IMG0] sampled twice; each time the whole group went in as one forward call of n tokens.
     assert segments == [[{"image": 0}, {"image": 1}]]
@@ -168,7 +173,7 @@ def test_two_stage_never_emits_vokens(runs):
     model, _ = G.load(str(runs / "lora"))
     handle = boost_img0(model)
     segments, states = G.Decoder(model, G.Settings(mode="two-stage", max_new_tokens=12))(
-        [(model.tokenizer("###Human: hi ###Assistant: ")["input_ids"], None)], [0])
+        [tokens(model.tokenizer("###Human: hi ###Assistant: ")["input_ids"])], [0])
     handle.remove()
     assert states.shape[0] == 0 and all("image" not in seg for seg in segments[0])
 

@@ -1,14 +1,27 @@
-"""The collator: samples to one right-padded batch of token ids, labels, pixels and targets."""
+"""The collator: samples to one batch of model inputs, labels and targets.
+
+A prompt is written in one of two forms, `data.prompt_format`: the paper's `###Human: ...
+###Assistant:` text, or the model's own chat template (`auto`: the template when the model has one),
+and goes through the model's own processor (image-text LLMs) or tokenizer, identically with and
+without images. Every tensor the processor returns goes to the model: per-token tensors padded to
+the batch width (and carried on over the target tokens), per-image tensors concatenated along the
+image axis, with their masks. Only target tokens carry labels.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from minigpt5_cli.data import prompts
 from minigpt5_cli.data.samples import Sample
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.modeling.families import Quirks
+
+# Batch keys that are training targets, not model inputs.
+TARGETS = ("labels", "target_pixels", "latent_mean", "latent_logvar", "caption_ids", "caption_embeds")
 
 
 @dataclass(kw_only=True)
@@ -21,31 +34,82 @@ class Collator:
     first_voken: int
     n_vokens: int
     max_length: int
+    prompt_format: str = "paper"  # paper, chat or auto
+    quirks: Quirks = field(default_factory=Quirks)
+    _layout: dict | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def for_model(cls, model) -> "Collator":
         """The collator that tokenises samples for a MiniGPT5 model, in training and generation alike."""
-        return cls(tokenizer=model.tokenizer, processor=model.processor, caption_tokenizer=model.gen_info.tokenizer,
-                   first_voken=model.first_voken, n_vokens=model.vokens.n, max_length=model.recipe.data.max_length)
+        from minigpt5_cli.modeling.families import quirks
 
-    def _prompt(self, sample: Sample, history: list) -> tuple[str, list]:
+        return cls(tokenizer=model.tokenizer, processor=model.processor, caption_tokenizer=model.gen_info.tokenizer,
+                   first_voken=model.first_voken, n_vokens=model.vokens.n, max_length=model.recipe.data.max_length,
+                   prompt_format=model.recipe.data.prompt_format, quirks=quirks(model.llm_info.model))
+
+    @property
+    def chat(self) -> bool:
+        """Whether prompts are written with the model's chat template."""
+        if self.prompt_format == "paper":
+            return False
+        template = getattr(self.processor or self.tokenizer, "chat_template", None)
+        if self.prompt_format == "chat" and not template:
+            raise UserError("data.prompt_format is chat, but the LLM has no chat template; use paper (or auto)")
+        return bool(template)
+
+    # -- the prompt's text
+
+    def _render(self, sample: Sample, history: list) -> tuple[str, list]:
         if sample.prompt is not None:
             return sample.prompt, []
-        image_token = getattr(self.processor, "image_token", None)
-        lines, images = [], []
-        for text, img in history:
-            if img is not None and image_token:
-                lines.append(f"{text} {image_token}".strip())
-                images.append(img)
-            else:
-                lines.append(text)
+        take = self.processor is not None  # a text-only LLM never sees the images
+        images = [img for _, img in history if img is not None and take]
+        if self.chat and self.processor is not None:
+            parts = []
+            for text, img in history:
+                parts += ([{"type": "text", "text": text}] if text else []) + \
+                    ([{"type": "image"}] if img is not None and take else [])
+            text = self.processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False,
+                                                      add_generation_prompt=True)
+            return text, images
+        if self.chat:
+            return self.tokenizer.apply_chat_template([{"role": "user", "content": "\n".join(t for t, _ in history)}],
+                                                      tokenize=False, add_generation_prompt=True), []
+        marker = image_marker(self.processor) if images else ""
+        lines = [f"{text} {marker}".strip() if img is not None and take else text for text, img in history]
         return prompts.dialogue(lines), images
 
-    def _encode_prompt(self, text: str, images: list) -> tuple[list[int], torch.Tensor | None]:
-        if images:
-            enc = self.processor(text=[text], images=images, return_tensors="pt")
-            return enc["input_ids"][0].tolist(), enc["pixel_values"]
-        return self.tokenizer(text)["input_ids"], None
+    def _encode(self, text: str, images: list) -> dict[str, torch.Tensor]:
+        """The model inputs of one prompt, batch dimension 1, as the model's processor gives them."""
+        special = {"add_special_tokens": False} if self.chat else {}  # a chat template writes its own BOS
+        if self.processor is None:
+            enc = self.tokenizer(text, return_tensors="pt", **special)
+            return {k: enc[k] for k in self.tokenizer.model_input_names if k in enc}
+        if not images and self.quirks.text_only is not None:  # a processor that refuses prompts without images
+            enc = self.tokenizer(self.quirks.text_only(text, self.tokenizer), return_tensors="pt",
+                                 add_special_tokens=False)
+            ids = enc["input_ids"]  # all of it prompt: token type 0, as the processor writes a prompt
+            return {"input_ids": ids, "attention_mask": enc["attention_mask"], "token_type_ids": torch.zeros_like(ids)}
+        enc = self.processor(text=[text], images=images or None, return_tensors="pt", **special)
+        return {k: v for k, v in enc.items() if torch.is_tensor(v) and k != "labels"}  # our labels, not its
+
+    def prompt(self, sample: Sample, room: int) -> dict[str, torch.Tensor]:
+        """The model inputs of the prompt, dropping the oldest steps to fit `room` tokens."""
+        history = list(sample.history)
+        while True:
+            text, images = self._render(sample, history)
+            enc = self._encode(text, images)
+            if enc["input_ids"].shape[1] <= room or not history:
+                break
+            history.pop(0)  # the oldest step goes first
+        length = enc["input_ids"].shape[1]
+        if length > room:
+            if room < 1 or not all(per_token(v, length) for v in enc.values()):  # images cannot be cut
+                raise UserError(f"a sample does not fit data.max_length={self.max_length}; raise it")
+            enc = {k: v[:, :room] for k, v in enc.items()}
+        return enc
+
+    # -- targets
 
     def _target_ids(self, sample: Sample) -> list[int]:
         vokens = self.tokenizer.convert_ids_to_tokens(list(range(self.first_voken, self.first_voken + self.n_vokens)))
@@ -54,40 +118,87 @@ class Collator:
             text = (text + " " if text else "") + "".join(vokens)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
-    def prompt(self, sample: Sample, room: int) -> tuple[list[int], torch.Tensor | None]:
-        """Token ids (and pixel values) of the prompt, dropping the oldest steps to fit `room` tokens."""
-        history = list(sample.history)
-        while True:
-            prompt_ids, pixel_values = self._encode_prompt(*self._prompt(sample, history))
-            if len(prompt_ids) <= room or not history:
-                break
-            history.pop(0)  # the oldest step goes first
-        if len(prompt_ids) > room:
-            if pixel_values is not None or room < 1:
-                raise UserError(f"a sample does not fit data.max_length={self.max_length}; raise it")
-            prompt_ids = prompt_ids[:room]
-        return prompt_ids, pixel_values
+    def extend(self, enc: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
+        """`enc` with tokens `ids` appended: per-token tensors carried on over them (the mask 1, token
+        types as the family writes what the model says, anything else as the prompt's last token)."""
+        n, length = len(ids), enc["input_ids"].shape[1]
+        out = {}
+        for key, value in enc.items():
+            if key == "input_ids":
+                value = torch.cat([value, torch.tensor([ids], dtype=value.dtype)], dim=1)
+            elif per_token(value, length):
+                if key == "attention_mask":
+                    more = torch.ones(1, n, dtype=value.dtype)
+                elif key == "token_type_ids":
+                    more = torch.full((1, n), self.quirks.target_token_type, dtype=value.dtype)
+                else:
+                    more = value[:, -1:].expand(1, n, *value.shape[2:])
+                value = torch.cat([value, more], dim=1)
+            out[key] = value
+        return out
 
-    def encode(self, sample: Sample) -> tuple[list[int], list[int], torch.Tensor | None]:
+    def encode(self, sample: Sample) -> tuple[dict[str, torch.Tensor], list[int]]:
         target = self._target_ids(sample)
-        prompt_ids, pixel_values = self.prompt(sample, self.max_length - len(target))
-        labels = [-100] * len(prompt_ids) + [
+        enc = self.prompt(sample, self.max_length - len(target))
+        labels = [-100] * enc["input_ids"].shape[1] + [
             -100 if self.first_voken < t < self.first_voken + self.n_vokens else t for t in target
         ]  # [IMG0] is supervised; the rest of the group is forced at inference
-        return prompt_ids + target, labels, pixel_values
+        return self.extend(enc, target), labels
+
+    # -- batches
+
+    def layout(self) -> dict[str, str]:
+        """Which processor tensors carry a batch axis before their image axis ("batch"), and which list
+        images (or their patches) on their first axis ("flat"): read once from the processor's own
+        output for a prompt with two images."""
+        if self._layout is None:
+            self._layout = {}
+            if self.processor is not None:
+                from PIL import Image
+
+                two = [Image.new("RGB", (40, 30), (128, 64, 32))] * 2
+                enc = self._encode(*self._render(Sample(history=[("a", two[0]), ("b", two[1])]),
+                                                 [("a", two[0]), ("b", two[1])]))
+                length = enc["input_ids"].shape[1]
+                self._layout = {k: "batch" if v.shape[0] == 1 else "flat" for k, v in enc.items()
+                                if not per_token(v, length)}
+        return self._layout
+
+    def merge(self, encodings: list[dict[str, torch.Tensor]], left: bool = False) -> dict[str, torch.Tensor]:
+        """One batch from per-sample model inputs: per-token tensors padded (on the right, or on the left
+        for decoding), per-image ones concatenated, zeros where a sample has no image."""
+        layout = self.layout()
+        width = max(e["input_ids"].shape[1] for e in encodings)
+        batch = {}
+        for key in dict.fromkeys(k for e in encodings for k in e):
+            values = [e.get(key) for e in encodings]
+            given = [v for v in values if v is not None]
+            if key in ("input_ids", "attention_mask") or all(per_token(v, e["input_ids"].shape[1])
+                                                               for v, e in zip(values, encodings) if v is not None):
+                # Padding is written as the model's own tokens: PaliGemma's bidirectional prefix (type 0)
+                # would otherwise take a row's padding into its block.
+                fill = self.tokenizer.pad_token_id if key == "input_ids" else \
+                    self.quirks.target_token_type if key == "token_type_ids" else 0
+                trailing = _largest([v.shape[2:] for v in given])
+                rows = [_pad(v if v is not None else torch.full((1, e["input_ids"].shape[1], *trailing), fill,
+                                                                dtype=given[0].dtype),
+                             (width, *trailing), fill, left) for v, e in zip(values, encodings)]
+                batch[key] = torch.cat(rows)
+            elif layout.get(key, "flat") == "batch":
+                shape = _largest([v.shape[1:] for v in given])
+                batch[key] = torch.cat([_pad(v if v is not None else torch.zeros(1, *[0] * len(shape),
+                                                                                  dtype=given[0].dtype), shape, 0)
+                                        for v in values])
+            else:
+                shape = _largest([v.shape[1:] for v in given])
+                batch[key] = torch.cat([_pad(v, shape, 0) for v in given])
+        return batch
 
     def __call__(self, samples: list[Sample]) -> dict:
         encoded = [self.encode(s) for s in samples]
-        width = max(len(ids) for ids, _, _ in encoded)
-        pad = self.tokenizer.pad_token_id
-        batch = {
-            "input_ids": torch.tensor([ids + [pad] * (width - len(ids)) for ids, _, _ in encoded]),
-            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _, _ in encoded]),
-            "labels": torch.tensor([lab + [-100] * (width - len(lab)) for _, lab, _ in encoded]),
-        }
-        pixels = [pv for _, _, pv in encoded if pv is not None]
-        if pixels:
-            batch["pixel_values"] = torch.cat(pixels)
+        batch = self.merge([enc for enc, _ in encoded])
+        width = batch["input_ids"].shape[1]
+        batch["labels"] = torch.tensor([lab + [-100] * (width - len(lab)) for _, lab in encoded])
         targets = [s for s in samples if s.vokens]  # in order: one per voken group
         cached = [s for s in targets if s.latent is not None]
         if cached and len(cached) < len(targets):
@@ -109,3 +220,40 @@ class Collator:
                 max_length=self.caption_tokenizer.model_max_length,
             ).input_ids
         return batch
+
+
+def image_marker(processor) -> str:
+    """How the model writes one image in its text: its chat template's rendering of an image (with the
+    family's markers, e.g. Qwen2-VL's <|vision_start|>...<|vision_end|>), else the processor's image
+    token."""
+    token = getattr(processor, "image_token", None) or ""
+    if not getattr(processor, "chat_template", None):
+        return token
+    from jinja2 import TemplateError
+
+    try:
+        text = processor.apply_chat_template([{"role": "user", "content": [
+            {"type": "text", "text": "\x01"}, {"type": "image"}, {"type": "text", "text": "\x02"}]}], tokenize=False)
+    except (TemplateError, ValueError, TypeError, KeyError):  # a template for other message shapes
+        return token
+    start, end = text.find("\x01"), text.find("\x02")
+    return text[start + 1:end].strip() if 0 <= start < end else token
+
+
+def per_token(value: torch.Tensor, length: int) -> bool:
+    """A tensor of one prompt with a value per token: (1, tokens, ...)."""
+    return value.dim() >= 2 and value.shape[0] == 1 and value.shape[1] == length
+
+
+def _largest(shapes: list) -> tuple:
+    return tuple(max(dims) for dims in zip(*shapes)) if shapes else ()
+
+
+def _pad(value: torch.Tensor, shape: tuple, fill, left: bool = False) -> torch.Tensor:
+    """`value` padded with `fill` to `shape` on its axes after the first (the first of them on the left
+    when `left`)."""
+    pads = []
+    for k, (have, want) in enumerate(reversed(list(zip(value.shape[1:], shape)))):
+        first = k == len(shape) - 1
+        pads += [want - have, 0] if first and left else [0, want - have]
+    return F.pad(value, pads, value=fill) if any(pads) else value

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
+from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.generation.settings import Settings
+from minigpt5_cli.modeling.families import computes_own_positions, prefix_cache, quirks, rope_positions
 from minigpt5_cli.modeling.model import MiniGPT5
 
 STOP = "###"  # the paper's turn marker: a response ends where it starts
@@ -61,13 +63,43 @@ class Decoder:
         # transformers renamed `past_key_values` to `cache` during 5.x.
         self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         self.calls: list[int] = []  # tokens per forward call, for inspection
+        self.collator = Collator.for_model(model)
+        self.quirks = quirks(model.llm_info.model)
+        self.own_positions = computes_own_positions(model.llm_info.model)
+        # generate's stop tokens: eos, and the end of turn of chat models (generation_config may list several)
+        stops = getattr(model.llm_info.model.generation_config, "eos_token_id", None)
+        self.stop_ids = {self.tok.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops else [])}
 
     def _forward(self, ids, mask, cache, **extra):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.forward_fn(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                              output_hidden_states=True, logits_to_keep=1, **{self.cache_arg: cache}, **extra)
+        """One cached step over `ids`; `mask` covers the prefix, the cache and `ids`. Positions are the
+        training ones, whatever holes the batch has on its left: 1-D from the mask, or for M-RoPE models
+        their 3-D positions of the whole sequence so far, both after any prefix."""
+        if self.own_positions:
+            self._seq["input_ids"] = torch.cat([self._seq["input_ids"], ids], 1)
+            types = self._seq.get("mm_token_type_ids")
+            if types is not None and types.shape[1] < self._seq["input_ids"].shape[1]:  # new tokens are text
+                self._seq["mm_token_type_ids"] = torch.cat([types, types.new_zeros(types.shape[0], ids.shape[1])], 1)
+            positions = rope_positions(self.model.llm_info.model, self._seq, mask[:, self.virtual:])
+            extra["position_ids"] = positions[..., -ids.shape[1]:] + self.virtual
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:] + self.quirks.position_offset
+            extra["position_ids"] = positions
+        out = self.forward_fn(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True,
+                              logits_to_keep=1, **{self.cache_arg: cache}, **extra)
         self.calls.append(ids.shape[1])
         return out.logits[:, -1].float(), out.hidden_states[-1], out[self.cache_arg]
+
+    def _carried(self, last: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+        """The per-token inputs of `width` new tokens: token types as the family writes what the model
+        says, anything else (Mllama's cross-attention mask) as the last token's."""
+        out = {}
+        for key, value in last.items():
+            if key == "token_type_ids":
+                out[key] = torch.full((value.shape[0], width), self.quirks.target_token_type, dtype=value.dtype,
+                                      device=value.device)
+            else:
+                out[key] = value.expand(value.shape[0], width, *value.shape[2:])
+        return out
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         scores = logits[None].clone()
@@ -90,31 +122,38 @@ class Decoder:
         row.text = []
 
     def _stops(self, row: _Row, token: int) -> bool:
-        if token == self.tok.eos_token_id:
+        if token in self.stop_ids:
             return True
         return STOP in self.tok.decode(row.text[-STOP_WINDOW:] + [token], skip_special_tokens=True)
 
     @torch.inference_mode()
-    def __call__(self, prompts: list[tuple[list[int], torch.Tensor | None]], seeds: list[int],
+    def __call__(self, prompts: list[dict[str, torch.Tensor]], seeds: list[int],
                  on_tokens=None) -> tuple[list[list[dict]], torch.Tensor]:
-        """Decode one response per prompt. Returns each row's segments, whose image entries index
-        into the returned voken states (images, n, llm_width)."""
+        """Decode one response per prompt (its model inputs, as `Collator.prompt` gives them). Returns
+        each row's segments, whose image entries index into the returned voken states
+        (images, n, llm_width)."""
         pad = self.tok.pad_token_id
-        width = max(len(ids) for ids, _ in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in prompts], device=self.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in prompts], device=self.device)
-        rows = [_Row(ids=list(p), generator=torch.Generator(self.device).manual_seed(seed))
-                for (p, _), seed in zip(prompts, seeds)]
-        extra = {}
-        pixels = [pv for _, pv in prompts if pv is not None]
-        if pixels:
-            extra["pixel_values"] = torch.cat(pixels).to(self.device, self.model.llm.dtype)
+        inputs = {k: v.to(self.device) for k, v in self.collator.merge(prompts, left=True).items()}
+        for key, value in inputs.items():
+            if value.is_floating_point():  # pixels, in the model's precision
+                inputs[key] = value.to(self.model.llm.dtype)
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        if self.prefix and self.quirks.prefix_drops_token_types:  # as training does (Quirks)
+            inputs.pop("token_type_ids", None)
+        width = ids.shape[1]
+        # per-token inputs (token types, cross-attention masks) go on with every new token
+        carried = {k: v[:, -1:] for k, v in inputs.items() if v.dim() >= 2 and v.shape[1] == width}
+        rows = [_Row(ids=p["input_ids"][0].tolist(), generator=torch.Generator(self.device).manual_seed(seed))
+                for p, seed in zip(prompts, seeds)]
         cache = None
         if self.prefix:
             mask = torch.cat([mask.new_ones(len(rows), self.virtual), mask], dim=1)
-            cache = self.model.llm.get_prompt(len(rows))
+            cache = prefix_cache(self.model.llm, len(rows), width + self.virtual + self.s.max_new_tokens)
+        self._seq = {k: v for k, v in inputs.items() if k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw",
+                                                              "second_per_grid_ts")}  # what M-RoPE reads
+        self._seq["input_ids"] = ids[:, :0]
         self.calls = []
-        logits, hidden, cache = self._forward(ids, mask, cache, **extra)
+        logits, hidden, cache = self._forward(ids, mask, cache, **inputs)
         last = hidden[:, -1]
         states: list[torch.Tensor] = []
         vokens = list(range(self.first, self.first + self.n))
@@ -159,7 +198,7 @@ class Decoder:
             step = torch.tensor([[pad] * (w - len(c)) + c for c in chunks], device=self.device)
             step_mask = torch.tensor([[0] * (w - len(c)) + [1] * len(c) for c in chunks], device=self.device)
             mask = torch.cat([mask, step_mask], dim=1)
-            logits, hidden, cache = self._forward(step, mask, cache)
+            logits, hidden, cache = self._forward(step, mask, cache, **self._carried(carried, w))
             for r, row in enumerate(rows):
                 if row.pending is not None:  # a voken group fills its chunk: positions 0..n-1
                     states.append(torch.cat([last[r:r + 1], hidden[r, :self.n - 1]]))

@@ -107,7 +107,9 @@ def save(model, folder: str | Path) -> None:
     model.mapper.save_pretrained(folder / "mapper")
     kind = model.recipe.adapter.kind
     if kind != "none":
-        model.llm.save_pretrained(folder / "adapter")
+        # Adapter weights only: PEFT would add the whole embedding and LM head of a resized vocabulary
+        # (about 0.5 GB at 7B); the voken rows are in VOKENS_FILE, and the rest are the base model's.
+        model.llm.save_pretrained(folder / "adapter", save_embedding_layers=False)
     if kind == "prefix":
         # PEFT saves the prefix as its computed key/values, which is enough for inference but not
         # for training on: keep the projection's own weights beside it.
@@ -179,7 +181,7 @@ def _load_adapter(peft_model, folder: Path) -> None:
     from peft import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
 
     state = load_peft_weights(str(folder), device="cpu")
-    wanted = set(get_peft_model_state_dict(peft_model))
+    wanted = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))  # as `save` writes it
     missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
     if missing or unexpected:
         keys = missing or unexpected

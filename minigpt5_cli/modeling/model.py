@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 
 import torch
@@ -13,6 +14,8 @@ from torch import nn
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.backbones import LLM, Generator, load_generator, load_llm
+from minigpt5_cli.modeling.families import (computes_own_positions, lora_targets, prefix_cache, quirks,
+                                            rope_positions, unwrap)
 from minigpt5_cli.modeling.losses import cached_latents, diffusion_loss, text_loss
 from minigpt5_cli.modeling.mapper import FeatureMapper
 from minigpt5_cli.modeling.vokens import VokenRows, add_vokens
@@ -36,6 +39,10 @@ class MiniGPT5(nn.Module):
         self.noise_scheduler = DDPMScheduler.from_config(generator.scheduler.config)
         self.first_voken = vokens.first
         self._null_caption = None
+        self.own_positions = computes_own_positions(llm.model)
+        # transformers renamed `past_key_values` to `cache` during 5.x
+        self.cache_arg = "cache" if "cache" in inspect.signature(unwrap(llm.model).forward).parameters \
+            else "past_key_values"
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -80,10 +87,30 @@ class MiniGPT5(nn.Module):
     def diffusion_loss(self, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return diffusion_loss(self.unet, self.noise_scheduler, cond, latents, self.recipe.loss.snr_gamma)
 
+    def language_forward(self, batch: dict):
+        """The LLM over whole sequences: every tensor the processor gave (the batch's targets aside), pixels
+        in the model's precision. With prefix tuning, the base model behind a cache that holds the prefix,
+        as generation calls it: PEFT's own forward would drop token_type_ids (Gemma 3's image blocks,
+        PaliGemma's prefix-LM mask); positions start after the prefix."""
+        from minigpt5_cli.data.collate import TARGETS
+
+        inputs = {k: v.to(self.llm.dtype) if v.is_floating_point() else v for k, v in batch.items() if k not in TARGETS}
+        if self.recipe.adapter.kind != "prefix":
+            return self.llm(**inputs, output_hidden_states=True)
+        rows, length = inputs["input_ids"].shape
+        virtual = self.recipe.adapter.virtual_tokens
+        mask = inputs.pop("attention_mask")
+        if quirks(self.llm).prefix_drops_token_types:
+            inputs.pop("token_type_ids", None)
+        if self.own_positions:  # 3-D positions, from the sequence as it is, then after the prefix
+            inputs["position_ids"] = rope_positions(self.llm_info.model, inputs, mask) + virtual
+        cache = prefix_cache(self.llm, rows, length + virtual)
+        return self.llm.get_base_model()(**inputs, attention_mask=torch.cat([mask.new_ones(rows, virtual), mask], 1),
+                                         output_hidden_states=True, **{self.cache_arg: cache})
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         w = self.recipe.loss
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
-        out = self.llm(**inputs, output_hidden_states=True)
+        out = self.language_forward(batch)
         logits, labels = out.logits.float(), batch["labels"]
         text = text_loss(logits, labels)
         zero = logits.new_zeros(())
@@ -119,10 +146,15 @@ def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
         # Only the language model's projections: a vision tower may use the same names.
         decoder = model.get_decoder()
         prefix = next(name for name, m in model.named_modules() if m is decoder)
-        targets = "|".join(map(re.escape, a.target_modules))
+        from transformers.pytorch_utils import Conv1D
+
+        names = lora_targets(model, decoder, list(a.target_modules))
+        targets = "|".join(map(re.escape, names))
         pattern = rf"{re.escape(prefix)}\..*\.({targets})" if prefix else rf".*\.({targets})"
+        # GPT-2's projections are Conv1D, whose weight is stored transposed
+        transposed = any(isinstance(m, Conv1D) and n.rsplit(".", 1)[-1] in names for n, m in decoder.named_modules())
         config = LoraConfig(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=pattern,
-                            task_type="CAUSAL_LM")
+                            fan_in_fan_out=transposed, task_type="CAUSAL_LM")
     else:
         config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=a.virtual_tokens,
                                     prefix_projection=True, encoder_hidden_size=a.prefix_hidden)

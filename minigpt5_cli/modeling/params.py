@@ -30,6 +30,7 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from minigpt5_cli.modeling.families import lora_targets
     from minigpt5_cli.modeling.mapper import FeatureMapper
 
     m = dataclasses.replace(MapperConfig(), kind=mapper_kind)
@@ -44,8 +45,8 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
             llm = LlamaForCausalLM(LlamaConfig(**PAPER_LLM))
             llm.requires_grad_(False)
             if adapter.kind == "lora":
-                config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, target_modules=list(adapter.target_modules),
-                                    task_type="CAUSAL_LM")
+                targets = lora_targets(llm, llm.model, list(adapter.target_modules))
+                config = LoraConfig(r=adapter.r, lora_alpha=adapter.alpha, target_modules=targets, task_type="CAUSAL_LM")
             else:
                 config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=adapter.virtual_tokens,
                                             prefix_projection=True, encoder_hidden_size=adapter.prefix_hidden)

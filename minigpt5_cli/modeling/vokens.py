@@ -57,6 +57,9 @@ class VokenRows(nn.Module):
         ids = args[0]
         mask = (ids >= self.first) & (ids < self.first + self.n)
         new = self.rows_in.to(output.dtype)[(ids - self.first).clamp(0, self.n - 1)]
+        scale = getattr(module, "embed_scale", None)  # Gemma's embeddings multiply their rows inside forward
+        if scale is not None:
+            new = new * scale.to(output.dtype) if torch.is_tensor(scale) else new * scale
         return torch.where(mask.unsqueeze(-1), new, output)
 
     def _head_hook(self, module, args, output):

@@ -31,10 +31,11 @@ from rich.console import Console
 from minigpt5_cli import display
 from minigpt5_cli import images as imaging
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data.collate import Collator
+from minigpt5_cli.data.collate import TARGETS, Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.modeling.families import quirks
 
 STATE_FILE = "scratch_state.json"
 KL_WEIGHT = 1e-6  # VAE: the KL term only keeps the posterior from collapsing; reconstruction dominates
@@ -93,7 +94,8 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
     dataset = TrainSet(source, stage="llm", resolution=0, history=recipe.data.history, seed=t.seed,
                        instruction_prob=0.0, images_in_prompt=llm.accepts_images, tasks=recipe.data.tasks)
     collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=None, first_voken=0,
-                       n_vokens=0, max_length=recipe.data.max_length)
+                       n_vokens=0, max_length=recipe.data.max_length, prompt_format=recipe.data.prompt_format,
+                       quirks=quirks(llm.model))
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=recipe.data.num_workers,
                                          generator=torch.Generator().manual_seed(t.seed))
@@ -115,8 +117,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
                 losses = []
                 for _ in range(t.grad_accum):
                     batch = next(batches)
-                    logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")
-                                      if k in batch}).logits
+                    logits = model(**{k: v for k, v in batch.items() if k not in TARGETS}).logits
                     loss = text_loss(logits, batch["labels"])
                     (loss / t.grad_accum).backward()
                     losses.append(loss.item())
