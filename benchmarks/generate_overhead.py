@@ -86,12 +86,12 @@ def main() -> None:
     hook.remove()
 
     prompt = model.tokenizer(f"###Human: {STORY} ###Assistant: ", return_tensors="pt").to(device)
-    pipe = model.gen_info.pipeline()
+    pipe = model.generator.pipeline()
     n, width = model.vokens.n, model.llm_info.width
     with torch.no_grad():
         states = torch.randn(images, n, width, device=device)
-        cond, neg = model.mapper(states), model.mapper(torch.zeros_like(states))
-    size = model.gen_info.resolution
+        cond, neg = model.mapper(states)[0], model.mapper(torch.zeros_like(states))[0]
+    size = model.generator.resolution
 
     def bare():
         with torch.no_grad():

@@ -114,7 +114,7 @@ def step_times(work: Path, steps: int) -> dict[str, float]:
     model.train()
 
     def step_for(folder):
-        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.gen_info.resolution, history=0, seed=0,
+        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.generator.resolution, history=0, seed=0,
                       instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
 
         def step():

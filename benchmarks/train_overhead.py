@@ -43,10 +43,11 @@ def setup(overrides: list[str]):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     model = build_model(recipe).to(device)
-    ds = TrainSet(read_jsonl(recipe.data.train, 1), stage=1, resolution=model.gen_info.resolution, history=0,
+    ds = TrainSet(read_jsonl(recipe.data.train, 1), stage=1, resolution=model.generator.resolution, history=0,
                   seed=0, instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
     collate = Collator.for_model(model)
-    batch = {k: v.to(device) for k, v in collate([ds[i] for i in range(recipe.train.batch_size)]).items()}
+    batch = {k: v.to(device) if torch.is_tensor(v) else v  # captions stay texts
+             for k, v in collate([ds[i] for i in range(recipe.train.batch_size)]).items()}
     groups = model.trainable_groups()
     opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"], "lr": 1e-4}], lr=1e-5)
     model.train()
@@ -64,9 +65,9 @@ def setup(overrides: list[str]):
 
     # The bare parts see the same tokens, and latents and conditioning of the same shapes.
     n_img = batch["target_pixels"].shape[0]
-    with torch.no_grad():
-        latents = model.vae.encode(batch["target_pixels"].to(model.vae.dtype)).latent_dist.sample()
-    length, width = model.gen_info.cond_shape
+    latents = model.generator.latents(batch["target_pixels"])
+    length, width = model.generator.cond_shape
+    denoiser = model.generator.denoiser
     embed = model.llm.get_input_embeddings()
     llm_inputs = {k: batch[k] for k in ("attention_mask", "pixel_values") if k in batch}
 
@@ -76,9 +77,9 @@ def setup(overrides: list[str]):
             logits = model.llm(inputs_embeds=embeds, **llm_inputs, output_hidden_states=True).logits
             text = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                                      batch["labels"][:, 1:].flatten(), ignore_index=-100)
-            cond = torch.randn(n_img, length, width, device=device, dtype=model.unet.dtype, requires_grad=True)
+            cond = torch.randn(n_img, length, width, device=device, dtype=denoiser.dtype, requires_grad=True)
             t = torch.randint(0, 1000, (n_img,), device=device)
-            pred = model.unet(latents, t, encoder_hidden_states=cond).sample
+            pred = denoiser(latents, t, encoder_hidden_states=cond).sample
             loss = text + pred.float().pow(2).mean()
         loss.backward()
 

@@ -12,6 +12,7 @@ from minigpt5_cli.errors import UserError
 # reach offline (OSError), a config or file that is not what it should be (ValueError). Any other
 # exception is a bug and propagates.
 UNAVAILABLE = (OSError, ValueError)
+OFFLINE_HINT = "offline, pass a local folder made with save_pretrained"
 
 
 class _DropTorchvisionFallback(logging.Filter):

@@ -43,7 +43,7 @@ class Step:
     text: str = ""
     image: Picture | None = None
     caption: str | None = None  # a caption of the image (the shapes world's): a caption-loss target, never prompted
-    cache: dict | None = None  # prepare-data --cache-latents: latent_mean, latent_logvar, caption_embed
+    cache: dict | None = None  # prepare-data --cache-latents: latent_mean, latent_logvar, caption_embed(, _pooled)
 
 
 @dataclass
@@ -75,7 +75,8 @@ def story_from_row(row: dict, where: str) -> Story:
     """A prepared dataset row (Arrow format: images undecoded) as a Story."""
 
     def step(s: dict, k) -> Step:
-        cache = {key: s[key] for key in ("latent_mean", "latent_logvar", "caption_embed") if s.get(key) is not None}
+        cache = {key: s[key] for key in ("latent_mean", "latent_logvar", "caption_embed", "caption_pooled")
+                 if s.get(key) is not None}
         return Step(text=s.get("text") or "", image=picture_of(s.get("image"), f"{where} step {k}"),
                     caption=s.get("caption"), cache=cache or None)
 

@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from minigpt5_cli.toyworld import tiny
-from minigpt5_cli.modeling.backbones import load_generator, load_llm
+from minigpt5_cli.modeling.backbones import load_llm
+from minigpt5_cli.modeling.generators import load_generator
 from minigpt5_cli.errors import UserError
 
 
@@ -24,7 +25,10 @@ def test_tiny_generator_conditioning_shape_comes_from_the_pipeline(tmp_path):
     assert gen.cond_shape == (16, 32)  # deliberately not SD's 77 x 1024
     assert gen.resolution == 32
     ids = gen.tokenizer(["a red circle"], padding="max_length", max_length=16, return_tensors="pt").input_ids
-    assert gen.text_encoder(ids).last_hidden_state.shape == (1, *gen.cond_shape)
+    assert gen.pipe.text_encoder(ids).last_hidden_state.shape == (1, *gen.cond_shape)
+    seq, pooled = gen.encode(["a red circle"])  # the pipeline's own prompt path: the same embedding
+    torch.testing.assert_close(seq, gen.pipe.text_encoder(ids).last_hidden_state)
+    assert pooled is None and gen.pooled_width is None
 
 
 def test_tiny_resolve_caches_once():
@@ -47,7 +51,7 @@ def test_non_sd_generator_refused(tmp_path):
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    with pytest.raises(UserError, match="Stable Diffusion-style"):
+    with pytest.raises(UserError, match="is a DDPMPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL or SD3"):
         load_generator(str(tmp_path / "ddpm"))
 
 

@@ -274,17 +274,43 @@ def processor_missing_a_package(c: Ctx) -> list[str]:
     return train_args(c)
 
 
-def inpainting_generator(c: Ctx) -> list[str]:
+def inpainting_generator(c: Ctx, as_text_to_image: bool = False) -> list[str]:
+    """An inpainting pipeline, or its 9-channel UNet saved as a text-to-image pipeline."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
     from minigpt5_cli.toyworld import tiny
 
     sd = StableDiffusionPipeline.from_pretrained(tiny.resolve("tiny:sd"))
     unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})  # latents, mask, masked image
-    StableDiffusionInpaintPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet,
-                                   scheduler=sd.scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False).save_pretrained(c.tmp / "inpaint")
+    cls = StableDiffusionPipeline if as_text_to_image else StableDiffusionInpaintPipeline
+    cls(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=sd.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False).save_pretrained(c.tmp / "inpaint")
     return train_args(c, f"model.generator={c.tmp / 'inpaint'}")
+
+
+def scratch_generator_on_sdxl(c: Ctx) -> list[str]:
+    from minigpt5_cli.data.prepare import prepare_toy
+
+    prepare_toy(c.tmp / "toy", counts={"pairs": 4, "stories": 0, "stories_test": 0, "dialogs": 0})
+    return ["train", "-r", str(DEBUG.parent / "toy" / "generator.yaml"), "model.generator=tiny:sdxl",
+            f"data.train={c.tmp / 'toy' / 'pairs'}", f"train.output_dir={c.tmp / 'gen'}"]
+
+
+def pixart_generator(c: Ctx) -> list[str]:
+    """A text-to-image pipeline of a family minigpt5 does not condition (PixArt-alpha)."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from minigpt5_cli.toyworld.tiny import _t5_tokenizer, _vae
+
+    tok = _t5_tokenizer(16)
+    text = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4))
+    transformer = PixArtTransformer2DModel(sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8,
+                                           num_attention_heads=4, caption_channels=32, in_channels=4, out_channels=8,
+                                           cross_attention_dim=32)
+    PixArtAlphaPipeline(tokenizer=tok, text_encoder=text, vae=_vae((8, 16, 16), 4), transformer=transformer,
+                        scheduler=DPMSolverMultistepScheduler()).save_pretrained(c.tmp / "pixart")
+    return train_args(c, f"model.generator={c.tmp / 'pixart'}")
 
 
 @dataclass
@@ -348,6 +374,13 @@ CASES = [
          lambda c: train_args(c, "adapter.target_modules=[c_proj, wq]", "train.init_from=none", recipe="stage2_lora.yaml"),
          "adapter.target_modules ['c_proj', 'wq'] match no layer of the language model; its linear layers are "),
     Case("train-inpainting-generator", inpainting_generator,
+         "generator '{tmp}/inpaint' is a StableDiffusionInpaintPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, "
+         "SDXL or SD3 / 3.5 (text-to-image)"),
+    Case("train-pixart-generator", pixart_generator,
+         "generator '{tmp}/pixart' is a PixArtAlphaPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL or SD3"),
+    Case("train-scratch-stage-on-sdxl", scratch_generator_on_sdxl,
+         "stage generator trains Stable Diffusion 1.x / 2.x-style pipelines (as toy:sd); 'tiny:sdxl' is SDXL"),
+    Case("train-image-conditioned-unet", lambda c: inpainting_generator(c, as_text_to_image=True),
          "generator '{tmp}/inpaint' has a UNet of 9 input channels for 4-channel latents"),
     # generate
     Case("generate-binary-story-json", lambda c: generate_args(c, c.file("s.json", BINARY)),

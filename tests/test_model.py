@@ -22,7 +22,7 @@ def make(stage=1, adapter="none", llm="tiny:llava", extra=()):
 
 def batch_for(model, recipe, size=4):
     records = read_jsonl(recipe.data.train, recipe.train.stage)
-    ds = TrainSet(records, stage=recipe.train.stage, resolution=model.gen_info.resolution,
+    ds = TrainSet(records, stage=recipe.train.stage, resolution=model.generator.resolution,
                   history=recipe.data.history, seed=0, instruction_prob=recipe.data.instruction_prob,
                   images_in_prompt=model.llm_info.accepts_images)
     return Collator.for_model(model)([ds[i] for i in range(min(size, len(ds)))])
@@ -129,10 +129,14 @@ def test_mapper_shapes_and_round_trip(kind, tmp_path):
     mapper = FeatureMapper(llm_width=24, cond_len=5, cond_width=16, kind=kind, heads=4, encoder_layers=1,
                            decoder_layers=1, ffn=32)
     x = torch.randn(3, 8, 24)
-    assert mapper(x).shape == (3, 5, 16)
+    seq, pooled = mapper(x)
+    assert seq.shape == (3, 5, 16) and pooled is None
     mapper.save_pretrained(tmp_path / "m")
     loaded = FeatureMapper.from_pretrained(tmp_path / "m")
-    torch.testing.assert_close(loaded(x), mapper(x))
+    torch.testing.assert_close(loaded(x)[0], seq)
+    with_pooled = FeatureMapper(llm_width=24, cond_len=5, cond_width=16, kind=kind, heads=4, encoder_layers=1,
+                                decoder_layers=1, ffn=32, pooled_width=12)
+    assert with_pooled(x)[1].shape == (3, 12)  # SDXL and SD3 take a pooled vector beside the sequence
 
 
 def test_paper_counts_match_the_architecture():
@@ -162,7 +166,7 @@ def test_checkpoint_round_trip(tmp_path):
 
 def test_bf16_keeps_frozen_parts_low_and_trainables_fp32():
     recipe, model = make(2, "lora", extra=["train.mixed_precision=bf16"])
-    assert model.unet.dtype == torch.bfloat16 and model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.generator.denoiser.dtype == torch.bfloat16 and model.llm.get_input_embeddings().weight.dtype == torch.bfloat16
     for name, params in model.trainable_groups().items():
         assert params and all(p.dtype == torch.float32 for p in params), name
     batch = batch_for(model, recipe)

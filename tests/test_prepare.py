@@ -455,23 +455,27 @@ def _set(images: bool, tasks: list[str]) -> dict:
     return dict(stage=2, resolution=32, history=4, seed=0, instruction_prob=0.0, images_in_prompt=images, tasks=tasks)
 
 
-def test_cached_latents_give_the_same_loss(tmp_path):
+@pytest.mark.parametrize("generator,cond,pooled", [("tiny:sd", [16, 32], None), ("tiny:sdxl", [16, 64], 16),
+                                                    ("tiny:sd3", [32, 64], 32)])
+def test_cached_latents_give_the_same_loss(tmp_path, generator, cond, pooled):
     tsv = cc3m_pairs(tmp_path)
     plain, cached = tmp_path / "plain", tmp_path / "cached"
     prepare("cc3m", "--input", tsv, "--output", plain)
-    summary = prepare("cc3m", "--input", tsv, "--output", cached, "--cache-latents", "--generator", "tiny:sd")
-    assert summary["cache"]["latent_shape"] == [4, 8, 8] and summary["cache"]["cond_shape"] == [16, 32]
+    summary = prepare("cc3m", "--input", tsv, "--output", cached, "--cache-latents", "--generator", generator)
+    assert summary["cache"]["latent_shape"] == [4, 8, 8] and summary["cache"]["cond_shape"] == cond
+    assert summary["cache"]["pooled"] == pooled
     step = rows(cached)[0]["steps"][0]
-    assert len(step["latent_mean"]) == 4 and len(step["caption_embed"]) == 16
+    assert len(step["latent_mean"]) == 4 and len(step["caption_embed"]) == cond[0]
+    assert len(step.get("caption_pooled") or []) == (pooled or 0)
     images = lambda folder: [st[0]["image"] for st in rows(folder).with_format("arrow")[:].column("steps").to_pylist()]  # noqa: E731
     assert images(cached) == images(plain)  # the images are stored as they were, not re-encoded
-    recipe = R.load(DEBUG / "stage1.yaml", ["data.instruction_prob=0"])
+    recipe = R.load(DEBUG / "stage1.yaml", ["data.instruction_prob=0", f"model.generator={generator}"])
     torch.manual_seed(0)
     model = build_model(recipe)
     collate = Collator.for_model(model)
     losses = {}
     for name, folder in (("plain", plain), ("cached", cached)):
-        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.gen_info.resolution, history=0, seed=0,
+        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.generator.resolution, history=0, seed=0,
                       instruction_prob=0.0, images_in_prompt=True)
         batch = collate([ds[i] for i in range(4)])
         assert ("latent_mean" in batch) == (name == "cached") and ("caption_embeds" in batch) == (name == "cached")

@@ -11,7 +11,8 @@ from conftest import DEBUG, run_cli
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.toyworld import tiny
 from minigpt5_cli.toyworld import world as toy
-from minigpt5_cli.modeling.backbones import load_generator, load_llm
+from minigpt5_cli.modeling.backbones import load_llm
+from minigpt5_cli.modeling.generators import load_generator
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
@@ -62,17 +63,15 @@ def test_sources_chain_and_the_llm_stage_captions_one_step_rows(toy_data):
 
 def test_stage2_caption_targets_only_when_every_target_has_one(toy_data):
     gen, llm = load_generator("toy:sd"), load_llm("toy:llava")
-    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=gen.tokenizer,
-                       first_voken=0, n_vokens=0, max_length=256)
+    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, first_voken=0, n_vokens=0, max_length=256)
     stories = TrainSet(load_sources([str(toy_data / "stories")], 2), **_set(2, 2))
     batch = collate([stories[i] for i in range(4)])
     steps = [stories.source[r].steps[k] for r, k, _ in stories.index[:4]]
-    assert batch["caption_ids"].shape == (4, gen.cond_shape[0])
-    assert gen.tokenizer.batch_decode(batch["caption_ids"], skip_special_tokens=True) == \
-        [s.caption for s in steps]
+    assert batch["captions"] == [s.caption for s in steps]  # for the generator's own text encoders
+    assert gen.encode(batch["captions"])[0].shape == (4, *gen.cond_shape)
     assert all(s.caption not in str(stories[i].history) for i, s in enumerate(steps))  # never in prompts
     plain = dataclasses.replace(stories[0], caption=None)
-    assert "caption_ids" not in collate([stories[1], plain])
+    assert "captions" not in collate([stories[1], plain])
 
 
 def _recipe(path, **overrides):
@@ -94,7 +93,7 @@ def test_generator_stage_trains_and_saves_a_loadable_pipeline(toy_data, tmp_path
     gen = load_generator(str(out))
     assert gen.vae.config.scaling_factor != before.vae.config.scaling_factor  # measured on the latents
     for name in ("vae", "unet", "text_encoder"):
-        a, b = getattr(gen, name).state_dict(), getattr(before, name).state_dict()
+        a, b = getattr(gen.pipe, name).state_dict(), getattr(before.pipe, name).state_dict()
         assert any(not torch.equal(a[k], b[k]) for k in a), name
     with pytest.raises(UserError, match="not empty"):
         train(recipe)
@@ -113,7 +112,7 @@ def test_generator_stage_counts_steps_from_epochs_and_accumulates(toy_data, tmp_
         "scratch.eval_every": 0})
     calls = []
     real = torch.nn.Module.__call__
-    monkeypatch.setattr(type(load_generator("toy:sd").unet), "__call__",
+    monkeypatch.setattr(type(load_generator("toy:sd").denoiser), "__call__",
                         lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     train(recipe)
     state = json.loads((tmp_path / "gen" / "scratch_state.json").read_text())
@@ -127,7 +126,7 @@ def test_llm_stage_learns_the_toy_text(toy_data, tmp_path):
     def loss_of(name):
         llm = load_llm(name)
         data = TrainSet(load_sources([str(toy_data / "pairs")], 2), **_set("llm", 4))
-        batch = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=None, first_voken=0,
+        batch = Collator(tokenizer=llm.tokenizer, processor=llm.processor, first_voken=0,
                          n_vokens=0, max_length=256)([data[i] for i in range(16)])
         with torch.no_grad():
             return llm.model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")},

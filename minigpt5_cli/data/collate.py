@@ -21,7 +21,7 @@ from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.families import Quirks
 
 # Batch keys that are training targets, not model inputs.
-TARGETS = ("labels", "target_pixels", "latent_mean", "latent_logvar", "caption_ids", "caption_embeds")
+TARGETS = ("labels", "target_pixels", "latent_mean", "latent_logvar", "captions", "caption_embeds", "caption_pooled")
 
 
 @dataclass(kw_only=True)
@@ -30,7 +30,6 @@ class Collator:
 
     tokenizer: object
     processor: object | None
-    caption_tokenizer: object | None
     first_voken: int
     n_vokens: int
     max_length: int
@@ -43,8 +42,7 @@ class Collator:
         """The collator that tokenises samples for a MiniGPT5 model, in training and generation alike."""
         from minigpt5_cli.modeling.families import quirks
 
-        return cls(tokenizer=model.tokenizer, processor=model.processor, caption_tokenizer=model.gen_info.tokenizer,
-                   first_voken=model.first_voken, n_vokens=model.vokens.n, max_length=model.recipe.data.max_length,
+        return cls(tokenizer=model.tokenizer, processor=model.processor, first_voken=model.first_voken, n_vokens=model.vokens.n, max_length=model.recipe.data.max_length,
                    prompt_format=model.recipe.data.prompt_format, quirks=quirks(model.llm_info.model))
 
     @property
@@ -214,11 +212,10 @@ class Collator:
             captions = []
         if captions and all(s.caption_embed is not None for s in targets):
             batch["caption_embeds"] = torch.stack([s.caption_embed for s in targets])
+            if all(s.caption_pooled is not None for s in targets):
+                batch["caption_pooled"] = torch.stack([s.caption_pooled for s in targets])
         elif captions:
-            batch["caption_ids"] = self.caption_tokenizer(
-                captions, padding="max_length", truncation=True, return_tensors="pt",
-                max_length=self.caption_tokenizer.model_max_length,
-            ).input_ids
+            batch["captions"] = captions  # encoded by the generator's own text encoders
         return batch
 
 

@@ -137,6 +137,8 @@ def features(continuation: bool, cache: dict | None = None, decode: bool = True,
         latent, embed, dtype = tuple(cache["latent_shape"]), tuple(cache["cond_shape"]), cache["dtype"]
         step.update(latent_mean=datasets.Array3D(latent, dtype), latent_logvar=datasets.Array3D(latent, dtype),
                     caption_embed=datasets.Array2D(embed, dtype))
+        if cache.get("pooled"):
+            step["caption_pooled"] = datasets.List(datasets.Value(dtype), length=cache["pooled"])
     feats = {"id": datasets.Value("string"), "steps": datasets.List(step)}
     if continuation:
         feats["target"] = {"text": datasets.Value("string"), "image": datasets.Image(decode=decode)}
@@ -332,21 +334,22 @@ class _quiet_datasets:
 
 
 def _cache_latents(ds, s: Settings, cache_dir: Path, console: Console):
-    """Add each step's VAE posterior and caption embedding, computed with the generator's frozen parts."""
+    """Add each step's VAE posterior and caption conditioning (sequence, and pooled vector where the
+    generator has one), computed with the generator's frozen parts."""
     import numpy as np
     import torch
 
-    from minigpt5_cli.modeling.backbones import load_generator
+    from minigpt5_cli.modeling.generators import load_generator
 
     gen = load_generator(s.generator)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen.vae.to(device).eval()
-    gen.text_encoder.to(device).eval()
+    for part in gen.parts().values():
+        part.to(device).eval()
     res = gen.resolution
-    factor = 2 ** (len(gen.vae.config.block_out_channels) - 1)
+    factor = gen.pipe.vae_scale_factor
     latent_shape = (gen.vae.config.latent_channels, res // factor, res // factor)
     cache = {"generator": s.generator, "resolution": res, "latent_shape": list(latent_shape),
-             "cond_shape": list(gen.cond_shape), "dtype": s.cache_dtype}
+             "cond_shape": list(gen.cond_shape), "pooled": gen.pooled_width, "dtype": s.cache_dtype}
     dtype = np.dtype(s.cache_dtype)
 
     @torch.no_grad()
@@ -357,17 +360,19 @@ def _cache_latents(ds, s: Settings, cache_dir: Path, console: Console):
         for r, row in enumerate(steps):
             for st in row:
                 st.update(latent_mean=None, latent_logvar=None, caption_embed=None)
+                if gen.pooled_width:
+                    st["caption_pooled"] = None
         if flat:
             pixels = torch.stack([images.to_pixels(images.decode(steps[r][k]["image"]["bytes"], f"row {r} step {k + 1}"),
                                                   res) for r, k in flat]).to(device)
             dist = gen.vae.encode(pixels.to(gen.vae.dtype)).latent_dist
-            ids = gen.tokenizer([steps[r][k]["text"] for r, k in flat], padding="max_length", truncation=True,
-                                max_length=gen.cond_shape[0], return_tensors="pt").input_ids.to(device)
-            embeds = gen.text_encoder(ids).last_hidden_state
+            seq, pooled = gen.encode([steps[r][k]["text"] for r, k in flat])
             for i, (r, k) in enumerate(flat):
                 steps[r][k].update(latent_mean=dist.mean[i].float().cpu().numpy().astype(dtype),
                                    latent_logvar=dist.logvar[i].float().cpu().numpy().astype(dtype),
-                                   caption_embed=embeds[i].float().cpu().numpy().astype(dtype))
+                                   caption_embed=seq[i].cpu().numpy().astype(dtype))
+                if pooled is not None:
+                    steps[r][k]["caption_pooled"] = pooled[i].cpu().numpy().astype(dtype)
         return batch
 
     console.print(f"caching latents with {s.generator} ({res}px, latents {latent_shape}) on {device}")

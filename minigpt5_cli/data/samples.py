@@ -42,7 +42,8 @@ class Sample:
     target: str = ""
     vokens: bool = False  # the target ends with a voken group
     caption: str | None = None  # the caption-loss target
-    caption_embed: torch.Tensor | None = None  # ... cached as the text encoder's embedding
+    caption_embed: torch.Tensor | None = None  # ... cached as the text encoders' sequence
+    caption_pooled: torch.Tensor | None = None  # ... and pooled vector (SDXL, SD3)
     image: torch.Tensor | None = None  # the target image as pixels
     latent: tuple[torch.Tensor, torch.Tensor] | None = None  # ... or as its cached VAE posterior
 
@@ -93,10 +94,11 @@ class TrainSet(torch.utils.data.Dataset):
         if task == "pair":
             # Decided by the sample's index, not a shared RNG, so resuming replays it exactly.
             instruct = random.Random(f"{self.seed}-{i}").random() < self.instruction_prob
-            embed = (step.cache or {}).get("caption_embed")
+            cache = step.cache or {}
+            embed, pooled = cache.get("caption_embed"), cache.get("caption_pooled")
             return Sample(prompt=prompts.INSTRUCTION.format(step.text) if instruct else step.text, vokens=True,
                           caption=step.text, caption_embed=_tensor(embed) if embed is not None else None,
-                          **self._target(step))
+                          caption_pooled=_tensor(pooled) if pooled is not None else None, **self._target(step))
         history = [(s.text, s.image.open() if s.image is not None and self.images_in_prompt else None)
                    for s in steps[max(0, k - self.history):k]]
         sample = Sample(history=history, target=step.text, vokens=step.image is not None and self.stage != "llm")

@@ -10,12 +10,13 @@ from minigpt5_cli.modeling.model import MiniGPT5
 
 
 class Renderer:
-    """One batched diffusion call for many images, each with its own seeded noise."""
+    """One batched diffusion call for many images, each with its own seeded noise, through the
+    generator's own pipeline."""
 
     def __init__(self, model: MiniGPT5, settings: Settings):
         self.model, self.s = model, settings.resolve(model.recipe.sample)
-        self.pipe = model.gen_info.pipeline()
-        self.size = settings.image_size or model.gen_info.resolution
+        self.generator = model.generator
+        self.size = settings.image_size or model.generator.resolution
         self.device = model.vokens.rows_in.device
 
     @torch.inference_mode()
@@ -23,21 +24,22 @@ class Renderer:
                  on_step=None) -> list:
         if not seeds:
             return []
-        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
-        kwargs = {}
-        if captions is not None:
-            kwargs["prompt"] = captions
-        else:
-            mapper = self.model.mapper
-            kwargs["prompt_embeds"] = mapper(states.float())
-            # The negative condition is the mapper's output for the null (all-zero) voken states.
-            kwargs["negative_prompt_embeds"] = mapper(torch.zeros_like(states[:1].float())).expand(len(seeds), -1, -1)
 
         def callback(pipe, i, t, tensors):
             if on_step:
                 on_step()
             return tensors
 
-        return self.pipe(num_inference_steps=self.s.diffusion_steps, guidance_scale=self.s.guidance_scale,
-                         height=self.size, width=self.size, generator=generators, output_type="pil",
-                         callback_on_step_end=callback, **kwargs).images
+        common = dict(num_inference_steps=self.s.diffusion_steps, guidance_scale=self.s.guidance_scale,
+                      height=self.size, width=self.size, callback_on_step_end=callback,
+                      generator=[torch.Generator(self.device).manual_seed(s) for s in seeds])
+        if captions is not None:
+            return self.generator.render_text(captions, **common)
+        seq, pooled = self.model.mapper(states.float())
+        # The negative condition is the mapper's output for the null (all-zero) voken states.
+        null_seq, null_pooled = self.model.mapper(torch.zeros_like(states[:1].float()))
+        dtype = self.generator.denoiser.dtype
+        cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+        return self.generator.render(cast(seq), cast(pooled), cast(null_seq.expand(len(seeds), -1, -1)),
+                                     cast(None if null_pooled is None else null_pooled.expand(len(seeds), -1)),
+                                     **common)

@@ -1,8 +1,6 @@
-"""Loading the two frozen backbones from a hub id or a local folder.
-
-The LLM is any `AutoModelForCausalLM` (text only) or `AutoModelForImageTextToText` (LLaVA-style:
-prompts can hold images). The generator is a diffusers Stable Diffusion-style pipeline. The
-conditioning shape (length, width) is read from the loaded generator, never assumed.
+"""Loading the frozen LLM from a hub id or a local folder: any `AutoModelForCausalLM` (text only) or
+`AutoModelForImageTextToText` (prompts can hold images), with its own processor. The generator is
+loaded by `generators.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +15,6 @@ from minigpt5_cli import hub
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.toyworld import tiny
 
-OFFLINE_HINT = "offline, pass a local folder made with save_pretrained"
 
 
 @dataclass
@@ -36,36 +33,6 @@ class LLM:
         return self.model.get_input_embeddings().embedding_dim
 
 
-@dataclass
-class Generator:
-    vae: Any
-    unet: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any  # the pipeline's own (inference) scheduler
-    name: str
-
-    @property
-    def cond_shape(self) -> tuple[int, int]:
-        """(length, width) of the text conditioning the UNet cross-attends to."""
-        return self.tokenizer.model_max_length, self.unet.config.cross_attention_dim
-
-    @property
-    def resolution(self) -> int:
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    def pipeline(self):
-        """A diffusers Stable Diffusion pipeline over these components, for rendering."""
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)  # progress is shown by the caller
-        return pipe
-
-
 def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LLM:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
@@ -76,7 +43,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise hub.load_error("LLM", name, e, OFFLINE_HINT) from None
+        raise hub.load_error("LLM", name, e, hub.OFFLINE_HINT) from None
     multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if not multimodal and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"the LLM {name!r} is a {config.model_type!r} model, neither a causal LM nor an "
@@ -88,7 +55,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise hub.load_error("LLM", name, e, OFFLINE_HINT) from None
+        raise hub.load_error("LLM", name, e, hub.OFFLINE_HINT) from None
     if tokenizer.pad_token is None:  # the paper pads with eos
         tokenizer.pad_token = tokenizer.eos_token
     return LLM(model=model, tokenizer=tokenizer, processor=processor, name=name)
@@ -148,28 +115,3 @@ def _images_only(path: str, trust_remote_code: bool):
     return ImagesOnly(AutoImageProcessor.from_pretrained(path, trust_remote_code=trust_remote_code), tokenizer,
                       chat_template=template.read_text() if template.is_file() else tokenizer.chat_template,
                       **{k: v for k, v in settings.items() if k in known})
-
-
-def load_generator(name: str, dtype: torch.dtype | None = None) -> Generator:
-    from diffusers import DiffusionPipeline
-
-    hub.quiet()
-    path = tiny.resolve(name)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            path, dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise hub.load_error("generator", name, e, OFFLINE_HINT) from None
-    missing = [c for c in ("vae", "unet", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
-    if missing or getattr(pipe, "text_encoder_2", None) is not None:
-        raise UserError(
-            f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs a Stable Diffusion-style "
-            "pipeline with one text encoder (SD 1.x / 2.x)"
-        )
-    if pipe.unet.config.in_channels != pipe.vae.config.latent_channels:
-        raise UserError(f"generator {name!r} has a UNet of {pipe.unet.config.in_channels} input channels for "
-                        f"{pipe.vae.config.latent_channels}-channel latents (an inpainting or image-conditioned "
-                        "model); minigpt5 needs a text-to-image one")
-    return Generator(vae=pipe.vae, unet=pipe.unet, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer,
-                     scheduler=pipe.scheduler, name=name)

@@ -64,7 +64,8 @@ def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
 
 
 def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False) -> Path:
-    from minigpt5_cli.modeling.backbones import load_generator, load_llm
+    from minigpt5_cli.modeling.backbones import load_llm
+    from minigpt5_cli.modeling.generators import load_generator
     from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE, checkpoint_folder
 
     folder = checkpoint_folder(str(checkpoint))

@@ -87,12 +87,13 @@ def _loads(path: Path) -> bool:
 
 def describe(model) -> dict:
     """What a checkpoint of `model` fits: the backbones' kinds and sizes, the vokens, the adapter."""
-    length, width = model.gen_info.cond_shape
+    length, width = model.generator.cond_shape
     text = model.llm_info.model.config.get_text_config()
     return {
-        "llm": model.llm_info.name, "generator": model.gen_info.name, "llm_width": model.llm_info.width,
+        "llm": model.llm_info.name, "generator": model.generator.name, "llm_width": model.llm_info.width,
         "llm_type": model.llm_info.model.config.model_type, "llm_layers": text.num_hidden_layers,
         "first_voken_id": model.first_voken, "n_vokens": model.vokens.n, "cond_shape": [length, width],
+        "pooled": model.generator.pooled_width,
         "adapter": model.recipe.adapter.kind,
     }
 
@@ -191,7 +192,7 @@ def _load_adapter(peft_model, folder: Path) -> None:
 
 
 def check_compatible(saved: dict, current: dict, folder: Path, adapter: bool) -> None:
-    keys = ["llm_type", "llm_layers", "llm_width", "first_voken_id", "n_vokens", "cond_shape"]
+    keys = ["llm_type", "llm_layers", "llm_width", "first_voken_id", "n_vokens", "cond_shape", "pooled"]
     for key in keys + (["adapter"] if adapter else []):
         if saved.get(key) != current[key]:
             raise UserError(

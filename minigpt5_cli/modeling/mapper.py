@@ -1,9 +1,11 @@
-"""The feature mapper: n voken hidden states in, a generator conditioning (length x width) out.
+"""The feature mapper: n voken hidden states in, a generator conditioning out: a sequence (length x
+width) and, for generators that take one (SDXL, SD3), a pooled vector.
 
 Two variants share one class so that `save_pretrained`/`from_pretrained` round-trip either:
 - "paper": fc (Linear, GELU, Linear) then an encoder-decoder transformer whose learnable queries
   have the generator's conditioning length; about 123M parameters at SD 2.1's 77 x 1024.
 - "compact": fc (one Linear) then one cross-attention of the queries over the vokens.
+The pooled vector comes from the same queries' outputs, averaged, through a pooled head.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class FeatureMapper(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, llm_width: int, cond_len: int, cond_width: int, kind: str = "paper", hidden: int = 0,
-                 heads: int = 8, encoder_layers: int = 4, decoder_layers: int = 4, ffn: int = 4096):
+                 heads: int = 8, encoder_layers: int = 4, decoder_layers: int = 4, ffn: int = 4096,
+                 pooled_width: int = 0):
         super().__init__()
         if kind not in ("paper", "compact"):
             raise ValueError(f"unknown mapper kind {kind!r}")
@@ -45,9 +48,10 @@ class FeatureMapper(ModelMixin, ConfigMixin):
             self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.queries = nn.Parameter(torch.randn(1, cond_len, width))
         self.out = nn.Linear(width, cond_width) if width != cond_width else nn.Identity()
+        self.pooled = nn.Linear(width, pooled_width) if pooled_width else None
 
-    def forward(self, states: torch.Tensor) -> torch.Tensor:
-        """states (B, n, llm_width) -> conditioning (B, cond_len, cond_width)."""
+    def forward(self, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """states (B, n, llm_width) -> (sequence (B, cond_len, cond_width), pooled (B, pooled_width) or None)."""
         x = self.fc(states.to(self.queries.dtype))
         queries = self.queries.expand(x.shape[0], -1, -1)
         if self.config.kind == "paper":
@@ -55,4 +59,4 @@ class FeatureMapper(ModelMixin, ConfigMixin):
         else:
             x = self.norm(x)
             y = queries + self.attn(queries, x, x, need_weights=False)[0]
-        return self.out(y)
+        return self.out(y), (self.pooled(y.mean(1)) if self.pooled is not None else None)

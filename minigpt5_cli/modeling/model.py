@@ -9,14 +9,14 @@ import inspect
 import re
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.modeling.backbones import LLM, Generator, load_generator, load_llm
+from minigpt5_cli.modeling.backbones import LLM, load_llm
 from minigpt5_cli.modeling.families import (computes_own_positions, lora_targets, prefix_cache, quirks,
                                             rope_positions, unwrap)
-from minigpt5_cli.modeling.losses import cached_latents, diffusion_loss, text_loss
+from minigpt5_cli.modeling.generators import Generator, caption_loss, load_generator
+from minigpt5_cli.modeling.losses import cached_latents, text_loss
 from minigpt5_cli.modeling.mapper import FeatureMapper
 from minigpt5_cli.modeling.vokens import VokenRows, add_vokens
 from minigpt5_cli.recipe import Recipe
@@ -27,18 +27,13 @@ DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class MiniGPT5(nn.Module):
     def __init__(self, recipe: Recipe, llm: LLM, generator: Generator, mapper: FeatureMapper, vokens: VokenRows):
         super().__init__()
-        from diffusers import DDPMScheduler
-
         self.recipe = recipe
         self.llm = llm.model
         self.tokenizer, self.processor = llm.tokenizer, llm.processor
-        self.llm_info, self.gen_info = llm, generator
-        self.vae, self.unet, self.text_encoder = generator.vae, generator.unet, generator.text_encoder
+        self.llm_info, self.generator = llm, generator
+        self.frozen = nn.ModuleDict(generator.parts())  # the generator's networks, frozen, moved with the model
         self.mapper, self.vokens = mapper, vokens
-        # Training noise follows the generator's own schedule (betas, prediction type).
-        self.noise_scheduler = DDPMScheduler.from_config(generator.scheduler.config)
         self.first_voken = vokens.first
-        self._null_caption = None
         self.own_positions = computes_own_positions(llm.model)
         # transformers renamed `past_key_values` to `cache` during 5.x
         self.cache_arg = "cache" if "cache" in inspect.signature(unwrap(llm.model).forward).parameters \
@@ -46,8 +41,7 @@ class MiniGPT5(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.vae, self.unet, self.text_encoder):  # frozen backbones never leave eval mode
-            frozen.eval()
+        self.frozen.eval()  # frozen backbones never leave eval mode
         return self
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
@@ -65,27 +59,15 @@ class MiniGPT5(nn.Module):
         cols = cols[:, None] - 1 + torch.arange(self.vokens.n, device=cols.device)
         return hidden[rows[:, None], cols]
 
-    def null_caption(self) -> torch.Tensor:
-        if self._null_caption is None:
-            ids = self.gen_info.tokenizer([""], padding="max_length", truncation=True, return_tensors="pt",
-                                          max_length=self.gen_info.cond_shape[0]).input_ids
-            with torch.no_grad():
-                self._null_caption = self.text_encoder(ids.to(self.text_encoder.device)).last_hidden_state.float()
-        return self._null_caption
-
     def target_latents(self, batch: dict) -> torch.Tensor:
         """Scaled latents of the target images: sampled from the cached VAE posterior when the data
         holds one, else encoded now. Both draw the same noise, so the loss is the same either way."""
-        with torch.no_grad():
-            if "latent_mean" in batch:
-                dtype = self.vae.dtype
-                latents = cached_latents(batch["latent_mean"].to(dtype), batch["latent_logvar"].to(dtype))
-            else:
-                latents = self.vae.encode(batch["target_pixels"].to(self.vae.dtype)).latent_dist.sample()
-        return latents * self.vae.config.scaling_factor
-
-    def diffusion_loss(self, cond: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return diffusion_loss(self.unet, self.noise_scheduler, cond, latents, self.recipe.loss.snr_gamma)
+        if "latent_mean" in batch:
+            dtype = self.generator.vae.dtype
+            with torch.no_grad():
+                return self.generator.scale(cached_latents(batch["latent_mean"].to(dtype),
+                                                           batch["latent_logvar"].to(dtype)))
+        return self.generator.latents(batch["target_pixels"])
 
     def language_forward(self, batch: dict):
         """The LLM over whole sequences: every tensor the processor gave (the batch's targets aside), pixels
@@ -122,16 +104,17 @@ class MiniGPT5(nn.Module):
         if states.shape[0]:
             drop = torch.rand(states.shape[0], device=states.device) < w.cfg_drop  # classifier-free guidance
             states = states.masked_fill(drop[:, None, None], 0.0)
-            cond = self.mapper(states.float())
-            image = self.diffusion_loss(cond, self.target_latents(batch))
-            if ("caption_ids" in batch or "caption_embeds" in batch) and w.caption > 0:
+            seq, pooled = self.mapper(states.float())
+            image = self.generator.loss(seq, pooled, self.target_latents(batch), w.snr_gamma)
+            if ("captions" in batch or "caption_embeds" in batch) and w.caption > 0:
                 if "caption_embeds" in batch:
-                    target = batch["caption_embeds"].float()
+                    target = (batch["caption_embeds"], batch.get("caption_pooled"))
                 else:
-                    with torch.no_grad():
-                        target = self.text_encoder(batch["caption_ids"]).last_hidden_state.float()
-                target = torch.where(drop[:, None, None], self.null_caption(), target)
-                caption = F.mse_loss(cond.float(), target)
+                    target = self.generator.encode(batch["captions"])
+                null = self.generator.null()  # the target of a dropped condition: the encoders' ""
+                target = tuple(None if t is None else torch.where(drop.view(-1, *[1] * (t.dim() - 1)), n.to(t), t)
+                               for t, n in zip(target, null))
+                caption = caption_loss((seq, pooled), target)
         loss = w.text * text + w.image * image + w.caption * caption
         return {"loss": loss, "text": text.detach(), "image": image.detach(), "caption": caption.detach()}
 
@@ -170,7 +153,7 @@ def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
     llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code)
     generator = load_generator(m.generator, dtype=dtype)
     first = add_vokens(llm, m.n_vokens)
-    for module in (llm.model, generator.vae, generator.unet, generator.text_encoder):
+    for module in (llm.model, *generator.parts().values()):
         module.requires_grad_(False)
         module.eval()
     vokens = VokenRows(llm.model, first, m.n_vokens)
@@ -183,7 +166,7 @@ def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
     mapper = FeatureMapper(
         llm_width=llm.width, cond_len=length, cond_width=width, kind=m.mapper.kind, hidden=m.mapper.hidden,
         heads=m.mapper.heads, encoder_layers=m.mapper.encoder_layers, decoder_layers=m.mapper.decoder_layers,
-        ffn=m.mapper.ffn,
+        ffn=m.mapper.ffn, pooled_width=generator.pooled_width or 0,
     )
     model = MiniGPT5(recipe, llm, generator, mapper, vokens)
     if init_from:

@@ -18,6 +18,9 @@ from minigpt5_cli.recipe import AdapterConfig, MapperConfig, Recipe
 PAPER_LLM = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
 PAPER_COND = (77, 1024)
+# The conditioning of the larger generators the mapper may feed: (length, width, pooled width).
+OTHER_CONDS = {"SDXL (77 x 2048, pooled 1280)": (77, 2048, 1280),
+               "SD3 ((77 + 256) x 4096, pooled 2048)": (77 + 256, 4096, 2048)}
 
 
 def _count(params) -> int:
@@ -31,15 +34,10 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from minigpt5_cli.modeling.families import lora_targets
-    from minigpt5_cli.modeling.mapper import FeatureMapper
 
-    m = dataclasses.replace(MapperConfig(), kind=mapper_kind)
     adapter = dataclasses.replace(AdapterConfig(), kind=adapter_kind)
     with torch.device("meta"):
-        mapper = FeatureMapper(llm_width=PAPER_LLM["hidden_size"], cond_len=PAPER_COND[0], cond_width=PAPER_COND[1],
-                               kind=m.kind, hidden=m.hidden, heads=m.heads, encoder_layers=m.encoder_layers,
-                               decoder_layers=m.decoder_layers, ffn=m.ffn)
-        counts = {"vokens": 2 * n_vokens * PAPER_LLM["hidden_size"], "mapper": _count(mapper.parameters()),
+        counts = {"vokens": 2 * n_vokens * PAPER_LLM["hidden_size"], "mapper": mapper_count(mapper_kind, *PAPER_COND),
                   "adapter": 0}
         if adapter.kind != "none":
             llm = LlamaForCausalLM(LlamaConfig(**PAPER_LLM))
@@ -52,6 +50,20 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
                                             prefix_projection=True, encoder_hidden_size=adapter.prefix_hidden)
             counts["adapter"] = _count(p for p in get_peft_model(llm, config).parameters() if p.requires_grad)
     return counts
+
+
+@lru_cache(maxsize=8)
+def mapper_count(kind: str, length: int, width: int, pooled: int = 0) -> int:
+    """Parameters of the paper-sized mapper (its recipe defaults) for a 7B LLM and a conditioning of
+    `length` x `width` (and a `pooled` vector), built on the meta device."""
+    from minigpt5_cli.modeling.mapper import FeatureMapper
+
+    m = dataclasses.replace(MapperConfig(), kind=kind)
+    with torch.device("meta"):
+        mapper = FeatureMapper(llm_width=PAPER_LLM["hidden_size"], cond_len=length, cond_width=width, kind=m.kind,
+                               hidden=m.hidden, heads=m.heads, encoder_layers=m.encoder_layers,
+                               decoder_layers=m.decoder_layers, ffn=m.ffn, pooled_width=pooled)
+        return _count(mapper.parameters())
 
 
 def table(model, recipe: Recipe) -> Table:
@@ -67,4 +79,6 @@ def table(model, recipe: Recipe) -> Table:
         t.add_row(name, f"{ours[name]:,}", f"{paper[name]:,}")
     t.add_row("total trainable", f"{sum(ours.values()):,}", f"{sum(paper.values()):,}", style="bold")
     t.add_row("frozen", f"{frozen:,}", "")
+    for name, cond in OTHER_CONDS.items():  # the same mapper for the larger generators
+        t.add_row(f"mapper for {name}", "", f"{mapper_count(recipe.model.mapper.kind, *cond):,}", style="dim")
     return t

@@ -93,7 +93,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
     # No vokens in this stage, so no target images: the resolution is never used.
     dataset = TrainSet(source, stage="llm", resolution=0, history=recipe.data.history, seed=t.seed,
                        instruction_prob=0.0, images_in_prompt=llm.accepts_images, tasks=recipe.data.tasks)
-    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, caption_tokenizer=None, first_voken=0,
+    collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, first_voken=0,
                        n_vokens=0, max_length=recipe.data.max_length, prompt_format=recipe.data.prompt_format,
                        quirks=quirks(llm.model))
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
@@ -172,16 +172,20 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from minigpt5_cli.modeling.backbones import load_generator
+    from minigpt5_cli.modeling.generators import Generator, load_generator
     from minigpt5_cli.modeling.losses import diffusion_loss
 
     t, s, w = recipe.train, recipe.scratch, recipe.loss
     gen = load_generator(recipe.model.generator)
+    if type(gen) is not Generator:
+        raise UserError(f"stage generator trains Stable Diffusion 1.x / 2.x-style pipelines (as toy:sd); "
+                        f"{recipe.model.generator!r} is {gen.family}")
+    pipe = gen.pipe
     images, captions = _pairs(source, gen.resolution)
     fg = _foreground(images)
     total = t.max_steps or math.ceil(t.epochs * len(images) / (t.batch_size * t.grad_accum))
     REPORT.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
-                  f"{_millions(gen.vae)}, UNet {_millions(gen.unet)}, text encoder {_millions(gen.text_encoder)}")
+                  f"{_millions(pipe.vae)}, UNet {_millions(pipe.unet)}, text encoder {_millions(pipe.text_encoder)}")
     checker = _checker(source, captions, s.eval_samples) if s.eval_every else None
     state = {"vae_steps": 0, "steps": 0}
 
@@ -192,7 +196,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
     try:
         with display.progress(console) as progress:
             # 1. The autoencoder.
-            vae = gen.vae.float().train().requires_grad_(True)
+            vae = pipe.vae.float().train().requires_grad_(True)
             opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
             sched = _schedule(opt, max(1, s.vae_steps // VAE_WARMUP), s.vae_steps)
             task = progress.add_task("vae", total=s.vae_steps, info="")
@@ -223,11 +227,11 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
                 REPORT.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
 
             # 2. The UNet and text encoder, on the frozen VAE's latents.
-            unet, text_encoder = gen.unet.float().train(), gen.text_encoder.float().train()
+            unet, text_encoder = pipe.unet.float().train(), pipe.text_encoder.float().train()
             params = [*unet.parameters(), *text_encoder.parameters()]
             for p in params:
                 p.requires_grad_(True)
-            noise_sched = DDPMScheduler.from_config(gen.scheduler.config)
+            noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
             tok = gen.tokenizer
             ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
                       return_tensors="pt").input_ids
@@ -301,12 +305,12 @@ def _decoded(vae, latents: torch.Tensor) -> list:
 
 def _saved_pipeline(gen, ema):
     """The pipeline as it is saved: copies of the UNet and text encoder, holding the EMA weights when kept."""
-    unet, text_encoder = copy.deepcopy(gen.unet).eval(), copy.deepcopy(gen.text_encoder).eval()
+    unet, text_encoder = copy.deepcopy(gen.pipe.unet).eval(), copy.deepcopy(gen.pipe.text_encoder).eval()
     if ema is not None:
         ema[0].copy_to(unet.parameters())
         ema[1].copy_to(text_encoder.parameters())
-    pipe = gen.pipeline()
-    pipe.unet, pipe.text_encoder = unet, text_encoder
+    pipe = type(gen.pipe)(**{**gen.pipe.components, "unet": unet, "text_encoder": text_encoder})
+    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 

@@ -21,7 +21,7 @@ import torch
 
 from minigpt5_cli.errors import UserError
 
-TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "toy:llava", "toy:sd")
+TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "toy:llava", "toy:sd")
 VERSION = "2"  # bump when a builder changes, so stale caches are not reused
 BUILD_SEED = 0  # the weights of every tiny and toy backbone
 
@@ -66,10 +66,9 @@ def build(name: str, out: str | Path) -> str:
     out = Path(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
-        if name.endswith(":sd"):
-            _build_sd(out, SIZES[name])
-        else:
-            _build_llm(out, SIZES[name])
+        builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3}.get(name) or \
+            (_build_sd if name.endswith(":sd") else _build_llm)
+        builder(out, SIZES[name])
     return str(out)
 
 
@@ -81,6 +80,8 @@ SIZES = {
                   "toy": True},
     "tiny:sd": {"cond_len": 16, "width": 32, "vae": (8, 16, 16), "latent": 4, "unet": (16, 32), "head_dim": 4,
                 "attention": ("CrossAttnDownBlock2D", "DownBlock2D")},
+    "tiny:sdxl": {"cond_len": 16, "width": 32, "pooled": 16},
+    "tiny:sd3": {"cond_len": 16, "width": 32, "pooled": 32},
     # 4x4 latents: a UNet this small learns where things are far sooner than at 8x8 (its attention
     # has no positional encoding, so position comes from the borders).
     "toy:sd": {"cond_len": 12, "width": 64, "vae": (16, 32, 32, 32), "latent": 4, "unet": (32, 64), "head_dim": 8,
@@ -188,28 +189,40 @@ def _clip_tokenizer(max_length: int, words: list[str] = ()):
     return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=max_length)
 
 
+def _clip_text(tokenizer, width: int, projection: int | None = None):
+    """A CLIP text encoder over `tokenizer` (with a projection head, as SDXL's second and SD3's use)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **({"projection_dim": projection} if projection else {}),
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def _vae(channels: tuple, latent: int, attention: bool = True, **kw):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=channels,
+        down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
+        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=attention, **kw,
+    )
+
+
 def _build_sd(out: Path, size: dict) -> None:
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from minigpt5_cli.toyworld import world
 
     # Neither is 77 x 1024 on purpose: nothing may assume SD's numbers.
     cond_len, width = size["cond_len"], size["width"]
     tokenizer = _clip_tokenizer(cond_len, world.words() if size.get("toy") else ())
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=cond_len,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
+    text_encoder = _clip_text(tokenizer, width)
     vae_channels = size["vae"]
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=size["latent"], block_out_channels=vae_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(vae_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(vae_channels),
-        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=not size.get("toy"),
-    )
+    vae = _vae(vae_channels, size["latent"], attention=not size.get("toy"))
     down = size["attention"]
     unet = UNet2DConditionModel(
         sample_size=32 // 2 ** (len(vae_channels) - 1), in_channels=size["latent"], out_channels=size["latent"],
@@ -229,3 +242,64 @@ def _build_sd(out: Path, size: dict) -> None:
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out)
+
+
+def _build_sdxl(out: Path, size: dict) -> None:
+    """SDXL's shape at tiny size: two CLIP encoders (the second with a projection), a UNet that takes
+    their concatenated states, the pooled vector and six time ids."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    cond_len, width, pooled = size["cond_len"], size["width"], size["pooled"]
+    tokenizer, tokenizer_2 = _clip_tokenizer(cond_len), _clip_tokenizer(cond_len)
+    text_encoder, text_encoder_2 = _clip_text(tokenizer, width), _clip_text(tokenizer_2, width, pooled)
+    time = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        norm_num_groups=8, cross_attention_dim=2 * width, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        addition_embed_type="text_time", addition_time_embed_dim=time,
+        projection_class_embeddings_input_dim=pooled + 6 * time,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    StableDiffusionXLPipeline(vae=_vae((8, 16, 16), 4), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                              tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                              scheduler=scheduler).save_pretrained(out)
+
+
+def _t5_tokenizer(max_length: int):
+    """A T5-style (Unigram, sentencepiece-like) tokenizer over a few words."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    tok.train_from_iterator(_CORPUS, trainers.UnigramTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"],
+                                                             unk_token="<unk>", show_progress=False))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                           model_max_length=max_length, extra_ids=0)
+
+
+def _build_sd3(out: Path, size: dict) -> None:
+    """SD3's shape at tiny size: CLIP-L and CLIP-G (with projections) and T5, an MM-DiT, 16-channel-style
+    latents with a shift, a flow-matching scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    cond_len, width, pooled = size["cond_len"], size["width"], size["pooled"]
+    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(cond_len), _clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
+    text_encoder, text_encoder_2 = _clip_text(tokenizer, width, pooled // 2), _clip_text(tokenizer_2, width, pooled // 2)
+    joint = 2 * width  # the CLIP pair's width: T5's width matches it, as 4096 does in SD3
+    text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=joint, d_ff=2 * joint, d_kv=16,
+                                             num_layers=1, num_heads=4, pad_token_id=tokenizer_3.pad_token_id,
+                                             eos_token_id=tokenizer_3.eos_token_id))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+                                        num_attention_heads=4, joint_attention_dim=joint, caption_projection_dim=32,
+                                        pooled_projection_dim=pooled, out_channels=4, pos_embed_max_size=16)
+    StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                             vae=_vae((8, 16, 16), 4, shift_factor=0.1, scaling_factor=1.5),
+                             text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                             tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
+                             tokenizer_3=tokenizer_3).save_pretrained(out)

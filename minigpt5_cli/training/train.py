@@ -87,7 +87,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
             console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
 
-    dataset = TrainSet(source, stage=t.stage, resolution=model.gen_info.resolution, history=recipe.data.history,
+    dataset = TrainSet(source, stage=t.stage, resolution=model.generator.resolution, history=recipe.data.history,
                        seed=t.seed, instruction_prob=recipe.data.instruction_prob,
                        images_in_prompt=model.llm_info.accepts_images, tasks=recipe.data.tasks)
     collate = Collator.for_model(model)

@@ -1,0 +1,258 @@
+"""Text-to-image generators by family, read from their diffusers pipeline: the conditioning each takes,
+how its denoiser learns, and how its own pipeline renders a conditioning.
+
+The mapper predicts whatever the generator's text encoders would give (`encode`, the pipeline's own
+prompt path): a sequence (length x width) and, where the family has one, a pooled vector.
+
+| family | sequence | pooled | extra inputs | loss |
+| --- | --- | --- | --- | --- |
+| SD 1.x / 2.x | CLIP last hidden states, 77 x 768 / 1024 | | | epsilon or v, Min-SNR |
+| SDXL | two CLIP encoders' penultimate states, concatenated: 77 x 2048 | the second's, 1280 | size and crop time ids | epsilon or v, Min-SNR |
+| SD3 | CLIP-L + CLIP-G (padded) and T5, one sequence: (77 + 256) x 4096 | CLIP-L + CLIP-G, 2048 | | flow matching, logit-normal times |
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt5_cli import hub
+from minigpt5_cli.errors import UserError
+from minigpt5_cli.toyworld import tiny
+
+
+
+class Generator:
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder's last hidden states, a UNet that predicts the
+    noise (epsilon) or the velocity (v), the pipeline's own DDPM-style schedule."""
+
+    family = "SD 1.x / 2.x"
+
+    def __init__(self, pipe, name: str):
+        self.pipe, self.name = pipe, name
+        pipe.set_progress_bar_config(disable=True)  # progress is shown by the caller
+        self.train_scheduler = self._train_scheduler()
+        self._null = None
+
+    def _train_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)  # its betas and prediction type
+
+    # -- what it is
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    def parts(self) -> dict[str, nn.Module]:
+        """Its networks, all frozen in MiniGPT-5."""
+        names = ("vae", "unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+        return {n: getattr(self.pipe, n) for n in names if getattr(self.pipe, n, None) is not None}
+
+    @property
+    def tokenizer(self):
+        return self.pipe.tokenizer
+
+    @property
+    def cond_shape(self) -> tuple[int, int]:
+        """(length, width) of the conditioning sequence."""
+        return self.tokenizer.model_max_length, self.denoiser.config.cross_attention_dim
+
+    @property
+    def pooled_width(self) -> int | None:
+        """Width of the pooled vector beside the sequence; None for families without one."""
+        return None
+
+    @property
+    def resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def device(self):
+        return self.denoiser.device
+
+    def describe(self) -> dict:
+        length, width = self.cond_shape
+        return {"family": self.family, "sequence": [length, width], "pooled": self.pooled_width}
+
+    # -- conditioning
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The conditioning of `texts` as the pipeline computes it for a prompt: (sequence, pooled)."""
+        seq, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
+        return seq.float(), None
+
+    def null(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The encoders' conditioning of "": the target of a classifier-free-guidance drop."""
+        if self._null is None:
+            self._null = self.encode([""])
+        return self._null
+
+    # -- latents
+
+    def scale(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents as the denoiser sees them."""
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.scale(self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample())
+
+    # -- training
+
+    def loss(self, seq: torch.Tensor, pooled: torch.Tensor | None, latents: torch.Tensor,
+             snr_gamma: float) -> torch.Tensor:
+        from minigpt5_cli.modeling.losses import diffusion_loss
+
+        return diffusion_loss(self.denoiser, self.train_scheduler, seq, latents, snr_gamma,
+                              **self._extra(pooled, latents.shape[0]))
+
+    def _extra(self, pooled, rows: int) -> dict:
+        """Inputs the denoiser takes beside the sequence."""
+        return {}
+
+    # -- rendering
+
+    def render(self, seq, pooled, negative_seq, negative_pooled, **kwargs) -> list:
+        """Images from conditionings, through the pipeline's own call."""
+        pooled_args = {} if pooled is None else {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds":
+                                                 negative_pooled}
+        return self.pipe(prompt_embeds=seq, negative_prompt_embeds=negative_seq, output_type="pil",
+                         **self._render_extra(), **pooled_args, **kwargs).images
+
+    def _render_extra(self) -> dict:
+        return {}
+
+    def render_text(self, texts: list[str], **kwargs) -> list:
+        """Images from prompt texts, through the pipeline's own prompt path (the two-stage baseline)."""
+        return self.pipe(prompt=texts, output_type="pil", **self._render_extra(), **kwargs).images
+
+    def pipeline(self):
+        return self.pipe
+
+
+class SDXL(Generator):
+    """SDXL: two CLIP text encoders' penultimate hidden states, concatenated, the second's pooled
+    output, and the size and crop "time ids", which training takes as a centred crop at the
+    generator's resolution, as rendering at that size gives."""
+
+    family = "SDXL"
+
+    @property
+    def pooled_width(self) -> int:
+        return self.pipe.text_encoder_2.config.projection_dim
+
+    @torch.no_grad()
+    def encode(self, texts):
+        seq, _, pooled, _ = self.pipe.encode_prompt(texts, device=self.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
+        return seq.float(), pooled.float()
+
+    def _extra(self, pooled, rows: int) -> dict:
+        size = self.resolution
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=pooled.device).expand(rows, -1)
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+
+class SD3(Generator):
+    """SD3 / 3.5: CLIP-L and CLIP-G penultimate states (concatenated, padded to T5's width) followed by
+    T5's sequence (zeros when the pipeline has no T5), their pooled outputs concatenated, an MM-DiT
+    trained by flow matching: the velocity noise - latents at a sigma of the pipeline's schedule,
+    drawn logit-normally."""
+
+    family = "SD3"
+    DEFAULT_T5_LENGTH = 256  # the pipeline's default max_sequence_length
+
+    def _train_scheduler(self):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        return FlowMatchEulerDiscreteScheduler.from_config(self.pipe.scheduler.config)
+
+    @property
+    def denoiser(self):
+        return self.pipe.transformer
+
+    @property
+    def t5_length(self) -> int:
+        tok = getattr(self.pipe, "tokenizer_3", None)
+        return min(self.DEFAULT_T5_LENGTH, tok.model_max_length) if tok is not None else self.DEFAULT_T5_LENGTH
+
+    @property
+    def cond_shape(self):
+        return self.tokenizer.model_max_length + self.t5_length, self.denoiser.config.joint_attention_dim
+
+    @property
+    def pooled_width(self) -> int:
+        return self.denoiser.config.pooled_projection_dim
+
+    @property
+    def resolution(self) -> int:
+        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    def scale(self, latents):
+        return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def encode(self, texts):
+        seq, _, pooled, _ = self.pipe.encode_prompt(texts, None, None, device=self.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False,
+                                                    max_sequence_length=self.t5_length)
+        return seq.float(), pooled.float()
+
+    def loss(self, seq, pooled, latents, snr_gamma):
+        from minigpt5_cli.modeling.losses import flow_matching_loss
+
+        return flow_matching_loss(self.denoiser, self.train_scheduler, latents,
+                                  encoder_hidden_states=seq, pooled_projections=pooled)
+
+    def _render_extra(self) -> dict:
+        return {"max_sequence_length": self.t5_length}
+
+
+# The pipelines minigpt5 conditions, by class; anything else is refused with this list.
+FAMILIES = {"StableDiffusionPipeline": Generator, "StableDiffusionXLPipeline": SDXL,
+            "StableDiffusion3Pipeline": SD3}
+SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL or SD3 / 3.5 (text-to-image)"
+
+
+def load_generator(name: str, dtype: torch.dtype | None = None) -> Generator:
+    from diffusers import DiffusionPipeline
+
+    hub.quiet()
+    path = tiny.resolve(name)
+    try:
+        with warnings.catch_warnings():  # huggingface_hub's deprecation note on an argument diffusers passes
+            warnings.simplefilter("ignore", UserWarning)
+            index = DiffusionPipeline.load_config(path)
+        # SD 1.x / 2.x pipelines name a safety checker: not loaded (it is not part of the conditioning)
+        safety = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **safety)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise hub.load_error("generator", name, e, hub.OFFLINE_HINT) from None
+    cls = FAMILIES.get(type(pipe).__name__)
+    if cls is None:
+        raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {SUPPORTED}")
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    if denoiser.config.in_channels != pipe.vae.config.latent_channels:
+        raise UserError(f"generator {name!r} has a UNet of {denoiser.config.in_channels} input channels for "
+                        f"{pipe.vae.config.latent_channels}-channel latents (an inpainting or image-conditioned "
+                        f"model); minigpt5 needs {SUPPORTED}")
+    return cls(pipe, name)
+
+
+def caption_loss(predicted: tuple, target: tuple) -> torch.Tensor:
+    """MSE of the mapper's conditioning against the encoders' own: the sequence, plus the pooled vector
+    where the family has one."""
+    loss = F.mse_loss(predicted[0].float(), target[0].float())
+    if predicted[1] is not None:
+        loss = loss + F.mse_loss(predicted[1].float(), target[1].float())
+    return loss
