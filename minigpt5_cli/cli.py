@@ -9,8 +9,11 @@ from typing import Optional
 
 import typer
 
+from minigpt5_cli.demo.cli import DEMO_HELP
+from minigpt5_cli.demo.cli import demo as demo_command
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import WRITE_ERRORS, writable_file, writable_folder
+from minigpt5_cli.rating.cli import rate_app
 
 app = typer.Typer(
     help="Interleaved text-and-image generation with generative vokens (MiniGPT-5).",
@@ -27,6 +30,7 @@ Examples:
   minigpt5 train --recipe recipes/toy/generator.yaml
   minigpt5 train --recipe recipes/debug/stage1.yaml train.max_steps=20 train.lr=1e-3
   minigpt5 train --recipe recipes/debug/stage1.yaml --resume
+  minigpt5 train --recipe recipes/vist_stage2_lora.yaml --plan --num-processes 4 --gpu-memory 24GiB
   accelerate launch -m minigpt5_cli train --recipe recipes/vist_stage2_lora.yaml
 """
 
@@ -107,11 +111,31 @@ def train(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe under recipes/."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides.", show_default=False),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in train.output_dir."),
+    plan: bool = typer.Option(False, "--plan", help="Print the memory each GPU needs for the recipe (DDP and FSDP, "
+                              "with and without gradient checkpointing), measured on the backbones built from their "
+                              "configs without weights, and exit; trains nothing."),
+    num_processes: int = typer.Option(1, "--num-processes", help="With --plan: the number of GPUs (DDP, FSDP)."),
+    gpu_memory: str = typer.Option("", "--gpu-memory", help="With --plan: one GPU's memory, e.g. 24GiB or 80GB; "
+                                   "the plan then says whether the recipe fits and the largest micro-batch that does."),
 ) -> None:
     from minigpt5_cli import recipe as recipes
+
+    settings = recipes.load(recipe, overrides or [])
+    if not plan and (num_processes != 1 or gpu_memory):
+        _fail("--num-processes and --gpu-memory go with --plan; to train on several GPUs, use accelerate launch")
+    if plan:
+        from rich.console import Console
+
+        from minigpt5_cli.training.plan import measure, parse_memory, render
+
+        memory = parse_memory(gpu_memory)
+        with Console(stderr=True).status("building the model from its configs; measuring steps on fake tensors"):
+            result = measure(settings, processes=num_processes)
+        Console().print(render(result, memory))
+        return
     from minigpt5_cli.training.train import train as run
 
-    run(recipes.load(recipe, overrides or []), resume=resume)
+    run(settings, resume=resume)
 
 
 GENERATE_HELP = """Continue stories with interleaved text and images. STORY is a .json story
@@ -277,6 +301,10 @@ def evaluate(
     report = stage.evaluate(predictions, references, settings, output)
     Console().print(stage.table(report))
     typer.echo(f"wrote {output} and {output.with_suffix('.samples.csv')}")
+
+
+app.command("demo", help=DEMO_HELP, short_help="A local web page to write a story with a model.")(demo_command)
+app.add_typer(rate_app, name="rate")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -35,6 +35,17 @@ def quiet(errors_only: bool = False) -> None:
         logger.addFilter(_DropTorchvisionFallback())
     if errors_only:
         transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+        import huggingface_hub
+
+        huggingface_hub.utils.logging.set_verbosity_error()  # "could not reach the Hub" when offline by choice
+
+
+def files_hint(name: str) -> str:
+    """Where the configs and tokenizer files of `name` come from when its weights are not wanted."""
+    return (f"give its config and tokenizer files, without weights: hf download {name} --exclude '*.safetensors' "
+            "--exclude '*.bin' --exclude '*.ckpt' --exclude '*.pth' (once, online), or a local folder holding them "
+            "(the paper's backbones as shapes: model.llm=paper:llava-1.5-7b model.generator=paper:sd-2.1-base)")
 
 
 def load_error(what: str, name: str, err: Exception, hint: str) -> UserError:

@@ -22,6 +22,7 @@ from PIL import Image
 from conftest import DEBUG, run_cli
 
 IMAGES = DEBUG / "data" / "images"
+TOY = DEBUG.parent / "toy"
 PAIRS = DEBUG / "data" / "pairs.jsonl"
 SEQS = DEBUG / "data" / "sequences.jsonl"
 FAST = ["--diffusion-steps", "2", "--max-new-tokens", "12"]
@@ -212,6 +213,15 @@ def train_disk_full(c: Ctx) -> list[str]:
     return train_args(c, "train.max_steps=6") + ["--resume"]
 
 
+def deepspeed(c: Ctx) -> list[str]:
+    """accelerate set up for DeepSpeed (as its launcher does from a DeepSpeed config)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    c.monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType.DEEPSPEED))
+    return train_args(c)
+
+
 def generate_over_malformed(c: Ctx) -> list[str]:
     c.file("out/story.json", "{not json")
     return generate_args(c, "a circle.", "--overwrite")
@@ -382,6 +392,26 @@ CASES = [
          "stage generator trains Stable Diffusion 1.x / 2.x-style pipelines (as toy:sd); 'tiny:sdxl' is SDXL"),
     Case("train-image-conditioned-unet", lambda c: inpainting_generator(c, as_text_to_image=True),
          "generator '{tmp}/inpaint' has a UNet of 9 input channels for 4-channel latents"),
+    Case("train-checkpointing-prefix", lambda c: train_args(c, "train.gradient_checkpointing=true",
+                                                            recipe="stage2_prefix.yaml"),
+         "train.gradient_checkpointing does not combine with prefix tuning"),
+    Case("train-checkpointing-scratch", lambda c: ["train", "-r", str(TOY / "generator.yaml"),
+                                                   f"train.output_dir={c.tmp / 'run'}", "train.gradient_checkpointing=true"],
+         "stage generator does not checkpoint activations"),
+    Case("train-shapes-only-backbone", lambda c: train_args(c, "model.llm=paper:llava-1.5-7b"),
+         "paper:llava-1.5-7b describes the model's shapes, without weights: use it with train --plan"),
+    Case("train-deepspeed", deepspeed, "DeepSpeed is not supported: shard with FSDP instead"),
+    # train --plan
+    Case("plan-backbone-not-here", lambda c: train_args(c, "--plan", "model.llm=nobody/no-such-model"),
+         "cannot load the LLM 'nobody/no-such-model'"),
+    Case("plan-memory-not-a-size", lambda c: train_args(c, "--plan", "--gpu-memory", "lots"),
+         "--gpu-memory 'lots' is not a size"),
+    Case("plan-no-processes", lambda c: train_args(c, "--plan", "--num-processes", "0"),
+         "--num-processes must be at least 1"),
+    Case("plan-scratch-stage", lambda c: ["train", "-r", str(TOY / "generator.yaml"), "--plan"],
+         "--plan covers stages 1 and 2"),
+    Case("plan-options-without-plan", lambda c: train_args(c, "--gpu-memory", "24GiB"),
+         "--num-processes and --gpu-memory go with --plan"),
     # generate
     Case("generate-binary-story-json", lambda c: generate_args(c, c.file("s.json", BINARY)),
          "{tmp}/s.json is not UTF-8"),
@@ -432,7 +462,130 @@ CASES = [
          "cannot write to {tmp}/ro"),
     Case("prepare-raced", prepare_raced, "{tmp}/data appeared while this run was writing it"),
     Case("prepare-disk-full", prepare_disk_full, "No space left on device"),
+    # rate build
+    Case("rate-build-missing-output", lambda c: rate_build_args(c, c.tmp / "nothing", generated(c, "b", ["s1"])),
+         "--a {tmp}/nothing not found"),
+    Case("rate-build-not-generate-output", lambda c: rate_build_args(c, c.file("mine/notes.txt", "x").parent,
+                                                                     generated(c, "b", ["s1"])),
+         "--a {tmp}/mine holds no story.json"),
+    Case("rate-build-malformed-story", lambda c: rate_build_args(c, generated(c, "a", ["s1"], doc="{not json"),
+                                                                 generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/story.json is not a story written by minigpt5 generate"),
+    Case("rate-build-mismatched-ids", lambda c: rate_build_args(c, generated(c, "a", ["s1", "s2"]),
+                                                                generated(c, "b", ["s1", "s3"])),
+         "--a and --b hold different stories: 1 only in --a ('s2'), 1 only in --b ('s3')"),
+    Case("rate-build-other-beginnings", lambda c: rate_build_args(c, generated(c, "a", ["s1"]),
+                                                                  generated(c, "b", ["s1"], text="a square.")),
+         "story 's1' begins differently in --a and --b"),
+    Case("rate-build-study-exists", lambda c: rate_build_args(c, study(c).parent / "a", c.tmp / "b"),
+         "--output {tmp}/study exists; pass --overwrite"),
+    Case("rate-build-over-user-folder", lambda c: rate_build_args(c, generated(c, "a", ["s1"]),
+                                                                  generated(c, "b", ["s1"]), "--overwrite",
+                                                                  out=c.file("mine/notes.txt", "x").parent),
+         "{tmp}/mine is not a study folder rate build wrote"),
+    Case("rate-build-seed", lambda c: rate_build_args(c, generated(c, "a", ["s1"]), generated(c, "b", ["s1"]),
+                                                      "--seed", "-1"),
+         "--seed must be in [0, 2147483647]"),
+    # rate results
+    Case("rate-results-not-a-study", lambda c: ["rate", "results", str(c.file("x/notes.txt", "x").parent),
+                                                str(answers(c, study(c)))],
+         "{tmp}/x is not a study folder (no study.json)"),
+    Case("rate-results-binary-answers", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", BINARY))],
+         "{tmp}/r.json is not UTF-8"),
+    Case("rate-results-malformed-answers", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", "{x"))],
+         "{tmp}/r.json: not valid JSON"),
+    Case("rate-results-not-an-export", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", "[]"))],
+         "{tmp}/r.json is not a rating export"),
+    Case("rate-results-another-study", lambda c: results_args(c, study="0123456789ab"),
+         "{tmp}/r.json is from another study (study '0123456789ab', seed 1); this study is"),
+    Case("rate-results-another-seed", lambda c: results_args(c, seed=2), "{tmp}/r.json is from another study"),
+    Case("rate-results-unknown-answer", lambda c: results_args(c, language="C"),
+         "{tmp}/r.json: pair 1: unknown answer language='C'; answers are A, B or tie"),
+    Case("rate-results-unknown-story", lambda c: results_args(c, id="s9"),
+         "{tmp}/r.json: pair 1 is not one of this study's stories"),
+    Case("rate-results-same-rater-twice", lambda c: results_args(c, str(answers(c, study(c), name="r2.json"))),
+         "rater 'r' is in both {tmp}/r.json and {tmp}/r2.json"),
+    Case("rate-results-no-answers", lambda c: results_args(c, language=None), "the answers files hold no answers yet"),
+    Case("rate-results-over-user-file", lambda c: results_args(c, "-o", str(c.file("out/results.json", "x").parent)),
+         "{tmp}/out/results.json was not written by rate results"),
+    # demo
+    Case("demo-port-in-use", lambda c: ["demo", "--port", str(port_in_use(c))], "port "),
+    Case("demo-missing-model", lambda c: ["demo", "--port", str(free_port()), "--model", str(c.tmp / "none")],
+         "model not found: {tmp}/none"),
+    Case("demo-unknown-host", lambda c: ["demo", "--host", "no-such-host.invalid"],
+         "--host no-such-host.invalid is not an address of this machine"),
+    # the optional extras, missing
+    Case("rate-results-without-matplotlib", lambda c: without(c, "matplotlib") + results_args(c),
+         "rate results draws its plot with matplotlib: pip install 'minigpt5[rate]'"),
+    Case("demo-without-gradio", lambda c: without(c, "gradio") + ["demo", "--port", str(free_port())],
+         "the demo needs Gradio: pip install 'minigpt5[demo]'"),
 ]
+
+
+def generated(c: Ctx, name: str, ids: list[str], text: str = "a circle.", doc: str | None = None) -> Path:
+    """A folder as generate writes it for stories `ids`: a folder per story, its story.json and image."""
+    for sid in ids:
+        (c.tmp / name / sid).mkdir(parents=True)
+        shutil.copy(IMAGES / "red_circle.png", c.tmp / name / sid / "image-1.png")
+        record = {"id": sid, "input": [{"text": text, "image": None, "source": None}], "mode": "vokens",
+                  "generated": [{"text": "here it is.", "images": ["image-1.png"],
+                                 "segments": [{"text": "here it is."}, {"image": "image-1.png"}]}]}
+        c.file(f"{name}/{sid}/story.json", doc if doc is not None else json.dumps(record))
+    return c.tmp / name
+
+
+def rate_build_args(c: Ctx, a: Path, b: Path, *extra: str, out: Path | None = None) -> list[str]:
+    return ["rate", "build", "--a", str(a), "--b", str(b), "--output", str(out or c.tmp / "study"), "--seed", "1",
+            *extra]
+
+
+def study(c: Ctx) -> Path:
+    """A study of two stories, built by rate build (seed 1)."""
+    if not (c.tmp / "study").exists():
+        assert run_cli(*rate_build_args(c, generated(c, "a", ["s1", "s2"]), generated(c, "b", ["s1", "s2"]))) == 0
+    return c.tmp / "study"
+
+
+def results_args(c: Ctx, *extra: str, **fields) -> list[str]:
+    """rate results on a study and one rater's export (its `fields` replaced), then `extra`."""
+    folder = study(c)
+    return ["rate", "results", str(folder), str(answers(c, folder, **fields)), *extra]
+
+
+def answers(c: Ctx, folder: Path, name: str = "r.json", language: str | None = "A", **fields) -> Path:
+    """A rater's export for the study in `folder`, one pair answered; `fields` replace its own."""
+    key = json.loads((folder / "study.json").read_text())
+    pair = {"id": fields.pop("id", "s1"), "position": 1, "shown": [0, 1], "answers": {"language": language}}
+    doc = {"format": "minigpt5-rating", "study": key["study"], "seed": key["seed"], "rater": "r", "pairs": [pair]}
+    return c.file(name, json.dumps({**doc, **fields}))
+
+
+def without(c: Ctx, package: str) -> list[str]:
+    """`package` cannot be imported for the rest of the case, as where it is not installed."""
+    import sys
+
+    c.monkeypatch.setitem(sys.modules, package, None)
+    return []
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(c: Ctx) -> int:
+    """A port another program listens on, until the case is over."""
+    import socket
+    import weakref
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    weakref.finalize(c, s.close)
+    return s.getsockname()[1]
 
 
 def snapshot(root: Path) -> dict[str, str]:

@@ -194,3 +194,44 @@ def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path, part, key):
     _, fresh = make(2, "lora")
     with pytest.raises(UserError, match="does not fit"):
         checkpoint.load(fresh, tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("stage,adapter", [(1, "none"), (2, "lora")])
+def test_gradient_checkpointing_keeps_gradients_and_saves_memory(stage, adapter):
+    """Checkpointed LLM layers and UNet blocks give the same gradients while keeping fewer tensors for
+    the backward pass (counted with saved-tensor hooks)."""
+    grads, kept = {}, {}
+    for on in (False, True):
+        extra = [f"train.gradient_checkpointing={str(on).lower()}", "train.mixed_precision=no"]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            recipe, model = make(stage, adapter, extra=extra)
+        batch = batch_for(model, recipe)
+        model.train()
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(1)  # the same noise, timesteps, dropout and guidance drops both times
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(batch)["loss"]
+        loss.backward()
+        kept[on] = sum(saved)
+        grads[on] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    for name, grad in grads[False].items():
+        torch.testing.assert_close(grads[True][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert kept[True] < 0.8 * kept[False], kept
+
+
+def test_fsdp_wraps_the_layers_that_run_every_step():
+    """The LLM's decoder layers and the UNet's blocks; not the vision tower, text encoder or VAE, which
+    run for some batches only (a sharded layer must run on every process at every step)."""
+    _, model = make(2, "lora")
+    wrapped = set(model._no_split_modules)
+    assert "LlamaDecoderLayer" in wrapped and {"CrossAttnDownBlock2D", "UpBlock2D"} <= wrapped
+    kinds = {type(m).__name__ for part in (model.llm_info.model.get_base_model().model.vision_tower,
+                                           model.generator.vae, model.frozen["text_encoder"]) for m in part.modules()}
+    assert not wrapped & kinds, wrapped & kinds

@@ -7,13 +7,25 @@ from minigpt5_cli import recipe as R
 from minigpt5_cli.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_RECIPES = sorted((REPO / "recipes").rglob("*.yaml"))
+# recipes/accelerate/ holds accelerate's launch configs, not recipes.
+ALL_RECIPES = sorted(p for p in (REPO / "recipes").rglob("*.yaml") if p.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((REPO / "recipes" / "accelerate").glob("*.yaml"))
 
 
 def test_recipes_exist():
     names = {p.relative_to(REPO / "recipes").as_posix() for p in ALL_RECIPES}
     assert {"cc3m_stage1.yaml", "vist_stage2_lora.yaml", "vist_stage2_prefix.yaml", "mmdialog_stage2_lora.yaml",
             "mmdialog_stage2_prefix.yaml", "debug/stage1.yaml", "debug/stage2_lora.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_configs_load_as_accelerate_reads_them(path):
+    """Each config opens with its launch command and is a valid accelerate config file."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert path.read_text().startswith("#") and "accelerate launch --config_file recipes/accelerate/" in path.read_text()
+    config = load_config_from_file(str(path))
+    assert config.distributed_type in ("MULTI_GPU", "FSDP") and config.num_processes > 1
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())

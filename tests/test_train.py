@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,8 +89,8 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
 
     real_save = train_module.save_checkpoint
 
-    def save_then_interrupt(accelerator, model, recipe, step):
-        folder = real_save(accelerator, model, recipe, step)
+    def save_then_interrupt(accelerator, model, optimizer, scheduler, recipe, step):
+        folder = real_save(accelerator, model, optimizer, scheduler, recipe, step)
         if step == 2:
             raise KeyboardInterrupt
         return folder
@@ -108,6 +109,27 @@ def test_resume_equals_straight_run(tmp_path, monkeypatch):
     assert any(not torch.equal(mid[k], a[k]) for k in a)
 
 
+def test_a_checkpoint_with_position_keyed_optimizer_state_resumes(tmp_path):
+    """Checkpoints written before optimizer state was keyed by parameter name (torch's own
+    `optimizer.state_dict()`, keyed by position) resume to the same weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    extra = ("train.max_steps=4", "train.save_every=2")
+    assert run_cli(*stage1_args(straight, *extra)) == 0
+    resumed.mkdir()
+    shutil.copytree(straight / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(straight / "recipe.yaml", resumed / "recipe.yaml")
+    named = torch.load(resumed / "checkpoint-2" / "optimizer.bin", weights_only=False)
+    order = [name for group in named["param_groups"] for name in group["params"]]
+    assert order and all(isinstance(n, str) for n in order)
+    position = {name: i for i, name in enumerate(order)}
+    torch.save({"state": {position[k]: v for k, v in named["state"].items()},
+                "param_groups": [{**g, "params": [position[n] for n in g["params"]]} for g in named["param_groups"]]},
+               resumed / "checkpoint-2" / "optimizer.bin")
+    assert run_cli(*stage1_args(resumed, *extra), "--resume") == 0
+    a, b = weights(straight / "checkpoint-4"), weights(resumed / "checkpoint-4")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_two_processes_write_one_loadable_checkpoint(tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
@@ -119,10 +141,26 @@ def test_two_processes_write_one_loadable_checkpoint(tmp_path):
     assert proc.stdout.count("done:") == 1, "one process reports and writes"
     last = checkpoints(out)[-1]
     assert last.name == "checkpoint-4"
-    assert sorted(p.name for p in last.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    assert {p.name for p in last.iterdir()} >= {"optimizer.bin", "scheduler.bin", "vokens.safetensors", "mapper"}
     assert not list(out.glob(".checkpoint-*")), "no half-written checkpoint is left"
     model = build_model(R.load(last / "recipe.yaml"))
     checkpoint.load(model, last)
+
+
+def test_a_multi_gpu_config_without_gpus_is_refused(tmp_path):
+    """recipes/accelerate/ddp.yaml on a machine with no GPU: the processes cannot form a group, and
+    would each train alone into the same folder. Each stops with one line; nothing is written."""
+    if torch.cuda.device_count() >= 2:
+        pytest.skip("this machine has the GPUs the config asks for")
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "recipes/accelerate/ddp.yaml"),
+           "--num_processes", "2", "-m", "minigpt5_cli", *stage1_args(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("error: accelerate started 2 processes")]
+    assert len(ours) == 2, proc.stderr[-2000:]
+    assert 'minigpt5_cli/' not in proc.stderr  # accelerate's report of the failed processes only, no trace of ours
+    assert not checkpoints(tmp_path / "run")
 
 
 def _error(capsys, *argv) -> str:

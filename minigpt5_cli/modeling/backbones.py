@@ -33,29 +33,33 @@ class LLM:
         return self.model.get_input_embeddings().embedding_dim
 
 
-def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False) -> LLM:
+def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
+             empty: bool = False) -> LLM:
+    """The LLM with its tokenizer and processor. `empty`: built from its config with fresh weights, none
+    read (for `train --plan`, under a fake-tensor mode)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     hub.quiet()
-    path = tiny.resolve(name)
+    path = tiny.resolve(name, shapes_only=empty)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise hub.load_error("LLM", name, e, hub.OFFLINE_HINT) from None
+        raise hub.load_error("LLM", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if not multimodal and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
         raise UserError(f"the LLM {name!r} is a {config.model_type!r} model, neither a causal LM nor an "
                         "image-text-to-text model; minigpt5 needs one of those")
     try:
         cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-        model = cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = cls.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code) if empty else \
+            cls.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
         processor = load_processor(path, name, trust_remote_code) if multimodal else None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
-        raise hub.load_error("LLM", name, e, hub.OFFLINE_HINT) from None
+        raise hub.load_error("LLM", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     if tokenizer.pad_token is None:  # the paper pads with eos
         tokenizer.pad_token = tokenizer.eos_token
     return LLM(model=model, tokenizer=tokenizer, processor=processor, name=name)

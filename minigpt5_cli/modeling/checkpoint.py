@@ -2,8 +2,8 @@
 
 A checkpoint holds `vokens.safetensors` (the voken rows), `mapper/` (`FeatureMapper.save_pretrained`),
 `adapter/` (the PEFT adapter, stage 2; prefix tuning also keeps `prefix_encoder.safetensors`),
-`minigpt5.json` (the backbones it fits) and `recipe.yaml`. Training adds optimizer, scheduler and
-sampler state for `--resume` and `trainer_state.json` (`train.checkpoints` writes those).
+`minigpt5.json` (the backbones it fits) and `recipe.yaml`. Training adds optimizer and scheduler
+state for `--resume` (`training/state.py`) and `trainer_state.json`.
 """
 
 from __future__ import annotations
@@ -122,32 +122,42 @@ def save(model, folder: str | Path) -> None:
 def load(model, folder: str | Path, adapter: bool = True) -> None:
     """Load weights written by `save` into `model`; refuse a checkpoint made for other backbones, and
     any weight file that lacks a tensor the model needs or holds one it does not."""
+    unexpected = model.load_state_dict(read(model, folder, adapter), strict=False).unexpected_keys
+    if unexpected:  # read() names the model's own parameters
+        raise RuntimeError(f"checkpoint names no parameter of the model: {unexpected[:3]}")
+
+
+def read(model, folder: str | Path, adapter: bool = True) -> dict:
+    """The tensors of checkpoint `folder`, checked against `model`, by the model's parameter names (so
+    a sharded model can load them with torch's distributed state-dict functions)."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{folder} is not a minigpt5 checkpoint (no {META_FILE})")
     try:
         check_compatible(json.loads(meta_path.read_text()), describe(model), folder, adapter)
-        _load(model, folder, adapter)
+        return _read(model, folder, adapter)
     except DAMAGED as e:
         raise damaged(folder, e) from None
 
 
-def _load(model, folder: Path, adapter: bool) -> None:
+def _read(model, folder: Path, adapter: bool) -> dict:
     from safetensors.torch import load_file
 
-    _strict(model.vokens, load_file(folder / VOKENS_FILE), folder / VOKENS_FILE)
+    state = _strict(model.vokens, load_file(folder / VOKENS_FILE), folder / VOKENS_FILE, "vokens.")
     saved = _load_mapper(folder / "mapper")
     diff = [f"{k} {saved.config.get(k)} there, {v} here" for k, v in model.mapper.config.items()
             if not k.startswith("_") and saved.config.get(k) != v]
     if diff:
         raise UserError(f"checkpoint {folder}: its mapper differs from the recipe's ({', '.join(diff)})")
-    model.mapper.load_state_dict(saved.state_dict())
+    state.update({f"mapper.{k}": v for k, v in saved.state_dict().items()})
     kind = model.recipe.adapter.kind
     if adapter and kind == "prefix":
-        _strict(model.llm.prompt_encoder, load_file(folder / PREFIX_FILE), folder / PREFIX_FILE)
+        state.update(_strict(model.llm.prompt_encoder, load_file(folder / PREFIX_FILE), folder / PREFIX_FILE,
+                             "llm.prompt_encoder."))
     elif adapter and kind == "lora":
-        _load_adapter(model.llm, folder / "adapter")
+        state.update(_read_adapter(model, folder / "adapter"))
+    return state
 
 
 def _load_mapper(folder: Path) -> FeatureMapper:
@@ -168,27 +178,31 @@ def _load_mapper(folder: Path) -> FeatureMapper:
     return mapper
 
 
-def _strict(module, state: dict, where: Path) -> None:
+def _strict(module, state: dict, where: Path, prefix: str) -> dict:
+    """`state` (the tensors of `module`) under the model's names, when its keys are exactly the module's."""
     missing, unexpected = (sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict())))
     if missing or unexpected:
         raise UserError(f"{where} does not fit this model: " + "; ".join(
             f"{what} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
-    module.load_state_dict(state)
+    return {prefix + k: v for k, v in state.items()}
 
 
-def _load_adapter(peft_model, folder: Path) -> None:
-    """The PEFT adapter in `folder`, read with PEFT's own loader; every adapter tensor must be there."""
-    from peft import get_peft_model_state_dict, load_peft_weights, set_peft_model_state_dict
+def _read_adapter(model, folder: Path) -> dict:
+    """The PEFT adapter in `folder`, read with PEFT's own loader; every adapter tensor must be there. Its
+    keys are PEFT's: the LLM's parameter names without the adapter's name."""
+    from peft import get_peft_model_state_dict, load_peft_weights
 
     state = load_peft_weights(str(folder), device="cpu")
-    wanted = set(get_peft_model_state_dict(peft_model, save_embedding_layers=False))  # as `save` writes it
-    missing, unexpected = sorted(wanted - set(state)), sorted(set(state) - wanted)
+    wanted = get_peft_model_state_dict(model.llm, save_embedding_layers=False)  # as `save` writes it
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
     if missing or unexpected:
         keys = missing or unexpected
         raise UserError(f"checkpoint {folder}: its adapter does not fit this model "
                         f"({'missing' if missing else 'unexpected'} {', '.join(keys[:3])})")
-    set_peft_model_state_dict(peft_model, state)
+    name = f".{model.llm.active_adapter}."
+    names = {n.replace(name, "."): f"llm.{n}" for n, _ in model.llm.named_parameters()}
+    return {names[k]: v for k, v in state.items()}
 
 
 def check_compatible(saved: dict, current: dict, folder: Path, adapter: bool) -> None:

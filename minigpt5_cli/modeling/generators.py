@@ -224,20 +224,23 @@ FAMILIES = {"StableDiffusionPipeline": Generator, "StableDiffusionXLPipeline": S
 SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL or SD3 / 3.5 (text-to-image)"
 
 
-def load_generator(name: str, dtype: torch.dtype | None = None) -> Generator:
+def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = False) -> Generator:
+    """The generator's pipeline. `empty`: its networks built from their configs with fresh weights, none
+    read (for `train --plan`, under a fake-tensor mode); tokenizers and scheduler as usual."""
     from diffusers import DiffusionPipeline
 
     hub.quiet()
-    path = tiny.resolve(name)
+    path = tiny.resolve(name, shapes_only=empty)
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation note on an argument diffusers passes
             warnings.simplefilter("ignore", UserWarning)
             index = DiffusionPipeline.load_config(path)
-        # SD 1.x / 2.x pipelines name a safety checker: not loaded (it is not part of the conditioning)
-        safety = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
-        pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **safety)
+            # SD 1.x / 2.x pipelines name a safety checker: not loaded (it is not part of the conditioning)
+            safety = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
+            built = _from_configs(path, index, dtype, skip=safety) if empty else {}
+            pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **safety, **built)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise hub.load_error("generator", name, e, hub.OFFLINE_HINT) from None
+        raise hub.load_error("generator", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     cls = FAMILIES.get(type(pipe).__name__)
     if cls is None:
         raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {SUPPORTED}")
@@ -247,6 +250,27 @@ def load_generator(name: str, dtype: torch.dtype | None = None) -> Generator:
                         f"{pipe.vae.config.latent_channels}-channel latents (an inpainting or image-conditioned "
                         f"model); minigpt5 needs {SUPPORTED}")
     return cls(pipe, name)
+
+
+def _from_configs(path: str, index: dict, dtype, skip) -> dict[str, nn.Module]:
+    """The pipeline's networks (diffusers models, transformers text encoders) from their configs."""
+    import importlib
+
+    from diffusers import ModelMixin
+    from transformers import PreTrainedModel
+
+    built = {}
+    for part, spec in index.items():
+        if part in skip or not isinstance(spec, (list, tuple)) or len(spec) != 2 or None in spec:
+            continue
+        cls = getattr(importlib.import_module(spec[0]), spec[1], None)
+        if isinstance(cls, type) and issubclass(cls, ModelMixin):
+            model = cls.from_config(cls.load_config(path, subfolder=part))
+            built[part] = model.to(dtype) if dtype is not None else model
+        elif isinstance(cls, type) and issubclass(cls, PreTrainedModel):
+            built[part] = cls._from_config(cls.config_class.from_pretrained(path, subfolder=part), dtype=dtype)
+        # anything else (tokenizers, schedulers) is read as usual
+    return built
 
 
 def caption_loss(predicted: tuple, target: tuple) -> torch.Tensor:

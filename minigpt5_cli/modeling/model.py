@@ -34,6 +34,11 @@ class MiniGPT5(nn.Module):
         self.frozen = nn.ModuleDict(generator.parts())  # the generator's networks, frozen, moved with the model
         self.mapper, self.vokens = mapper, vokens
         self.first_voken = vokens.first
+        # The layers FSDP wraps one by one (accelerate reads this): the LLM's decoder layers and the
+        # denoiser's blocks, which run at every step. The rest (vision tower, text encoders, VAE, mapper)
+        # runs only for some batches and stays whole on every process, outside any wrapped layer.
+        self._no_split_modules = sorted(_blocks(llm.model, generator.denoiser))
+        self.run_all_parts = False  # FSDP: a batch without target images runs the mapper and denoiser too
         self.own_positions = computes_own_positions(llm.model)
         # transformers renamed `past_key_values` to `cache` during 5.x
         self.cache_arg = "cache" if "cache" in inspect.signature(unwrap(llm.model).forward).parameters \
@@ -43,6 +48,13 @@ class MiniGPT5(nn.Module):
         super().train(mode)
         self.frozen.eval()  # frozen backbones never leave eval mode
         return self
+
+    def checkpoint_activations(self) -> None:
+        """Recompute the LLM's layers and the denoiser's blocks in the backward pass instead of keeping
+        their activations. Frozen parts run in eval mode, which transformers' layers skip, so only the
+        LLM (in train mode) and the denoiser (diffusers checks only that gradients are on) take part."""
+        unwrap(self.llm).activation_checkpointing_enable({"use_reentrant": False})
+        self.generator.denoiser.enable_gradient_checkpointing()
 
     def trainable_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by component, in a fixed order."""
@@ -90,6 +102,14 @@ class MiniGPT5(nn.Module):
         return self.llm.get_base_model()(**inputs, attention_mask=torch.cat([mask.new_ones(rows, virtual), mask], 1),
                                          output_hidden_states=True, **{self.cache_arg: cache})
 
+    def _idle_image_loss(self, states: torch.Tensor) -> torch.Tensor:
+        """The image loss of one all-zero voken group on all-zero latents, times zero."""
+        config = self.generator.denoiser.config  # its sample size is the latents'
+        seq, pooled = self.mapper(states.new_zeros(1, self.vokens.n, states.shape[-1]).float())
+        latents = torch.zeros(1, config.in_channels, config.sample_size, config.sample_size, device=states.device,
+                              dtype=self.generator.vae.dtype)
+        return self.generator.loss(seq, pooled, latents, self.recipe.loss.snr_gamma) * 0.0
+
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         w = self.recipe.loss
         out = self.language_forward(batch)
@@ -101,6 +121,10 @@ class MiniGPT5(nn.Module):
         targets = batch["latent_mean" if "latent_mean" in batch else "target_pixels"].shape[0]
         if states.shape[0] != targets:
             raise RuntimeError("voken groups and target images do not match; the collator is out of step")
+        if not states.shape[0] and self.run_all_parts:
+            # Every process of a sharded model must run (and send gradients through) the same sharded
+            # parts at every step: here with no image to learn, at zero weight.
+            image = self._idle_image_loss(states)
         if states.shape[0]:
             drop = torch.rand(states.shape[0], device=states.device) < w.cfg_drop  # classifier-free guidance
             states = states.masked_fill(drop[:, None, None], 0.0)
@@ -117,6 +141,19 @@ class MiniGPT5(nn.Module):
                 caption = caption_loss((seq, pooled), target)
         loss = w.text * text + w.image * image + w.caption * caption
         return {"loss": loss, "text": text.detach(), "image": image.detach(), "caption": caption.detach()}
+
+
+def _blocks(llm: nn.Module, denoiser: nn.Module) -> set[str]:
+    """Class names of the LLM's decoder layers and of the denoiser's down, mid and up blocks (UNet) or
+    transformer blocks (MM-DiT): names no other part of the model uses."""
+    model = unwrap(llm)
+    depth = model.config.get_text_config().num_hidden_layers
+    # The decoder's stack of layers, whatever its name (layers, h, blocks)
+    layers = next((m for m in model.get_decoder().modules() if isinstance(m, nn.ModuleList) and len(m) == depth), [])
+    parts = [m for name in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
+             for m in getattr(denoiser, name, None) or []]
+    mid = getattr(denoiser, "mid_block", None)
+    return {type(m).__name__ for m in [*layers, *parts, *([mid] if mid is not None else [])]}
 
 
 def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
@@ -144,14 +181,15 @@ def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
-    """Load both backbones, add vokens, freeze, attach the adapter and a fresh or loaded mapper."""
+def build_model(recipe: Recipe, init_from: str | None = None, empty: bool = False) -> MiniGPT5:
+    """Load both backbones, add vokens, freeze, attach the adapter and a fresh or loaded mapper.
+    `empty`: backbones built from their configs alone, no weights read (`train --plan`)."""
     from minigpt5_cli.modeling import checkpoint
 
     dtype = DTYPES[recipe.train.mixed_precision]
     m = recipe.model
-    llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code)
-    generator = load_generator(m.generator, dtype=dtype)
+    llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code, empty=empty)
+    generator = load_generator(m.generator, dtype=dtype, empty=empty)
     first = add_vokens(llm, m.n_vokens)
     for module in (llm.model, *generator.parts().values()):
         module.requires_grad_(False)
@@ -171,6 +209,8 @@ def build_model(recipe: Recipe, init_from: str | None = None) -> MiniGPT5:
     model = MiniGPT5(recipe, llm, generator, mapper, vokens)
     if init_from:
         checkpoint.load(model, init_from, adapter=False)
+    if recipe.train.gradient_checkpointing:
+        model.checkpoint_activations()
     if recipe.train.freeze_mapper_input:
         for name in FeatureMapper.input_modules:
             getattr(mapper, name).requires_grad_(False)

@@ -38,12 +38,18 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINIGPT5_CACHE", Path.home() / ".cache" / "minigpt5")) / "tiny"
 
 
-def resolve(name: str) -> str:
-    """Return a local folder for `name`, building it first if needed. Other names pass through."""
-    if not name.startswith(("tiny:", "toy:")):
+def resolve(name: str, shapes_only: bool = False) -> str:
+    """Return a local folder for `name`, building it first if needed. Other names pass through.
+    `paper:` names (configs without weights, see paper.py) only where `shapes_only` says weights are
+    not read."""
+    from minigpt5_cli.toyworld import paper
+
+    if not name.startswith(("tiny:", "toy:", "paper:")):
         return name
-    if name not in TINY_NAMES:
-        raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(TINY_NAMES)}")
+    if name.startswith("paper:") and name in paper.NAMES and not shapes_only:
+        raise UserError(f"{name} describes the model's shapes, without weights: use it with train --plan")
+    if name not in TINY_NAMES + paper.NAMES:
+        raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(TINY_NAMES + paper.NAMES)}")
     target = cache_dir() / f"{name.replace(':', '-')}-v{VERSION}"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,11 @@ def build(name: str, out: str | Path) -> str:
     a forked RNG, so building leaves the caller's random state as it was: a cold cache and a warm
     one give a run the same initial weights."""
     out = Path(out)
+    if name.startswith("paper:"):
+        from minigpt5_cli.toyworld import paper
+
+        paper.build(name, out)
+        return str(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
         builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3}.get(name) or \
