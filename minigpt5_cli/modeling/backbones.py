@@ -36,7 +36,7 @@ class LLM:
 def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
              empty: bool = False) -> LLM:
     """The LLM with its tokenizer and processor. `empty`: built from its config with fresh weights, none
-    read (for `train --plan`, under a fake-tensor mode)."""
+    read (for `train --plan`, under accelerate's `init_empty_weights`)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
     from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)

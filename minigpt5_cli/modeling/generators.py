@@ -226,7 +226,7 @@ SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL or SD3 / 3.5 (text-to-image)"
 
 def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = False) -> Generator:
     """The generator's pipeline. `empty`: its networks built from their configs with fresh weights, none
-    read (for `train --plan`, under a fake-tensor mode); tokenizers and scheduler as usual."""
+    read (for `train --plan`, under accelerate's `init_empty_weights`); tokenizers and scheduler as usual."""
     from diffusers import DiffusionPipeline
 
     hub.quiet()

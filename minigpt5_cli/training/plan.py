@@ -1,9 +1,9 @@
 """`minigpt5 train --plan`: the memory one GPU needs for a recipe, before any weights are fetched.
 
-The model is built through `build_model` from the backbones' configs under a fake-tensor mode
-(tensors with shapes and dtypes, no storage), and real training steps run on it: the collator's
-batch at the recipe's longest samples, forward, backward, gradient clipping and AdamW's step. A
-dispatch mode counts the bytes alive after every op, so activations, temporaries and gradients are
+The model is built through `build_model` from the backbones' configs, its parameters on the meta
+device and then fake tensors (shapes and dtypes, no storage), and real training steps run on it:
+the collator's batch at the recipe's longest samples, forward, backward, gradient clipping and
+AdamW's step. A dispatch mode counts the bytes alive after every op, so activations, temporaries and gradients are
 those the step allocates, measured rather than guessed; weights and optimizer state are counted
 from the built model. Token ids and masks stay real inside the fake mode, so the ops that read
 them (finding image tokens, vokens) run as in training.
@@ -223,8 +223,8 @@ def _weights(model) -> dict[str, int]:
 
 
 def _units(model, compute_dtype: torch.dtype) -> list[int]:
-    """Bytes of each layer FSDP wraps (model._no_split_modules, innermost first), gathered in the
-    compute dtype: a parameter belongs to its innermost wrapped ancestor."""
+    """Bytes of each layer FSDP wraps (model._no_split_modules), gathered in the compute dtype: a
+    parameter belongs to its innermost wrapped ancestor."""
     names = set(model._no_split_modules)
     owner: dict[int, int] = {}
     units: list[int] = []
@@ -271,8 +271,11 @@ def _autocast(recipe: recipes.Recipe, device: str = "cpu"):
 def measure(recipe: recipes.Recipe, processes: int = 1) -> Plan:
     """Build the recipe's model without weights and measure its steps at micro-batches 1, 2 and the
     recipe's, with and without gradient checkpointing."""
+    from accelerate import init_empty_weights
+
     from minigpt5_cli.hub import quiet
     from minigpt5_cli.modeling.model import DTYPES, build_model
+    from minigpt5_cli.toyworld import tiny
     from minigpt5_cli.training.train import make_optimizer
 
     if recipe.train.stage not in (1, 2):
@@ -281,10 +284,6 @@ def measure(recipe: recipes.Recipe, processes: int = 1) -> Plan:
         raise UserError(f"--num-processes must be at least 1, got {processes}")
     quiet(errors_only=True)
     recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=False))
-    from accelerate import init_empty_weights
-
-    from minigpt5_cli.toyworld import tiny
-
     for name in (recipe.model.llm, recipe.model.generator):
         tiny.resolve(name, shapes_only=True)  # built here, with real weights to save, when not cached yet
     with init_empty_weights(), torch.random.fork_rng():  # parameters on the meta device, the rest real
