@@ -149,7 +149,7 @@ def test_two_processes_write_one_loadable_checkpoint(tmp_path):
 
 def test_a_multi_gpu_config_without_gpus_is_refused(tmp_path):
     """recipes/accelerate/ddp.yaml on a machine with no GPU: the processes cannot form a group, and
-    would each train alone into the same folder. Each stops with one line; nothing is written."""
+    would each train alone into the same folder. They stop with one line; nothing is written."""
     if torch.cuda.device_count() >= 2:
         pytest.skip("this machine has the GPUs the config asks for")
     env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
@@ -158,7 +158,7 @@ def test_a_multi_gpu_config_without_gpus_is_refused(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: accelerate started 2 processes")]
-    assert len(ours) == 2, proc.stderr[-2000:]
+    assert ours, proc.stderr[-2000:]  # the first to stop has the others stopped by the launcher
     assert 'minigpt5_cli/' not in proc.stderr  # accelerate's report of the failed processes only, no trace of ours
     assert not checkpoints(tmp_path / "run")
 
