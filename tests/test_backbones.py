@@ -51,7 +51,7 @@ def test_non_sd_generator_refused(tmp_path):
     unet = UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=4,
                        down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler()).save_pretrained(tmp_path / "ddpm")
-    with pytest.raises(UserError, match="is a DDPMPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL or SD3"):
+    with pytest.raises(UserError, match="is a DDPMPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL, SD3"):
         load_generator(str(tmp_path / "ddpm"))
 
 

@@ -112,6 +112,12 @@ def generate_args(c: Ctx, story, *extra: str, model: Path | None = None) -> list
     return ["generate", "-s", str(story), "-m", str(model or c.runs / "s2"), "-o", str(c.tmp / "out"), *FAST, *extra]
 
 
+def flux_recipe(c: Ctx) -> Path:
+    """The debug stage-2 recipe with tiny FLUX as its generator, whose image sides are multiples of 16."""
+    text = (DEBUG / "stage2_lora.yaml").read_text().replace("generator: tiny:sd\n", "generator: tiny:flux\n")
+    return c.file("flux.yaml", text)
+
+
 def evaluate_args(c: Ctx, predictions, references, *extra: str, metrics: str = "rouge_l") -> list[str]:
     return ["evaluate", "-p", str(predictions), "-r", str(references), "-m", metrics, "-o", str(c.tmp / "m.json"),
             *extra]
@@ -385,13 +391,13 @@ CASES = [
          "adapter.target_modules ['c_proj', 'wq'] match no layer of the language model; its linear layers are "),
     Case("train-inpainting-generator", inpainting_generator,
          "generator '{tmp}/inpaint' is a StableDiffusionInpaintPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, "
-         "SDXL or SD3 / 3.5 (text-to-image)"),
+         "SDXL, SD3 / 3.5 or FLUX.1 (text-to-image)"),
     Case("train-pixart-generator", pixart_generator,
-         "generator '{tmp}/pixart' is a PixArtAlphaPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL or SD3"),
+         "generator '{tmp}/pixart' is a PixArtAlphaPipeline; minigpt5 needs Stable Diffusion 1.x / 2.x, SDXL, SD3"),
     Case("train-scratch-stage-on-sdxl", scratch_generator_on_sdxl,
          "stage generator trains Stable Diffusion 1.x / 2.x-style pipelines (as toy:sd); 'tiny:sdxl' is SDXL"),
     Case("train-image-conditioned-unet", lambda c: inpainting_generator(c, as_text_to_image=True),
-         "generator '{tmp}/inpaint' has a UNet of 9 input channels for 4-channel latents"),
+         "generator '{tmp}/inpaint' has a denoiser of 9 input channels for 4-channel latents"),
     Case("train-checkpointing-prefix", lambda c: train_args(c, "train.gradient_checkpointing=true",
                                                             recipe="stage2_prefix.yaml"),
          "train.gradient_checkpointing does not combine with prefix tuning"),
@@ -438,6 +444,8 @@ CASES = [
          "--guidance-scale must be a finite number"),
     Case("generate-image-size", lambda c: generate_args(c, "x", "--image-size", "99992"),
          "--image-size must be a multiple of 8 from 8 to 2048"),
+    Case("generate-image-size-for-flux", lambda c: generate_args(c, "x", "--image-size", "40", model=flux_recipe(c)),
+         "--image-size must be a multiple of 16 for this FLUX.1 generator, got 40"),
     Case("generate-empty-story", lambda c: generate_args(c, ""), "the story is empty"),
     # evaluate
     Case("evaluate-binary-predictions", lambda c: evaluate_args(c, c.file("p.jsonl", BINARY), SEQS),

@@ -1,4 +1,4 @@
-"""Generators beyond SD 1/2: SDXL and SD3, as tiny random pipelines saved with save_pretrained and
+"""Generators beyond SD 1/2: SDXL, SD3 and FLUX.1, as tiny random pipelines saved with save_pretrained and
 loaded through the production path; the losses of every family against their definitions."""
 
 import json
@@ -12,7 +12,7 @@ from minigpt5_cli.modeling import losses
 from minigpt5_cli.modeling.generators import load_generator
 
 FAST = ["--diffusion-steps", "2", "--max-new-tokens", "12"]
-FAMILIES = {"tiny:sd": "SD 1.x / 2.x", "tiny:sdxl": "SDXL", "tiny:sd3": "SD3"}
+FAMILIES = {"tiny:sd": "SD 1.x / 2.x", "tiny:sdxl": "SDXL", "tiny:sd3": "SD3", "tiny:flux": "FLUX.1"}
 
 
 @pytest.mark.parametrize("generator", list(FAMILIES))
@@ -38,18 +38,30 @@ def test_rendering_a_conditioning_is_the_pipeline_on_its_prompt(generator):
     vectors, time ids and guidance reach the generator as the pipeline passes them."""
     gen = load_generator(generator)
     pipe, family = gen.pipe, gen.family
-    args = ("a red circle", None, None) if family == "SD3" else ("a red circle",)
-    kwargs = {"max_sequence_length": gen.t5_length} if family == "SD3" else {}
-    if family == "SD 1.x / 2.x":
-        seq, negative = pipe.encode_prompt("a red circle", "cpu", 1, True)
-        pooled = negative_pooled = None
+    common = dict(num_inference_steps=3, height=32, width=32)
+    seed = lambda: torch.Generator().manual_seed(7)  # noqa: E731
+    if family == "FLUX.1":
+        # Guidance against "" is the pipeline's true CFG; the embedded guidance stays at its default.
+        n = gen.t5_length
+        encode = lambda text: pipe.encode_prompt(text, None, device="cpu", max_sequence_length=n)[:2]  # noqa: E731
+        (seq, pooled), (negative, negative_pooled) = encode("a red circle"), encode("")
+        ours = gen.render(seq, pooled, negative, negative_pooled, guidance_scale=4.0, generator=[seed()], **common)
+        theirs = pipe("a red circle", negative_prompt="", true_cfg_scale=4.0, max_sequence_length=n, generator=seed(),
+                      **common).images
+        unguided = pipe("a red circle", max_sequence_length=n, generator=seed(), **common).images
+        assert not np.array_equal(np.asarray(unguided[0]), np.asarray(theirs[0]))  # the guidance acts
     else:
-        seq, negative, pooled, negative_pooled = pipe.encode_prompt(*args, device="cpu", num_images_per_prompt=1,
-                                                                    do_classifier_free_guidance=True, **kwargs)
-    common = dict(num_inference_steps=3, guidance_scale=4.0, height=32, width=32)
-    ours = gen.render(seq, pooled, negative, negative_pooled, generator=[torch.Generator().manual_seed(7)], **common)
-    theirs = pipe("a red circle", generator=torch.Generator().manual_seed(7), output_type="pil", **kwargs,
-                  **common).images
+        common["guidance_scale"] = 4.0
+        args = ("a red circle", None, None) if family == "SD3" else ("a red circle",)
+        kwargs = {"max_sequence_length": gen.t5_length} if family == "SD3" else {}
+        if family == "SD 1.x / 2.x":
+            seq, negative = pipe.encode_prompt("a red circle", "cpu", 1, True)
+            pooled = negative_pooled = None
+        else:
+            seq, negative, pooled, negative_pooled = pipe.encode_prompt(*args, device="cpu", num_images_per_prompt=1,
+                                                                        do_classifier_free_guidance=True, **kwargs)
+        ours = gen.render(seq, pooled, negative, negative_pooled, generator=[seed()], **common)
+        theirs = pipe("a red circle", generator=seed(), output_type="pil", **kwargs, **common).images
     np.testing.assert_array_equal(np.asarray(ours[0]), np.asarray(theirs[0]))
     assert gen.describe()["family"] == FAMILIES[generator]
 
@@ -105,7 +117,7 @@ def test_flow_matching_loss_is_zero_for_the_scheduler_velocity():
         noise = (noisy - (1 - sigma) * x) / sigma
         return noise - x
 
-    assert losses.flow_matching_loss(Oracle(clean, velocity), sched, clean).item() < 1e-20
+    assert losses.flow_matching_loss(lambda noisy, t: velocity(noisy, clean, t), sched, clean).item() < 1e-20
     # The target is the velocity the scheduler's own Euler step integrates: from the latents at one
     # sigma, a step with it lands exactly on the latents at the next.
     noise = torch.randn_like(clean)
@@ -118,7 +130,44 @@ def test_flow_matching_loss_is_zero_for_the_scheduler_velocity():
         torch.testing.assert_close(stepped.double(), (1 - following) * clean + following * noise)
 
 
-def test_parameter_table_counts_the_mapper_for_sdxl_and_sd3():
+@pytest.mark.parametrize("embedded", [True, False], ids=["dev", "schnell"])
+def test_flux_loss_is_zero_for_the_velocity_of_packed_latents(embedded):
+    """FLUX's transformer sees 2x2-packed latents and timesteps over 1000 (its sigma), beside the embedded
+    guidance (dev; schnell has none): a transformer that returns the true velocity in that form earns
+    zero through our loss."""
+    from types import SimpleNamespace
+
+    gen = load_generator("tiny:flux")
+    pipe = gen.pipe
+    torch.manual_seed(0)
+    clean = torch.randn(2, *gen.latent_shape, dtype=torch.float64)
+    packed = pipe._pack_latents(clean, *clean.shape)
+    seen = {}
+
+    class PackedOracle(torch.nn.Module):
+        config = SimpleNamespace(guidance_embeds=embedded)
+        dtype = torch.float64
+
+        def forward(self, hidden_states, timestep, guidance, img_ids, **kwargs):
+            seen.update(guidance=guidance, ids=img_ids, shape=hidden_states.shape)
+            sigma = timestep.view(-1, 1, 1)
+            noise = (hidden_states - (1 - sigma) * packed) / sigma
+            return (noise - packed,)
+
+    seq, pooled = gen.encode(["a red circle", "a blue square"])
+    pipe.transformer = PackedOracle()
+    # zero up to the float32 rounding of the scheduler's timesteps (a wrong packing or scale gives about 1)
+    assert gen.loss(seq, pooled, clean, snr_gamma=5.0).item() < 1e-12
+    side = gen.latent_shape[1] // 2
+    assert seen["shape"] == (2, side * side, 4 * gen.latent_shape[0])
+    if embedded:
+        assert seen["guidance"].tolist() == [gen.EMBEDDED_GUIDANCE] * 2 == [3.5] * 2  # the pipeline's default
+    else:
+        assert seen["guidance"] is None
+    assert seen["ids"].shape == (side * side, 3) and seen["ids"][-1].tolist() == [0, side - 1, side - 1]
+
+
+def test_parameter_table_counts_the_mapper_for_sdxl_sd3_and_flux():
     from minigpt5_cli.modeling.mapper import FeatureMapper
     from minigpt5_cli.modeling.params import OTHER_CONDS, mapper_count
 
@@ -126,7 +175,8 @@ def test_parameter_table_counts_the_mapper_for_sdxl_and_sd3():
         sd3 = FeatureMapper(llm_width=4096, cond_len=333, cond_width=4096, pooled_width=2048)
     assert mapper_count("paper", 333, 4096, 2048) == sum(p.numel() for p in sd3.parameters())
     counts = {name: mapper_count("paper", *cond) for name, cond in OTHER_CONDS.items()}
-    sdxl, sd3_count = counts.values()
+    sdxl, sd3_count, flux = counts.values()
     # the pooled head and the wider sequence, by their shapes: width x pooled + pooled, queries length x width
     assert sd3_count - mapper_count("paper", 333, 4096) == 4096 * 2048 + 2048
-    assert 300e6 < sdxl < 400e6 and 1.0e9 < sd3_count < 1.2e9
+    assert flux - sd3_count == (512 - 333) * 4096 + (4096 + 1) * (768 - 2048)
+    assert 300e6 < sdxl < 400e6 and 1.0e9 < sd3_count < 1.2e9 and 1.0e9 < flux < 1.2e9

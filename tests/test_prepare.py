@@ -456,7 +456,7 @@ def _set(images: bool, tasks: list[str]) -> dict:
 
 
 @pytest.mark.parametrize("generator,cond,pooled", [("tiny:sd", [16, 32], None), ("tiny:sdxl", [16, 64], 16),
-                                                    ("tiny:sd3", [32, 64], 32)])
+                                                    ("tiny:sd3", [32, 64], 32), ("tiny:flux", [16, 64], 32)])
 def test_cached_latents_give_the_same_loss(tmp_path, generator, cond, pooled):
     tsv = cc3m_pairs(tmp_path)
     plain, cached = tmp_path / "plain", tmp_path / "cached"

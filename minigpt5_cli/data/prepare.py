@@ -345,9 +345,7 @@ def _cache_latents(ds, s: Settings, cache_dir: Path, console: Console):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for part in gen.parts().values():
         part.to(device).eval()
-    res = gen.resolution
-    factor = gen.pipe.vae_scale_factor
-    latent_shape = (gen.vae.config.latent_channels, res // factor, res // factor)
+    res, latent_shape = gen.resolution, gen.latent_shape
     cache = {"generator": s.generator, "resolution": res, "latent_shape": list(latent_shape),
              "cond_shape": list(gen.cond_shape), "pooled": gen.pooled_width, "dtype": s.cache_dtype}
     dtype = np.dtype(s.cache_dtype)

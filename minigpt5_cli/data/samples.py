@@ -43,7 +43,7 @@ class Sample:
     vokens: bool = False  # the target ends with a voken group
     caption: str | None = None  # the caption-loss target
     caption_embed: torch.Tensor | None = None  # ... cached as the text encoders' sequence
-    caption_pooled: torch.Tensor | None = None  # ... and pooled vector (SDXL, SD3)
+    caption_pooled: torch.Tensor | None = None  # ... and pooled vector (SDXL, SD3, FLUX)
     image: torch.Tensor | None = None  # the target image as pixels
     latent: tuple[torch.Tensor, torch.Tensor] | None = None  # ... or as its cached VAE posterior
 

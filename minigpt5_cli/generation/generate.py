@@ -139,6 +139,7 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     """Generate every story and write its folder; finished stories already under `out` are kept."""
     settings = settings.resolve(model.recipe.sample)
     console = console or Console(stderr=True)
+    decoder, renderer = Decoder(model, settings), Renderer(model, settings)  # these check the settings first
     if settings.mode == "vokens" and not info["trained"]:
         console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")
     if model.processor is None and any(s.image is not None for st in stories for s in st.steps):
@@ -163,7 +164,6 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
         console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
     before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
     out.mkdir(parents=True, exist_ok=True)
-    decoder, renderer = Decoder(model, settings), Renderer(model, settings)
     collator = Collator.for_model(model)
     record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
               "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",

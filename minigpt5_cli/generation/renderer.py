@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from minigpt5_cli.errors import UserError
 from minigpt5_cli.generation.settings import Settings
 from minigpt5_cli.modeling.model import MiniGPT5
 
@@ -17,6 +18,10 @@ class Renderer:
         self.model, self.s = model, settings.resolve(model.recipe.sample)
         self.generator = model.generator
         self.size = settings.image_size or model.generator.resolution
+        step = self.generator.size_step
+        if self.size % step:
+            raise UserError(f"--image-size must be a multiple of {step} for this {self.generator.family} generator, "
+                            f"got {self.size}")
         self.device = model.vokens.rows_in.device
 
     @torch.inference_mode()

@@ -9,6 +9,7 @@ prompt path): a sequence (length x width) and, where the family has one, a poole
 | SD 1.x / 2.x | CLIP last hidden states, 77 x 768 / 1024 | | | epsilon or v, Min-SNR |
 | SDXL | two CLIP encoders' penultimate states, concatenated: 77 x 2048 | the second's, 1280 | size and crop time ids | epsilon or v, Min-SNR |
 | SD3 | CLIP-L + CLIP-G (padded) and T5, one sequence: (77 + 256) x 4096 | CLIP-L + CLIP-G, 2048 | | flow matching, logit-normal times |
+| FLUX.1 | T5, 512 x 4096 (256 for schnell) | CLIP-L, 768 | embedded guidance (dev) | flow matching on packed latents |
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Generator:
     noise (epsilon) or the velocity (v), the pipeline's own DDPM-style schedule."""
 
     family = "SD 1.x / 2.x"
+    PACKING = 1  # denoiser input channels per latent channel
 
     def __init__(self, pipe, name: str):
         self.pipe, self.name = pipe, name
@@ -74,6 +76,17 @@ class Generator:
     @property
     def resolution(self) -> int:
         return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+
+    @property
+    def size_step(self) -> int:
+        """Image sides must be multiples of this: the VAE's downsampling (times the denoiser's patch)."""
+        return self.pipe.vae_scale_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of the VAE latents of an image at the generator's resolution."""
+        side = self.resolution // self.pipe.vae_scale_factor
+        return self.vae.config.latent_channels, side, side
 
     @property
     def device(self):
@@ -195,8 +208,8 @@ class SD3(Generator):
         return self.denoiser.config.pooled_projection_dim
 
     @property
-    def resolution(self) -> int:
-        return self.denoiser.config.sample_size * self.pipe.vae_scale_factor
+    def size_step(self) -> int:
+        return self.pipe.vae_scale_factor * self.denoiser.config.patch_size
 
     def scale(self, latents):
         return (latents - self.vae.config.shift_factor) * self.vae.config.scaling_factor
@@ -211,17 +224,90 @@ class SD3(Generator):
     def loss(self, seq, pooled, latents, snr_gamma):
         from minigpt5_cli.modeling.losses import flow_matching_loss
 
-        return flow_matching_loss(self.denoiser, self.train_scheduler, latents,
-                                  encoder_hidden_states=seq, pooled_projections=pooled)
+        dtype = self.denoiser.dtype
+
+        def velocity(noisy, t):
+            return self.denoiser(hidden_states=noisy.to(dtype), timestep=t, encoder_hidden_states=seq.to(dtype),
+                                 pooled_projections=pooled.to(dtype)).sample
+
+        return flow_matching_loss(velocity, self.train_scheduler, latents)
 
     def _render_extra(self) -> dict:
         return {"max_sequence_length": self.t5_length}
 
 
+class Flux(SD3):
+    """FLUX.1: T5's sequence, CLIP-L's pooled output, and (FLUX.1-dev) an embedded guidance strength;
+    a transformer over 2x2-packed latents, trained by flow matching as SD3 is. Classifier-free guidance
+    against the null condition is the pipeline's "true CFG" (`true_cfg_scale` with negatives), so it
+    works as for every other family; the embedded guidance stays at the pipeline's default, in training
+    and in rendering alike."""
+
+    family = "FLUX.1"
+    PACKING = 4  # 2x2 patches of latents, packed into channels
+    EMBEDDED_GUIDANCE = 3.5  # the pipeline's default, and what diffusers' FLUX training scripts train with
+
+    @property
+    def t5_length(self) -> int:
+        # dev was trained with 512 T5 tokens, schnell (no guidance embedding) with 256
+        default = 512 if self.denoiser.config.guidance_embeds else 256
+        return min(default, self.pipe.tokenizer_2.model_max_length)
+
+    @property
+    def cond_shape(self):
+        return self.t5_length, self.denoiser.config.joint_attention_dim
+
+    @property
+    def resolution(self) -> int:
+        return self.vae.config.sample_size  # the transformer has no sample size; its VAE's is 1024
+
+    @property
+    def size_step(self) -> int:
+        return self.pipe.vae_scale_factor * 2  # 2x2 packing
+
+    @torch.no_grad()
+    def encode(self, texts):
+        seq, pooled, _ = self.pipe.encode_prompt(texts, None, device=self.device, num_images_per_prompt=1,
+                                                 max_sequence_length=self.t5_length)
+        return seq.float(), pooled.float()
+
+    def loss(self, seq, pooled, latents, snr_gamma):
+        from minigpt5_cli.modeling.losses import flow_matching_loss
+
+        pipe, dtype = self.pipe, self.denoiser.dtype
+        rows, channels, height, width = latents.shape
+        image_ids = pipe._prepare_latent_image_ids(rows, height // 2, width // 2, latents.device, dtype)
+        text_ids = torch.zeros(seq.shape[1], 3, device=latents.device, dtype=dtype)
+        guidance = (torch.full((rows,), self.EMBEDDED_GUIDANCE, device=latents.device)
+                    if self.denoiser.config.guidance_embeds else None)
+        factor = pipe.vae_scale_factor
+
+        def velocity(noisy, t):
+            packed = pipe._pack_latents(noisy.to(dtype), rows, channels, height, width)
+            out = self.denoiser(hidden_states=packed, timestep=t.to(dtype) / 1000, guidance=guidance,
+                                pooled_projections=pooled.to(dtype), encoder_hidden_states=seq.to(dtype),
+                                txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+            return pipe._unpack_latents(out, height * factor, width * factor, factor)
+
+        return flow_matching_loss(velocity, self.train_scheduler, latents)
+
+    def render(self, seq, pooled, negative_seq, negative_pooled, guidance_scale, **kwargs):
+        return self.pipe(prompt_embeds=seq, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_seq,
+                         negative_pooled_prompt_embeds=negative_pooled, **self._guidance(guidance_scale),
+                         output_type="pil", **self._render_extra(), **kwargs).images
+
+    def render_text(self, texts, guidance_scale, **kwargs):
+        return self.pipe(prompt=texts, negative_prompt=[""] * len(texts), **self._guidance(guidance_scale),
+                         output_type="pil", **self._render_extra(), **kwargs).images
+
+    def _guidance(self, scale: float) -> dict:
+        return {"true_cfg_scale": scale, "guidance_scale": self.EMBEDDED_GUIDANCE}
+
+
 # The pipelines minigpt5 conditions, by class; anything else is refused with this list.
 FAMILIES = {"StableDiffusionPipeline": Generator, "StableDiffusionXLPipeline": SDXL,
-            "StableDiffusion3Pipeline": SD3}
-SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL or SD3 / 3.5 (text-to-image)"
+            "StableDiffusion3Pipeline": SD3, "FluxPipeline": Flux}
+SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL, SD3 / 3.5 or FLUX.1 (text-to-image)"
 
 
 def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = False) -> Generator:
@@ -245,8 +331,8 @@ def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = Fa
     if cls is None:
         raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {SUPPORTED}")
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    if denoiser.config.in_channels != pipe.vae.config.latent_channels:
-        raise UserError(f"generator {name!r} has a UNet of {denoiser.config.in_channels} input channels for "
+    if denoiser.config.in_channels != pipe.vae.config.latent_channels * cls.PACKING:
+        raise UserError(f"generator {name!r} has a denoiser of {denoiser.config.in_channels} input channels for "
                         f"{pipe.vae.config.latent_channels}-channel latents (an inpainting or image-conditioned "
                         f"model); minigpt5 needs {SUPPORTED}")
     return cls(pipe, name)

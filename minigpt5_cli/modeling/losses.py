@@ -1,4 +1,5 @@
-"""The training losses: next-token text loss, and the generator's diffusion loss with Min-SNR."""
+"""The training losses: next-token text loss, and the generator's diffusion loss (noise or velocity
+prediction with Min-SNR, or flow matching)."""
 
 from __future__ import annotations
 
@@ -39,10 +40,11 @@ def diffusion_loss(unet, sched, cond: torch.Tensor, latents: torch.Tensor, snr_g
     return mse.mean()
 
 
-def flow_matching_loss(transformer, sched, latents: torch.Tensor, **conditioning) -> torch.Tensor:
-    """Flow matching (SD3): at a sigma of the pipeline's own schedule, drawn with a logit-normal density
-    over its timesteps, the noisy latents are (1 - sigma) x + sigma noise and the target is the
-    velocity noise - x, which the scheduler's Euler step integrates."""
+def flow_matching_loss(predict, sched, latents: torch.Tensor) -> torch.Tensor:
+    """Flow matching (SD3, FLUX): at a sigma of the pipeline's own schedule, drawn with a logit-normal
+    density over its timesteps, the noisy latents are (1 - sigma) x + sigma noise and the target is the
+    velocity noise - x, which the scheduler's Euler step integrates. `predict(noisy, t)` is the
+    denoiser's velocity, with t on the scheduler's timestep scale."""
     from diffusers.training_utils import compute_density_for_timestep_sampling
 
     noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
@@ -51,9 +53,7 @@ def flow_matching_loss(transformer, sched, latents: torch.Tensor, **conditioning
     t = sched.timesteps[index].to(latents.device)
     sigma = sched.sigmas[index].to(latents.device, latents.dtype).view(-1, *[1] * (latents.dim() - 1))
     noisy = (1 - sigma) * latents + sigma * noise
-    pred = transformer(hidden_states=noisy.to(transformer.dtype), timestep=t,
-                       **_cast(conditioning, transformer.dtype)).sample
-    return F.mse_loss(pred.float(), (noise - latents).float())
+    return F.mse_loss(predict(noisy, t).float(), (noise - latents).float())
 
 
 def _cast(inputs: dict, dtype) -> dict:

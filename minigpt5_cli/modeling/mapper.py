@@ -1,5 +1,5 @@
 """The feature mapper: n voken hidden states in, a generator conditioning out: a sequence (length x
-width) and, for generators that take one (SDXL, SD3), a pooled vector.
+width) and, for generators that take one (SDXL, SD3, FLUX), a pooled vector.
 
 Two variants share one class so that `save_pretrained`/`from_pretrained` round-trip either:
 - "paper": fc (Linear, GELU, Linear) then an encoder-decoder transformer whose learnable queries

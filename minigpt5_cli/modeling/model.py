@@ -104,10 +104,8 @@ class MiniGPT5(nn.Module):
 
     def _idle_image_loss(self, states: torch.Tensor) -> torch.Tensor:
         """The image loss of one all-zero voken group on all-zero latents, times zero."""
-        config = self.generator.denoiser.config  # its sample size is the latents'
         seq, pooled = self.mapper(states.new_zeros(1, self.vokens.n, states.shape[-1]).float())
-        latents = torch.zeros(1, config.in_channels, config.sample_size, config.sample_size, device=states.device,
-                              dtype=self.generator.vae.dtype)
+        latents = torch.zeros(1, *self.generator.latent_shape, device=states.device, dtype=self.generator.vae.dtype)
         return self.generator.loss(seq, pooled, latents, self.recipe.loss.snr_gamma) * 0.0
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:

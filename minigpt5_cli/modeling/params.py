@@ -20,7 +20,8 @@ PAPER_LLM = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, nu
 PAPER_COND = (77, 1024)
 # The conditioning of the larger generators the mapper may feed: (length, width, pooled width).
 OTHER_CONDS = {"SDXL (77 x 2048, pooled 1280)": (77, 2048, 1280),
-               "SD3 ((77 + 256) x 4096, pooled 2048)": (77 + 256, 4096, 2048)}
+               "SD3 ((77 + 256) x 4096, pooled 2048)": (77 + 256, 4096, 2048),
+               "FLUX.1-dev (512 x 4096, pooled 768)": (512, 4096, 768)}
 
 
 def _count(params) -> int:

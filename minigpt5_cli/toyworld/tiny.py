@@ -1,9 +1,10 @@
 """Tiny random-weight backbones, built from configs and saved with `save_pretrained`.
 
 They exist so that tests and the debug recipes run offline in seconds. A recipe names them as
-`tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text) or `tiny:sd` (Stable
-Diffusion). `resolve` builds the folder once into a cache and returns its path; the production
-loaders in `backbones.py` then load it like any local folder.
+`tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text), `tiny:sd` (Stable
+Diffusion 1/2), `tiny:sdxl`, `tiny:sd3` or `tiny:flux`. `resolve` builds the folder once into a
+cache and returns its path; the production loaders (`backbones.py`, `generators.py`) then load it
+like any local folder.
 
 `toy:llava` and `toy:sd` are the untrained shapes-world backbones (`world.py`): larger than the
 tiny ones, with tokenizers that hold every toy word whole. `minigpt5 train` stages `llm` and
@@ -21,7 +22,7 @@ import torch
 
 from minigpt5_cli.errors import UserError
 
-TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "toy:llava", "toy:sd")
+TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava", "toy:sd")
 VERSION = "2"  # bump when a builder changes, so stale caches are not reused
 BUILD_SEED = 0  # the weights of every tiny and toy backbone
 
@@ -77,7 +78,7 @@ def build(name: str, out: str | Path) -> str:
         return str(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
-        builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3}.get(name) or \
+        builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3, "tiny:flux": _build_flux}.get(name) or \
             (_build_sd if name.endswith(":sd") else _build_llm)
         builder(out, SIZES[name])
     return str(out)
@@ -93,6 +94,7 @@ SIZES = {
                 "attention": ("CrossAttnDownBlock2D", "DownBlock2D")},
     "tiny:sdxl": {"cond_len": 16, "width": 32, "pooled": 16},
     "tiny:sd3": {"cond_len": 16, "width": 32, "pooled": 32},
+    "tiny:flux": {"cond_len": 16, "width": 32},
     # 4x4 latents: a UNet this small learns where things are far sooner than at 8x8 (its attention
     # has no positional encoding, so position comes from the borders).
     "toy:sd": {"cond_len": 12, "width": 64, "vae": (16, 32, 32, 32), "latent": 4, "unet": (32, 64), "head_dim": 8,
@@ -213,13 +215,13 @@ def _clip_text(tokenizer, width: int, projection: int | None = None):
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
-def _vae(channels: tuple, latent: int, attention: bool = True, **kw):
+def _vae(channels: tuple, latent: int, attention: bool = True, sample_size: int = 32, **kw):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1, norm_num_groups=8, sample_size=32, mid_block_add_attention=attention, **kw,
+        layers_per_block=1, norm_num_groups=8, sample_size=sample_size, mid_block_add_attention=attention, **kw,
     )
 
 
@@ -314,3 +316,29 @@ def _build_sd3(out: Path, size: dict) -> None:
                              text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
                              tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3,
                              tokenizer_3=tokenizer_3).save_pretrained(out)
+
+
+def _build_flux(out: Path, size: dict) -> None:
+    """FLUX.1-dev's shape at tiny size: CLIP-L (pooled only) and T5, a transformer of one double-stream
+    and one single-stream block over 2x2-packed latents, with a guidance embedding, and the pipeline's
+    resolution-dependent flow-matching schedule."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    cond_len, width = size["cond_len"], size["width"]
+    tokenizer, tokenizer_2 = _clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
+    t5 = 2 * width  # unlike the CLIP width, as 4096 is unlike 768
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5, d_ff=2 * t5, d_kv=16,
+                                             num_layers=1, num_heads=4, pad_token_id=tokenizer_2.pad_token_id,
+                                             eos_token_id=tokenizer_2.eos_token_id))
+    latent = 4
+    transformer = FluxTransformer2DModel(in_channels=4 * latent, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=t5,
+                                         pooled_projection_dim=width, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    # FLUX's 8x VAE, at 64 px: 8x8 latents, 4x4 packed tokens; image sides are multiples of 16
+    vae = _vae((8, 16, 16, 16), latent, sample_size=64, shift_factor=0.1, scaling_factor=1.5)
+    FluxPipeline(scheduler=scheduler, vae=vae,
+                 text_encoder=_clip_text(tokenizer, width), tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                 tokenizer_2=tokenizer_2, transformer=transformer).save_pretrained(out)
