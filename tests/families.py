@@ -31,6 +31,11 @@ HEADERS = ("{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'
            "'image' %}{{ IMAGE }}{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|eot_id|>{% endfor %}"
            "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
 
+# LLaVA's shape: a turn's images first, then its texts (llava-1.5 and llava-v1.6 on the hub write it so)
+IMAGES_FIRST = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] | selectattr('type', "
+                "'equalto', 'image') %}<image>\n{% endfor %}{% for c in m['content'] | selectattr('type', 'equalto', "
+                "'text') %}{{ c['text'] }} {% endfor %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
 
 def template(shape: str, image: str = "") -> str:
     return shape.replace("{{ IMAGE }}", image)
@@ -198,7 +203,7 @@ def llava(out: Path) -> None:
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    tok = tokenizer(["<image>"])
+    tok = tokenizer(["<image>"], chat_template=IMAGES_FIRST)
     config = LlavaConfig(vision_config=clip_vision(), text_config=text_config(LlamaConfig, tok),
                          image_token_index=tok.convert_tokens_to_ids("<image>"), image_seq_length=16,
                          vision_feature_select_strategy="default", vision_feature_layer=-1)
@@ -214,7 +219,7 @@ def llava_next(out: Path) -> None:
     from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-    tok = tokenizer(["<image>"])
+    tok = tokenizer(["<image>"], chat_template=IMAGES_FIRST)
     pinpoints = [[32, 32], [32, 64], [64, 32]]
     config = LlavaNextConfig(vision_config=clip_vision(), text_config=text_config(LlamaConfig, tok),
                              image_token_index=tok.convert_tokens_to_ids("<image>"), image_grid_pinpoints=pinpoints,

@@ -54,19 +54,23 @@ def test_family_trains_both_stages_and_generates_with_images(family, tmp_path):
 VISION_ONLY = list(F.VISION)
 
 
+@pytest.mark.parametrize("prompt_format", ["auto", "paper"])
 @pytest.mark.parametrize("family", VISION_ONLY)
-def test_collated_batch_gives_the_logits_of_the_processor_output(family, tmp_path):
+def test_collated_batch_gives_the_logits_of_the_processor_output(family, prompt_format, tmp_path):
     """Our plumbing adds nothing and drops nothing: on a prompt with two images, the model's logits over
-    the prompt are the same from our collated batch as from its own processor's output."""
+    the prompt are the same from our collated batch as from its own processor's output. In the paper's
+    prompt format too, each image is written as the family's template writes one, wherever the template
+    puts images (LLaVA's puts them before the turn's text)."""
     from PIL import Image
 
     from minigpt5_cli import recipe as R
-    from minigpt5_cli.data.collate import TARGETS, Collator
+    from minigpt5_cli.data.collate import TARGETS, Collator, image_marker
     from minigpt5_cli.data.samples import Sample
     from minigpt5_cli.modeling.model import build_model
 
     llm = F.build(family, tmp_path / family)
-    recipe = R.load(DEBUG / "stage1.yaml", [f"model.llm={llm}", "data.max_length=512"])
+    recipe = R.load(DEBUG / "stage1.yaml", [f"model.llm={llm}", "data.max_length=512",
+                                            f"data.prompt_format={prompt_format}"])
     model = build_model(recipe).eval()
     collate = Collator.for_model(model)
     images = [Image.open(IMAGES / f"{n}.png").convert("RGB") for n in ("red_circle", "blue_square")]
@@ -79,6 +83,9 @@ def test_collated_batch_gives_the_logits_of_the_processor_output(family, tmp_pat
     own.pop("labels", None)
     length = own["input_ids"].shape[1]
     assert torch.equal(batch["input_ids"][:, :length], own["input_ids"])
+    if prompt_format == "paper":  # the images are in the prompt's text, each as the family writes one
+        marker = image_marker(model.processor)
+        assert marker and text.count(marker) == 2, (marker, text)
     with torch.no_grad():
         ours = model.llm(**{k: v for k, v in batch.items() if k not in TARGETS}).logits[:, :length]
         theirs = model.llm(**own).logits

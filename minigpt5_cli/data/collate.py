@@ -10,6 +10,7 @@ image axis, with their masks. Only target tokens carry labels.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,7 @@ class Collator:
     prompt_format: str = "paper"  # paper, chat or auto
     quirks: Quirks = field(default_factory=Quirks)
     _layout: dict | None = field(default=None, init=False, repr=False)
+    _marker: str | None = field(default=None, init=False, repr=False)  # image_marker, read once
 
     @classmethod
     def for_model(cls, model) -> "Collator":
@@ -73,7 +75,9 @@ class Collator:
         if self.chat:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": "\n".join(t for t, _ in history)}],
                                                       tokenize=False, add_generation_prompt=True), []
-        marker = image_marker(self.processor) if images else ""
+        if images and self._marker is None:
+            self._marker = image_marker(self.processor)
+        marker = self._marker if images else ""
         lines = [f"{text} {marker}".strip() if img is not None and take else text for text, img in history]
         return prompts.dialogue(lines), images
 
@@ -222,19 +226,32 @@ class Collator:
 def image_marker(processor) -> str:
     """How the model writes one image in its text: its chat template's rendering of an image (with the
     family's markers, e.g. Qwen2-VL's <|vision_start|>...<|vision_end|>), else the processor's image
-    token."""
+    token. The rendering is what an image adds to a turn, wherever the template puts it: between the
+    texts around it, or (LLaVA's templates) before all of the turn's text."""
     token = getattr(processor, "image_token", None) or ""
     if not getattr(processor, "chat_template", None):
         return token
     from jinja2 import TemplateError
 
-    try:
-        text = processor.apply_chat_template([{"role": "user", "content": [
-            {"type": "text", "text": "\x01"}, {"type": "image"}, {"type": "text", "text": "\x02"}]}], tokenize=False)
-    except (TemplateError, ValueError, TypeError, KeyError):  # a template for other message shapes
+    def render(content: list) -> str | None:
+        try:
+            return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False)
+        except (TemplateError, ValueError, TypeError, KeyError):  # a template for other message shapes
+            return None
+
+    texts = [{"type": "text", "text": "\x01"}, {"type": "text", "text": "\x02"}]
+    with_image = render(texts[:1] + [{"type": "image"}] + texts[1:])
+    if with_image is None:
         return token
-    start, end = text.find("\x01"), text.find("\x02")
-    return text[start + 1:end].strip() if 0 <= start < end else token
+    start, end = with_image.find("\x01"), with_image.find("\x02")
+    if 0 <= start < end and with_image[start + 1:end].strip():
+        return with_image[start + 1:end].strip()
+    without = render(texts)  # the image went elsewhere: the text it inserted, between the renderings' shared ends
+    if without is None:
+        return token
+    head = len(os.path.commonprefix([with_image, without]))
+    tail = len(os.path.commonprefix([with_image[head:][::-1], without[head:][::-1]]))
+    return with_image[head:len(with_image) - tail].strip() or token
 
 
 def per_token(value: torch.Tensor, length: int) -> bool:
