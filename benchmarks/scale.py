@@ -19,10 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -86,7 +84,8 @@ def cached(model, batch: dict) -> dict:
 def timing(stage: int, llm: str, sd: str, args) -> dict:
     """Child process: median step times of ours and bare, interleaved."""
     from minigpt5_cli.modeling.model import build_model
-    from minigpt5_cli.training.plan import _autocast, plan_batch
+    from minigpt5_cli.training.plan import forward_autocast, plan_batch
+    from train_overhead import interleaved  # beside this file
     from minigpt5_cli.training.train import make_optimizer
 
     recipe = load_recipe(stage, llm, sd, args)
@@ -97,7 +96,7 @@ def timing(stage: int, llm: str, sd: str, args) -> dict:
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in cached(model, plan_batch(model, recipe, recipe.train.batch_size)).items()}
     optimizer = make_optimizer(model, recipe)
-    autocast = _autocast(recipe, device)
+    autocast = forward_autocast(recipe, device)
 
     def ours():
         with autocast():
@@ -124,22 +123,8 @@ def timing(stage: int, llm: str, sd: str, args) -> dict:
             loss = text + denoiser(latents, t, encoder_hidden_states=cond).sample.float().pow(2).mean()
         loss.backward()
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    for fn in (ours, bare):  # warm-up
-        fn()
-    times = {"ours": [], "bare": []}
-    for _ in range(args.steps):
-        for name, fn in (("ours", ours), ("bare", bare)):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    tokens = batch["input_ids"].numel()
-    return {"device": device, "tokens": tokens, **{k: statistics.median(v) for k, v in times.items()}}
+    medians = interleaved({"ours": ours, "bare": bare}, args.steps, 1, device)
+    return {"device": device, "tokens": batch["input_ids"].numel(), **medians}
 
 
 def child(what: str, stage: int, llm: str, sd: str, args) -> dict:

@@ -37,6 +37,7 @@ def setup(overrides: list[str]):
     from minigpt5_cli.data.samples import TrainSet
     from minigpt5_cli.data.sources import read_jsonl
     from minigpt5_cli.modeling.model import build_model
+    from minigpt5_cli.training.plan import forward_autocast
 
     recipe = R.load(REPO / "recipes/debug/stage1.yaml",
                     [f"data.train={REPO}/recipes/debug/data/pairs.jsonl", "data.instruction_prob=0", *overrides])
@@ -51,10 +52,7 @@ def setup(overrides: list[str]):
     groups = model.trainable_groups()
     opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"], "lr": 1e-4}], lr=1e-5)
     model.train()
-    dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[recipe.train.mixed_precision]
-
-    def autocast():
-        return torch.autocast(device, dtype=dtype, enabled=dtype is not None)
+    autocast = forward_autocast(recipe, device)
 
     def ours():
         with autocast():
@@ -91,19 +89,25 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timing(overrides, steps, warmup):
-    ours, bare, device = setup(overrides)
+def interleaved(fns: dict, steps: int, warmup: int, device: str) -> dict[str, float]:
+    """Median seconds per call of each function, called in turns so that machine noise hits them alike."""
     for _ in range(warmup):
-        ours(), bare()
-    times = {"ours": [], "bare": []}
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(steps):
-        for name, fn in (("ours", ours), ("bare", bare)):
+        for name, fn in fns.items():
             sync(device)
             start = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in times.items()}, device
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def timing(overrides, steps, warmup):
+    ours, bare, device = setup(overrides)
+    return interleaved({"ours": ours, "bare": bare}, steps, warmup, device), device
 
 
 def peak_memory(variant, overrides, steps):

@@ -184,7 +184,7 @@ def generate(
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo stories already finished under OUTPUT."),
 ) -> None:
     from minigpt5_cli.generation import generate as stage
-    from minigpt5_cli.generation.settings import Settings
+    from minigpt5_cli.generation.settings import Settings, check_precision
     from minigpt5_cli.generation.stories import is_collection, read_stories
     from minigpt5_cli.modeling.bundle import default_model
 
@@ -194,8 +194,7 @@ def generate(
                               guidance_scale=guidance_scale, image_size=image_size, seed=seed,
                               batch_size=batch_size)
     settings.check()
-    if precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
+    check_precision(precision)
     writable_folder(output, "--output")
     stories = read_stories(story)
     net, info = stage.load(str(model or default_model()), precision=precision, device=device)

@@ -91,14 +91,19 @@ def _writable(path: Path) -> None:
 
 
 def write_atomic(writers: dict[Path, object]) -> None:
-    """Each `write(f)` into a temporary file beside its path; once all are written, each is moved onto
-    its path. A failure (a full disk) leaves every old file whole, and no temporary file."""
+    """Each `write(f)` (a UTF-8 text file), or bytes, into a temporary file beside its path; once all are
+    written, each is moved onto its path. A failure (a full disk) leaves every old file whole, and no
+    temporary file."""
     temps = {}
     try:
         for path, write in writers.items():
             fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-                write(f)
+            if isinstance(write, bytes):
+                with os.fdopen(fd, "wb") as f:
+                    f.write(write)
+            else:
+                with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+                    write(f)
         for path, tmp in temps.items():
             os.replace(tmp, path)
     finally:

@@ -18,7 +18,7 @@ from typing import Iterator, Union
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import read_json
-from minigpt5_cli.story import Picture, Step, Story
+from minigpt5_cli.story import Step, Story, picture_of
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 
@@ -34,9 +34,7 @@ Item = Union[Story, Reject]
 
 
 def _step(text: str, image: Path | bytes | None, where: str) -> Step:
-    if image is None:
-        return Step(text)
-    return Step(text, Picture(where, data=image) if isinstance(image, bytes) else Picture(where, path=Path(image)))
+    return Step(text, picture_of(image, where))
 
 
 def _need(path: Path, what: str) -> Path:

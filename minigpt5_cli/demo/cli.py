@@ -28,9 +28,8 @@ def demo(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
 ) -> None:
     from minigpt5_cli.demo.app import serve
-    from minigpt5_cli.errors import UserError
+    from minigpt5_cli.generation.settings import check_precision
     from minigpt5_cli.modeling.bundle import default_model
 
-    if precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
+    check_precision(precision)
     serve(str(model or default_model()), port=port, host=host, device=device, precision=precision)

@@ -8,7 +8,6 @@ kept, and decoding goes on, so a response may hold several images.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +15,7 @@ import torch
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.generation.settings import Settings
-from minigpt5_cli.modeling.families import computes_own_positions, prefix_cache, quirks, rope_positions
+from minigpt5_cli.modeling.families import prefix_cache, quirks, rope_positions
 from minigpt5_cli.modeling.model import MiniGPT5
 
 STOP = "###"  # the paper's turn marker: a response ends where it starts
@@ -59,13 +58,11 @@ class Decoder:
         self.virtual = model.recipe.adapter.virtual_tokens if self.prefix else 0
         # PEFT's prefix forward always rebuilds the cache, so with a cache of our own we call the base model.
         self.forward_fn = model.llm.get_base_model() if self.prefix else model.llm
-        base = model.llm.get_base_model() if hasattr(model.llm, "get_base_model") else model.llm
-        # transformers renamed `past_key_values` to `cache` during 5.x.
-        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.cache_arg = model.cache_arg
         self.calls: list[int] = []  # tokens per forward call, for inspection
         self.collator = Collator.for_model(model)
         self.quirks = quirks(model.llm_info.model)
-        self.own_positions = computes_own_positions(model.llm_info.model)
+        self.own_positions = model.own_positions
         # generate's stop tokens: eos, and the end of turn of chat models (generation_config may list several)
         stops = getattr(model.llm_info.model.generation_config, "eos_token_id", None)
         self.stop_ids = {self.tok.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops else [])}

@@ -20,7 +20,6 @@ from rich.progress import Progress
 
 from minigpt5_cli import display
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.prompts import NEXT
 from minigpt5_cli.data.samples import Sample
 from minigpt5_cli.errors import UserError
@@ -96,14 +95,15 @@ def history(job: Job, tasks: list[str], keep: int, images: bool = True) -> list[
 
 
 def run_batch(model: MiniGPT5, settings: Settings, jobs: list[Job], decoder: Decoder, renderer: Renderer,
-              collator: Collator, progress: Progress | None = None) -> None:
+              progress: Progress | None = None) -> None:
     """Generate `settings.steps` responses for each job, appended to its responses."""
     tokens = progress.add_task("tokens", total=None) if progress else None
     images = progress.add_task("diffusion", total=None) if progress else None
     for k in range(settings.steps):
         data = model.recipe.data
-        prompts = [collator.prompt(Sample(history=history(s, data.tasks, data.history, model.processor is not None)),
-                                   data.max_length) for s in jobs]
+        prompts = [decoder.collator.prompt(Sample(history=history(s, data.tasks, data.history,
+                                                                  model.processor is not None)), data.max_length)
+                   for s in jobs]
         seeds = [derive_seed(settings.seed, s.index, k) for s in jobs]
         budget = settings.max_new_tokens * len(jobs)
         if progress:
@@ -164,7 +164,6 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
         console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
     before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
     out.mkdir(parents=True, exist_ok=True)
-    collator = Collator.for_model(model)
     record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
               "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
                                              "device")}}
@@ -173,7 +172,7 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
         task = progress.add_task("stories", total=len(todo))
         for i in range(0, len(todo), settings.batch_size):
             batch = todo[i:i + settings.batch_size]
-            run_batch(model, settings, batch, decoder, renderer, collator, progress)
+            run_batch(model, settings, batch, decoder, renderer, progress)
             for job in batch:
                 write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
                             before[job.story.id])

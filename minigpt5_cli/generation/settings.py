@@ -52,6 +52,12 @@ class Settings:
                             f"generator's own), got {self.image_size}")
 
 
+def check_precision(precision: str | None) -> None:
+    """--precision: None for the recipe's."""
+    if precision not in (None, "no", "bf16", "fp16"):
+        raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
+
+
 SEED_STRIDE = 1_000_003  # a prime: distinct (seed, story, response, image) tuples get distinct seeds
 
 

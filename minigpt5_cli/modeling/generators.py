@@ -135,19 +135,24 @@ class Generator:
 
     # -- rendering
 
-    def render(self, seq, pooled, negative_seq, negative_pooled, **kwargs) -> list:
+    def render(self, seq, pooled, negative_seq, negative_pooled, guidance_scale: float, **kwargs) -> list:
         """Images from conditionings, through the pipeline's own call."""
         pooled_args = {} if pooled is None else {"pooled_prompt_embeds": pooled, "negative_pooled_prompt_embeds":
                                                  negative_pooled}
         return self.pipe(prompt_embeds=seq, negative_prompt_embeds=negative_seq, output_type="pil",
-                         **self._render_extra(), **pooled_args, **kwargs).images
+                         **self._render_extra(), **self._guidance(guidance_scale), **pooled_args, **kwargs).images
 
     def _render_extra(self) -> dict:
         return {}
 
-    def render_text(self, texts: list[str], **kwargs) -> list:
+    def _guidance(self, scale: float) -> dict:
+        """Classifier-free guidance against the null condition, as the pipeline's call takes it."""
+        return {"guidance_scale": scale}
+
+    def render_text(self, texts: list[str], guidance_scale: float, **kwargs) -> list:
         """Images from prompt texts, through the pipeline's own prompt path (the two-stage baseline)."""
-        return self.pipe(prompt=texts, output_type="pil", **self._render_extra(), **kwargs).images
+        return self.pipe(prompt=texts, output_type="pil", **self._render_extra(), **self._guidance(guidance_scale),
+                         **kwargs).images
 
     def pipeline(self):
         return self.pipe
@@ -291,17 +296,12 @@ class Flux(SD3):
 
         return flow_matching_loss(velocity, self.train_scheduler, latents)
 
-    def render(self, seq, pooled, negative_seq, negative_pooled, guidance_scale, **kwargs):
-        return self.pipe(prompt_embeds=seq, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative_seq,
-                         negative_pooled_prompt_embeds=negative_pooled, **self._guidance(guidance_scale),
-                         output_type="pil", **self._render_extra(), **kwargs).images
-
-    def render_text(self, texts, guidance_scale, **kwargs):
-        return self.pipe(prompt=texts, negative_prompt=[""] * len(texts), **self._guidance(guidance_scale),
-                         output_type="pil", **self._render_extra(), **kwargs).images
-
     def _guidance(self, scale: float) -> dict:
         return {"true_cfg_scale": scale, "guidance_scale": self.EMBEDDED_GUIDANCE}
+
+    def render_text(self, texts, guidance_scale, **kwargs):
+        # true CFG runs only with a negative prompt: "", the null condition of the other families
+        return super().render_text(texts, guidance_scale, negative_prompt=[""] * len(texts), **kwargs)
 
 
 # The pipelines minigpt5 conditions, by class; anything else is refused with this list.
@@ -330,12 +330,12 @@ def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = Fa
     cls = FAMILIES.get(type(pipe).__name__)
     if cls is None:
         raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {SUPPORTED}")
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    if denoiser.config.in_channels != pipe.vae.config.latent_channels * cls.PACKING:
-        raise UserError(f"generator {name!r} has a denoiser of {denoiser.config.in_channels} input channels for "
-                        f"{pipe.vae.config.latent_channels}-channel latents (an inpainting or image-conditioned "
-                        f"model); minigpt5 needs {SUPPORTED}")
-    return cls(pipe, name)
+    gen = cls(pipe, name)
+    channels, latent = gen.denoiser.config.in_channels, gen.vae.config.latent_channels
+    if channels != latent * gen.PACKING:
+        raise UserError(f"generator {name!r} has a denoiser of {channels} input channels for {latent}-channel "
+                        f"latents (an inpainting or image-conditioned model); minigpt5 needs {SUPPORTED}")
+    return gen
 
 
 def _from_configs(path: str, index: dict, dtype, skip) -> dict[str, nn.Module]:

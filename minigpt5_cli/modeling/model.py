@@ -65,6 +65,9 @@ class MiniGPT5(nn.Module):
             "adapter": adapter,
         }
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for ps in self.trainable_groups().values() for p in ps]
+
     def voken_states(self, hidden: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Hidden states of each voken group: the state that predicts [IMG0], then [IMG0]..[IMG{n-2}]."""
         rows, cols = (input_ids == self.first_voken).nonzero(as_tuple=True)

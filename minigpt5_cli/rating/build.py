@@ -21,14 +21,16 @@ from pathlib import Path
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import read_json, staged, writable_folder, write_atomic
 from minigpt5_cli.generation.output import read_record
+from minigpt5_cli.recipe import in_range
 from minigpt5_cli.story import STORY_FILE
 
 STUDY_FILE = "study.json"
 PAGE = "index.html"
 MEDIA = "media"
 FORMAT = "minigpt5-study"
+RESULTS, PLOT = "results.json", "preferences.png"  # what `rate results` writes beside them
 # What a study folder holds: `--overwrite` replaces a folder holding nothing else.
-ENTRIES = {PAGE, STUDY_FILE, MEDIA, "results.json", "preferences.png"}
+ENTRIES = {PAGE, STUDY_FILE, MEDIA, RESULTS, PLOT}
 MAX_SEED = 2**31 - 1  # the page's seed arithmetic is 32-bit
 
 # The paper's three questions.
@@ -142,8 +144,8 @@ def check_output(out: Path, overwrite: bool) -> None:
 
 def build(a: Path, b: Path, out: Path, seed: int | None = None, title: str = "", overwrite: bool = False) -> dict:
     """Write the study folder; return its key (study.json)."""
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise UserError(f"--seed must be in [0, {MAX_SEED}], got {seed}")
+    if seed is not None:
+        in_range("--seed", seed, (0, MAX_SEED, True))
     check_output(out, overwrite)
     side_a, side_b = read_output(a, "--a"), read_output(b, "--b")
     ids = match(side_a, side_b)

@@ -17,11 +17,10 @@ from rich.table import Table
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import read_json, writable_folder, write_atomic
 from minigpt5_cli.rating import stats
-from minigpt5_cli.rating.build import read_study
+from minigpt5_cli.rating.build import PLOT, RESULTS, read_study
 
 EXPORT_FORMAT = "minigpt5-rating"  # what the study page writes
 FORMAT = "minigpt5-results"
-RESULTS, PLOT = "results.json", "preferences.png"
 CHOICES = ("A", "B", "tie")
 
 
@@ -112,7 +111,7 @@ def results(study: Path, files: list[Path], output: Path | None = None) -> tuple
     png = plot(report)
     output.mkdir(parents=True, exist_ok=True)
     write_atomic({output / RESULTS: lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False)),
-                  output / PLOT: lambda f: f.buffer.write(png)})  # bytes, through the text file's buffer
+                  output / PLOT: png})
     return report, output
 
 

@@ -33,7 +33,6 @@ from minigpt5_cli import recipe as recipes
 from minigpt5_cli.errors import UserError
 
 GiB = 2**30
-PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 RESERVE = GiB  # the CUDA context and allocator slack: a typical figure, not measured here
 CONSTANT_LIMIT = 2**22  # integer tensors up to this size stay real in the fake mode
 UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -260,7 +259,7 @@ def _step(model, optimizer, trainable, batch: dict, autocast, mode) -> Step:
     return Step(batch["input_ids"].shape[1], images, forward_backward.peak, step.peak)
 
 
-def _autocast(recipe: recipes.Recipe, device: str = "cpu"):
+def forward_autocast(recipe: recipes.Recipe, device: str = "cpu"):
     """What accelerate wraps the forward pass in for the recipe's mixed precision."""
     from minigpt5_cli.modeling.model import DTYPES
 
@@ -293,8 +292,8 @@ def measure(recipe: recipes.Recipe, processes: int = 1) -> Plan:
     model.train()
     with mode:
         optimizer = make_optimizer(model, recipe)
-    trainable = [p for ps in model.trainable_groups().values() for p in ps]
-    autocast = _autocast(recipe)
+    trainable = model.trainable_parameters()
+    autocast = forward_autocast(recipe)
     weights = _weights(model)
     units = _units(model, DTYPES[recipe.train.mixed_precision])
     size = recipe.train.batch_size
@@ -393,9 +392,9 @@ def measured_growth(recipe: recipes.Recipe, size: int) -> int:
     if recipe.train.gradient_checkpointing:
         model.checkpoint_activations()
     optimizer = make_optimizer(model, recipe)
-    trainable = [p for ps in model.trainable_groups().values() for p in ps]
+    trainable = model.trainable_parameters()
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in plan_batch(model, recipe, size).items()}
-    autocast = _autocast(recipe, device)
+    autocast = forward_autocast(recipe, device)
 
     def step():
         with autocast():

@@ -132,7 +132,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         recipes.save(recipe, out / "recipe.yaml")
     accelerator.init_trackers("minigpt5", config=_flat(recipes.to_dict(recipe)))
 
-    trainable = [p for ps in raw.trainable_groups().values() for p in ps]
+    trainable = raw.trainable_parameters()
     last = existing[-1] if existing and resume else None
     progress = display.progress(console, disable=not main)
     model.train()
