@@ -79,6 +79,10 @@ def prepare_data(
     generator: str = typer.Option("", help="With --cache-latents: the generator, a hub id or folder."),
     cache_dtype: str = typer.Option("float32", help="float32 or float16 for the cached tensors."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Read image files wherever the "
+                                             "data names them; by default an image outside its root (the image "
+                                             "folder, or the folder of the file naming it; links and .. resolved) "
+                                             "is rejected as image_outside_root."),
     seed: int = typer.Option(0, help="toy: the random seed; the same seed gives the same data."),
     pairs: int = typer.Option(2000, help="toy: caption pairs."),
     stories: int = typer.Option(1000, help="toy: training stories."),
@@ -100,6 +104,7 @@ def prepare_data(
         split=split or "", images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
         continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size or 512,
         cache_latents=cache_latents, generator=generator, cache_dtype=cache_dtype,
+        allow_outside_paths=allow_outside_paths,
     )
     summary = stage.prepare(fmt, input_path, output, settings, overwrite=overwrite)
     rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()) or "none"
@@ -133,9 +138,12 @@ def train(
             result = measure(settings, processes=num_processes)
         Console().print(render(result, memory))
         return
-    from minigpt5_cli.training.train import train as run
+    from minigpt5_cli.training.train import Terminated, train as run
 
-    run(settings, resume=resume)
+    try:
+        run(settings, resume=resume)
+    except Terminated:  # SIGTERM: saved as after Ctrl-C, but the exit code says what ended it
+        raise typer.Exit(143) from None
 
 
 GENERATE_HELP = """Continue stories with interleaved text and images. STORY is a .json story
@@ -182,6 +190,11 @@ def generate(
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16; default: the recipe's."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo stories already finished under OUTPUT."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Read a story's images wherever "
+                                             "it names them; by default they must lie in the story file's folder "
+                                             "(links and .. resolved)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the model folder's LLM run "
+                                           "code of its own, where its recipe asks to; only for a model you trust."),
 ) -> None:
     from minigpt5_cli.generation import generate as stage
     from minigpt5_cli.generation.settings import Settings, check_precision
@@ -196,8 +209,10 @@ def generate(
     settings.check()
     check_precision(precision)
     writable_folder(output, "--output")
-    stories = read_stories(story)
-    net, info = stage.load(str(model or default_model()), precision=precision, device=device)
+    model = model or default_model()
+    stage.check_output(output, model)
+    stories = read_stories(story, outside=allow_outside_paths)
+    net, info = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
     done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
     page = output / ("index.html" if is_collection(story) else "story.html")
     typer.echo(f"{len(done)} stories in {output}; open {page}")
@@ -219,11 +234,13 @@ def bundle(
     output: Path = typer.Argument(..., help="The folder to write."),
     fp32: bool = typer.Option(False, "--fp32", help="Keep the backbones in float32."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUTPUT."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the checkpoint's LLM run code "
+                                           "of its own, where its recipe asks to; only for a model you trust."),
 ) -> None:
     from minigpt5_cli.modeling.bundle import bundle as run
 
     writable_folder(output, "OUTPUT")
-    out = run(checkpoint, output, half=not fp32, overwrite=overwrite)
+    out = run(checkpoint, output, half=not fp32, overwrite=overwrite, trust_remote_code=trust_remote_code)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"bundled {checkpoint} into {out} ({size / 2**20:.1f} MiB)")
 
@@ -272,6 +289,9 @@ def evaluate(
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
     skip_unavailable: bool = typer.Option(False, "--skip-unavailable", help="Skip (and list in metrics.json) the "
                                           "metrics whose model or data cannot be loaded, instead of failing."),
+    allow_outside_paths: bool = typer.Option(False, "--allow-outside-paths", help="Read the images that JSON Lines "
+                                             "files name wherever they are (by default, only inside the file's "
+                                             "folder, links and .. resolved)."),
 ) -> None:
     from rich.console import Console
 
@@ -295,7 +315,7 @@ def evaluate(
         inception_weights=str(inception_weights) if inception_weights else None,
         wordnet=str(wordnet) if wordnet else None, fid_real_stats=str(fid_real_stats) if fid_real_stats else None,
         is_splits=is_splits, device=pick_device(device), batch_size=batch_size, resamples=bootstrap, seed=seed,
-        skip_unavailable=skip_unavailable,
+        skip_unavailable=skip_unavailable, outside=allow_outside_paths,
     )
     report = stage.evaluate(predictions, references, settings, output)
     Console().print(stage.table(report))
@@ -318,10 +338,11 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         # Not standalone: click's own error display is a box of several lines, ours is one. It returns
-        # an exit code instead of exiting: 130 after Ctrl-C (training saved its last finished step).
+        # an exit code instead of exiting: 130 after Ctrl-C, 143 after SIGTERM (training saved its last
+        # finished step).
         code = app(args=argv, prog_name="minigpt5", standalone_mode=False)
         if isinstance(code, int) and code:
-            print("interrupted" if code == 130 else f"exit code {code}", file=sys.stderr)
+            print({130: "interrupted", 143: "terminated"}.get(code, f"exit code {code}"), file=sys.stderr)
             sys.exit(code)
     except NoArgsIsHelpError:
         sys.exit(2)  # the help was printed
@@ -345,5 +366,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    sys.stderr.write(f"error: {message}\n")  # one write: the lines of several processes never run together
     sys.exit(2)

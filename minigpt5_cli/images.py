@@ -2,7 +2,8 @@
 
 `decode` turns any file PIL reads into 8-bit RGB: 16-bit and 32-bit grey levels and float images
 are scaled to 0-255 (PIL's own conversion clips them, so a 16-bit PNG came out white), and
-transparency is composited onto white. Images larger than `MAX_PIXELS`, or longer than
+transparency is composited onto white, and a photo's EXIF orientation is applied, so that every
+command sees it the right way up. Images larger than `MAX_PIXELS`, or longer than
 `MAX_ASPECT` times their width, are refused from their header, before any pixel is decoded: a
 small file can hold a picture that needs gigabytes once decoded and resized.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from minigpt5_cli.errors import UserError
 
@@ -27,10 +28,11 @@ class OversizedImage(ValueError):
 
 
 def load(source: bytes | str | Path, size: int | None = None) -> Image.Image:
-    """Open and fully decode an image file or encoded bytes, as stored (any mode). The size is checked
-    before decoding (`OversizedImage`); with `size`, a JPEG much larger than `size` on its short side
-    is decoded at a reduced scale (libjpeg's draft mode) that keeps the short side at least `size`.
-    PIL's own errors propagate: callers decide whether a broken image is a reject or an error."""
+    """Open and fully decode an image file or encoded bytes, as stored (any mode), turned upright by its
+    EXIF orientation. The size is checked before decoding (`OversizedImage`); with `size`, a JPEG much
+    larger than `size` on its short side is decoded at a reduced scale (libjpeg's draft mode) that keeps
+    the short side at least `size`. `info["stored_size"]` is the full size, upright. PIL's own errors
+    propagate: callers decide whether a broken image is a reject or an error."""
     limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # PIL's own bomb check warns; ours refuses
     try:
         img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
@@ -46,7 +48,20 @@ def load(source: bytes | str | Path, size: int | None = None) -> Image.Image:
         if size and img.format == "JPEG":
             img.draft(None, (size, size))  # a no-op unless the image is at least twice `size`
         img.load()
+        if _orientation(img) in _SIDEWAYS:
+            img.info["stored_size"] = (h, w)
+        ImageOps.exif_transpose(img, in_place=True)  # keeps the format; the orientation tag is removed
         return img
+
+
+_SIDEWAYS = (5, 6, 7, 8)  # EXIF orientations that turn the picture by a quarter
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

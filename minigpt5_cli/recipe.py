@@ -18,7 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import read_text
+from minigpt5_cli.files import MAX_RECIPE, read_text
 
 
 @dataclass
@@ -64,6 +64,8 @@ class DataConfig:
     prompt_format: Literal["auto", "paper", "chat"] = "auto"
     instruction_prob: float = 0.01  # stage 1: share of samples in instruction form
     num_workers: int = 0
+    # JSONL training files: read images wherever they name them (by default only inside the file's folder)
+    allow_outside_paths: bool = False
 
 
 @dataclass
@@ -150,10 +152,35 @@ def all_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
     return keys
 
 
+def _cut(text: str, limit: int = 80) -> str:
+    """`text` cut short for a message: a value in a recipe may be a megabyte long."""
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    return _cut(repr(value))
+
+
+class _Alias(yaml.YAMLError):
+    pass
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML (plain data, no Python objects) without aliases (`*name`): a recipe needs none, and a
+    few nested ones (a "billion laughs") expand into gigabytes once the recipe is copied or quoted."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Alias(f"line {event.start_mark.line + 1}: YAML aliases (*{_cut(event.anchor)}) are not "
+                         "supported in a recipe; write the value out")
+        return super().compose_node(parent, index)
+
+
 def _unknown(key: str) -> UserError:
     close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
     hint = f"; did you mean {close[0]!r}?" if close else ""
-    return UserError(f"unknown recipe key {key!r}{hint}")
+    return UserError(f"unknown recipe key {_show(key)}{hint}")
 
 
 def _coerce(key: str, hint: Any, value: Any) -> Any:
@@ -168,17 +195,17 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
             except UserError:
                 pass
         names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-        raise UserError(f"recipe key {key!r} must be {names}, got {value!r}")
+        raise UserError(f"recipe key {key!r} must be {names}, got {_show(value)}")
     if origin is Literal:
         if value not in typing.get_args(hint):
             choices = ", ".join(map(str, typing.get_args(hint)))
             quote = " (quote it: YAML reads a bare no/yes as a bool)" if isinstance(value, bool) else ""
-            raise UserError(f"recipe key {key!r} must be one of {choices}, got {value!r}{quote}")
+            raise UserError(f"recipe key {key!r} must be one of {choices}, got {_show(value)}{quote}")
         return value
     if origin is list:
         (item,) = typing.get_args(hint)
         if not isinstance(value, list):
-            raise UserError(f"recipe key {key!r} must be a list, got {value!r}")
+            raise UserError(f"recipe key {key!r} must be a list, got {_show(value)}")
         return [_coerce(f"{key}[{i}]", item, v) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -188,9 +215,9 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         except ValueError:
             pass
     if hint is bool and not isinstance(value, bool) or hint is not bool and isinstance(value, bool):
-        raise UserError(f"recipe key {key!r} must be {hint.__name__}, got {value!r}")
+        raise UserError(f"recipe key {key!r} must be {hint.__name__}, got {_show(value)}")
     if not isinstance(value, hint):
-        raise UserError(f"recipe key {key!r} must be {hint.__name__}, got {value!r}")
+        raise UserError(f"recipe key {key!r} must be {hint.__name__}, got {_show(value)}")
     return value
 
 
@@ -216,7 +243,7 @@ def _parse_override(item: str, tree: dict) -> None:
     key, sep, raw = item.partition("=")  # split on the first '=': values may contain '='
     key = key.strip()
     if not sep or not key:
-        raise UserError(f"override {item!r} must look like key.sub=value")
+        raise UserError(f"override {_show(item)} must look like key.sub=value")
     if key not in all_keys():
         raise _unknown(key)
     parts = key.split(".")
@@ -224,10 +251,10 @@ def _parse_override(item: str, tree: dict) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise UserError(f"override {item!r}: {part!r} is not a section")
+            raise UserError(f"override {_show(item)}: {part!r} is not a section")
     hint = _leaf_hint(parts)
     if dataclasses.is_dataclass(hint):
-        raise UserError(f"override {item!r}: {key!r} is a section; set one of its keys")
+        raise UserError(f"override {_show(item)}: {key!r} is a section; set one of its keys")
     # Strings stay verbatim (a path like "007" or a choice like "no" must not turn into a number or
     # a bool); other values are read as YAML.
     node[parts[-1]] = raw if _is_text(hint) else _yaml_value(raw)
@@ -248,8 +275,8 @@ def _leaf_hint(parts: list[str]) -> Any:
 
 def _yaml_value(raw: str) -> Any:
     try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
+        return yaml.load(raw, Loader=_Loader)
+    except (yaml.YAMLError, ValueError, RecursionError):  # then the key's type says what is wrong with it
         return raw
 
 
@@ -261,9 +288,15 @@ def load(path: str | Path | None, overrides: list[str] = ()) -> Recipe:
         if not path.is_file():
             raise UserError(f"recipe not found: {path}")
         try:
-            tree = yaml.safe_load(read_text(path)) or {}
+            tree = yaml.load(read_text(path, MAX_RECIPE), Loader=_Loader) or {}
+        except _Alias as e:
+            raise UserError(f"recipe {path} {e}") from None
         except yaml.YAMLError as e:
-            raise UserError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"recipe {path} is not valid YAML: {_cut(str(e).splitlines()[0], 200)}") from None
+        except RecursionError:  # raised as the stack runs out, and unwound: the stack is whole again here
+            raise UserError(f"recipe {path} is not valid YAML: nested too deeply") from None
+        except ValueError as e:  # a date that is none (2024-02-30), an integer too long to convert
+            raise UserError(f"recipe {path} is not valid YAML: {_cut(str(e).split(';')[0], 200)}") from None
         if not isinstance(tree, dict):
             raise UserError(f"recipe {path} must be a mapping of sections")
     for item in overrides:
@@ -287,8 +320,10 @@ def _between(low, high, high_closed: bool = True):
 
 # The range of every numeric key: (low, high, low included[, high included]). Outside it, training
 # or sampling would fail deep inside a library, or run and produce garbage (a NaN learning rate).
+# model.n_vokens: the paper uses 8; every image takes that many tokens of the sequence, so a few
+# hundred leave no room for text (and thousands fail in the tokenizer).
 RANGES = {
-    "model.n_vokens": _at_least(2), "model.mapper.hidden": _at_least(0), "model.mapper.heads": _at_least(1),
+    "model.n_vokens": _between(2, 256), "model.mapper.hidden": _at_least(0), "model.mapper.heads": _at_least(1),
     "model.mapper.encoder_layers": _at_least(1), "model.mapper.decoder_layers": _at_least(1),
     "model.mapper.ffn": _at_least(1),
     "adapter.r": _at_least(1), "adapter.alpha": _above(0), "adapter.dropout": _between(0, 1, False),
@@ -314,12 +349,12 @@ def in_range(key: str, value, bounds: tuple) -> None:
     """Refuse a value outside `bounds` (see RANGES), and any float that is not finite, naming the key."""
     low, high, low_closed, high_closed = (*bounds, True)[:4]
     if isinstance(value, float) and not math.isfinite(value):
-        raise UserError(f"{key} must be a finite number, got {value}")
+        raise UserError(f"{key} must be a finite number, got {_show(value)}")
     if (value < low if low_closed else value <= low) or (value > high if high_closed else value >= high):
         if high == math.inf:
-            raise UserError(f"{key} must be {'at least' if low_closed else 'above'} {low}, got {value}")
+            raise UserError(f"{key} must be {'at least' if low_closed else 'above'} {low}, got {_show(value)}")
         raise UserError(f"{key} must be in {'[' if low_closed else '('}{low}, {high}{']' if high_closed else ')'}, "
-                        f"got {value}")
+                        f"got {_show(value)}")
 
 
 def check(recipe: Recipe) -> None:

@@ -14,6 +14,7 @@ from typing import Callable
 
 from minigpt5_cli import images
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.files import inside
 
 STORY_FILE = "story.json"  # one generated story's record: generate writes it, evaluate reads it
 
@@ -58,26 +59,32 @@ class Story:
         return self.steps + ([self.target] if self.target is not None else [])
 
 
-def picture_of(value, where: str) -> Picture | None:
-    """A Picture from a stored image: a dataset's {"bytes", "path"} cell, raw bytes, or a path."""
+def picture_of(value, where: str, root: Path | None = None) -> Picture | None:
+    """A Picture from a stored image: a dataset's {"bytes", "path"} cell, raw bytes, or a path. With
+    `root` (the data set's folder), an image stored as a path must lie inside it."""
     if value is None:
         return None
     if isinstance(value, dict):
         if value.get("bytes"):
             return Picture(where, data=value["bytes"])
-        return Picture(where, path=Path(value["path"])) if value.get("path") else None
+        value = value.get("path")
+        if not value:
+            return None
     if isinstance(value, bytes):
         return Picture(where, data=value)
+    if root is not None and not inside(Path(value), root):
+        raise UserError(f"{where}: its image {value} is outside the data set's folder {root}")
     return Picture(where, path=Path(value))
 
 
-def story_from_row(row: dict, where: str) -> Story:
-    """A prepared dataset row (Arrow format: images undecoded) as a Story."""
+def story_from_row(row: dict, where: str, root: Path | None = None) -> Story:
+    """A prepared dataset row (Arrow format: images undecoded) as a Story. An image stored as a file path
+    rather than bytes (prepare-data stores bytes) must lie inside `root`, the dataset's folder."""
 
     def step(s: dict, k) -> Step:
         cache = {key: s[key] for key in ("latent_mean", "latent_logvar", "caption_embed", "caption_pooled")
                  if s.get(key) is not None}
-        return Step(text=s.get("text") or "", image=picture_of(s.get("image"), f"{where} step {k}"),
+        return Step(text=s.get("text") or "", image=picture_of(s.get("image"), f"{where} step {k}", root),
                     caption=s.get("caption"), cache=cache or None)
 
     target = row.get("target")
@@ -91,13 +98,18 @@ def is_step(value) -> bool:
         isinstance(value.get("image"), (str, type(None)))
 
 
-def step_from_json(value, root: Path, where: str, number: int) -> Step:
-    """Step `number` of a JSON story or sequence; its image path is relative to `root` and must exist."""
+
+def step_from_json(value, root: Path, where: str, number: int, outside: bool = False,
+                   hint: str = "keep its images in the file's folder") -> Step:
+    """Step `number` of a JSON story or sequence; its image path is relative to `root`, must exist, and
+    must lie inside `root` unless `outside` allows any path (`hint`: what the refusal advises)."""
     if not is_step(value):
         raise UserError(f'{where}: step {number} needs a "text" string and an optional "image" path')
     picture = None
     if value.get("image"):
         path = root / value["image"]
+        if not outside and not inside(path, root):
+            raise UserError(f"{where}: the image {value['image']!r} of step {number} is outside {root}; {hint}")
         if not path.is_file():
             raise UserError(f"{where}: image not found: {path}")
         picture = Picture(str(path), path=path)

@@ -141,7 +141,7 @@ def nan_loss(c: Ctx) -> list[str]:
 def resume_with_damaged(c: Ctx, name: str) -> list[str]:
     run = c.copy("s1", "run")
     (run / "checkpoint-4" / name).write_bytes((run / "checkpoint-4" / name).read_bytes()[:100])
-    return train_args(c, "train.max_steps=6") + ["--resume"]
+    return train_args(c) + ["--resume"]
 
 
 def generate_with_damaged_vokens(c: Ctx) -> list[str]:
@@ -213,10 +213,26 @@ def train_on(c: Ctx, line: str, image: bytes | None = None) -> list[str]:
     return train_args(c, f"data.train={c.file('d.jsonl', line)}")
 
 
+def resume_to_save(c: Ctx) -> list[str]:
+    """--resume from checkpoint-2 of a copy of the stage-1 run: it trains on and saves checkpoint-4."""
+    shutil.rmtree(c.copy("s1", "run") / "checkpoint-4")
+    return train_args(c) + ["--resume"]
+
+
 def train_disk_full(c: Ctx) -> list[str]:
-    c.copy("s1", "run")
     c.disk_full("minigpt5_cli.modeling.checkpoint", "save")
-    return train_args(c, "train.max_steps=6") + ["--resume"]
+    return resume_to_save(c)
+
+
+def train_disk_full_in_safetensors(c: Ctx) -> list[str]:
+    """A full disk as safetensors reports it: its own error, the system's in its message."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    c.monkeypatch.setattr("safetensors.torch.save_file", full)
+    return resume_to_save(c)
 
 
 def deepspeed(c: Ctx) -> list[str]:
@@ -329,6 +345,225 @@ def pixart_generator(c: Ctx) -> list[str]:
     return train_args(c, f"model.generator={c.tmp / 'pixart'}")
 
 
+def with_model(folder: Path, **keys) -> Path:
+    """`folder` with its recipe.yaml's model keys replaced, as someone else's model folder might say."""
+    import yaml
+
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    recipe["model"].update(keys)
+    (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    return folder
+
+
+def image_outside_story(c: Ctx) -> list[str]:
+    shutil.copy(IMAGES / "red_circle.png", c.tmp / "a.png")
+    story = {"id": "s", "steps": [{"text": "a", "image": "../a.png"}]}
+    return generate_args(c, c.file("s/story.json", json.dumps(story)))
+
+
+def output_in_model(c: Ctx) -> list[str]:
+    model = c.copy("s2", "model")
+    return ["generate", "-s", "a circle.", "-m", str(model), "-o", str(model / "checkpoint-4" / "out"), *FAST]
+
+
+def bundle_remote_code(c: Ctx) -> list[str]:
+    run = c.copy("s2")
+    with_model(run / "checkpoint-4", trust_remote_code=True)
+    return ["bundle", str(run), str(c.tmp / "b")]
+
+
+def bundle_leading_out(c: Ctx) -> list[str]:
+    (c.tmp / "elsewhere").mkdir()
+    return generate_args(c, "a circle.", model=with_model(c.copy("bundle", "m/bundle"), llm="../../elsewhere"))
+
+
+DEEP = "[" * 100_000  # nested deeper than Python's stack
+LAUGHS = "a: &a [x, x, x]\nb: [*a, *a, *a]\n"  # aliases: a few more levels of these expand to gigabytes
+
+
+def not_utf8(c: Ctx, name: bytes) -> str:
+    """A path under the case's folder whose name is not UTF-8, as Python spells such a name."""
+    return os.fsdecode(os.fsencode(c.tmp) + b"/" + name)
+
+
+def sparse(c: Ctx, name: str, size: int) -> Path:
+    """A file of `size` bytes that takes no disk."""
+    with (c.tmp / name).open("wb") as f:
+        f.truncate(size)
+    return c.tmp / name
+
+
+def larger_than_read(c: Ctx, name: str) -> Path:
+    """A file of 2 MiB, with the cap on a JSON document set to 1 MiB."""
+    from minigpt5_cli import files
+
+    c.monkeypatch.setattr(files, "MAX_DOCUMENT", 2**20)
+    return sparse(c, name, 2 * 2**20)
+
+
+def train_on_long_line(c: Ctx) -> list[str]:
+    from minigpt5_cli import files
+
+    c.monkeypatch.setattr(files, "MAX_LINE", 100)
+    return train_on(c, f"{PAIR}\n{PAIR:<101}\n")
+
+
+def train_on_deep_summary(c: Ctx) -> list[str]:
+    from minigpt5_cli.data.prepare import prepare_toy
+
+    prepare_toy(c.tmp / "toy", counts={"pairs": 4, "stories": 0, "stories_test": 0, "dialogs": 0})
+    (c.tmp / "toy" / "pairs" / "summary.json").write_text(DEEP)
+    return train_args(c, f"data.train={c.tmp / 'toy' / 'pairs'}")
+
+
+def generate_over_deep(c: Ctx) -> list[str]:
+    c.file("out/story.json", DEEP)
+    return generate_args(c, "a circle.", "--overwrite")
+
+
+def generate_with_deep_meta(c: Ctx) -> list[str]:
+    run = c.copy("s2", "model")
+    (run / "checkpoint-4" / "minigpt5.json").write_text(DEEP)
+    return generate_args(c, "a circle.", model=run)
+
+
+def study_with_deep_key(c: Ctx) -> list[str]:
+    args = results_args(c)
+    (study(c) / "key.json").write_text(DEEP)
+    return args
+
+
+def resume_with_json(c: Ctx, name: str, edit: Callable) -> list[str]:
+    """--resume from a copy of the stage-1 run whose last checkpoint's JSON file `name` is `edit`ed."""
+    path = c.copy("s1", "run") / "checkpoint-4" / name
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return train_args(c) + ["--resume"]
+
+
+def resume_with_foreign_pickle(c: Ctx) -> list[str]:
+    """A checkpoint of an earlier version (optimizer.bin), holding an object that is neither a tensor
+    nor a plain value."""
+    import datetime
+
+    import torch
+
+    last = c.copy("s1", "run") / "checkpoint-4"
+    for name in ("optimizer.json", "optimizer.safetensors"):
+        (last / name).unlink()
+    torch.save({"state": {}, "param_groups": [], "saved": datetime.date(2000, 1, 1)}, last / "optimizer.bin")
+    return train_args(c) + ["--resume"]
+
+
+def generate_with(c: Ctx, damage: Callable[[Path], object]) -> list[str]:
+    """generate from a copy of the stage-2 run whose last checkpoint `damage` changes."""
+    run = c.copy("s2", "model")
+    damage(run / "checkpoint-4")
+    return generate_args(c, "a circle.", model=run)
+
+
+def bundle_damaged(c: Ctx) -> list[str]:
+    run = c.copy("s2")
+    (run / "checkpoint-4" / "vokens.safetensors").write_bytes(b"\0" * 10)
+    return ["bundle", str(run), str(c.tmp / "b")]
+
+
+def in_use(c: Ctx, folder: Path) -> Path:
+    """`folder` as a train run holds it, until the case is over: the test takes its lock."""
+    import fcntl
+    import weakref
+
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = (folder / ".lock").open("a")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    weakref.finalize(c, lock.close)
+    return folder
+
+
+def scratch_args(c: Ctx) -> list[str]:
+    return ["train", "-r", str(TOY / "llm_vision.yaml"), "model.llm=tiny:llava", f"data.train={SEQS}", "data.extra=[]",
+            f"train.output_dir={c.tmp / 'llm'}"]
+
+
+def image_linked_to(c: Ctx, target: Path | None) -> Path:
+    """Output a of story s1 whose image is a link to `target`; with None, a text file in its place."""
+    folder = generated(c, "a", ["s1"])
+    (folder / "s1" / "image-1.png").unlink()
+    if target is None:
+        c.file("a/s1/image-1.png", "not an image")
+    else:
+        (folder / "s1" / "image-1.png").symlink_to(target)
+    return folder
+
+
+def story_linked_out(c: Ctx) -> Path:
+    """Output a whose story folder is a link to a generate output elsewhere."""
+    generated(c, "elsewhere", ["s1"])
+    (c.tmp / "a").mkdir()
+    (c.tmp / "a" / "s1").symlink_to(c.tmp / "elsewhere" / "s1")
+    return c.tmp / "a"
+
+
+def image_named(c: Ctx, name: str) -> Path:
+    """Output a of story s1 whose story.json names the image `name`."""
+    folder = generated(c, "a", ["s1"])
+    doc = json.loads((folder / "s1" / "story.json").read_text())
+    doc["generated"][0]["images"] = [name]
+    doc["generated"][0]["segments"][1] = {"image": name}
+    c.file("a/s1/story.json", json.dumps(doc))
+    return folder
+
+
+def study_with_key(c: Ctx, edit: Callable[[dict], object]) -> list[str]:
+    """rate results on a study whose key.json `edit` changed, as by hand."""
+    args = results_args(c)
+    key = json.loads((study(c) / "key.json").read_text())
+    edit(key)
+    (study(c) / "key.json").write_text(json.dumps(key))
+    return args
+
+
+def old_study(c: Ctx, edit: Callable[[dict], object]) -> list[str]:
+    """rate results on a study of the earlier layout (its key, study.json, beside the page, whose seed is the
+    study's), the key changed by `edit`."""
+    key = json.loads((study(c) / "key.json").read_text())
+    models = {m: {"label": Path(v["path"]).name, "path": v["path"], "mode": v["mode"], "model": v["model"]}
+              for m, v in key["models"].items()}
+    old = {"format": "minigpt5-study", "study": key["study"], "seed": key["page_seed"], "title": key["title"],
+           "questions": key["questions"], "models": models, "pairs": key["pairs"]}
+    edit(old)
+    shutil.copytree(study(c) / "raters", c.tmp / "old")
+    c.file("old/study.json", json.dumps(old))
+    return ["rate", "results", str(c.tmp / "old"), str(answers(c, study(c)))]
+
+
+def resume_to_train_with(c: Ctx, edit: Callable[[dict], object]) -> list[str]:
+    """--resume from checkpoint-2 of a copy of the stage-1 run (steps 3 and 4 still to train), its
+    optimizer.json changed by `edit`."""
+    run = c.copy("s1", "run")
+    shutil.rmtree(run / "checkpoint-4")
+    path = run / "checkpoint-2" / "optimizer.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    return train_args(c) + ["--resume"]
+
+
+def resume_with_large_state(c: Ctx) -> list[str]:
+    """trainer_state.json grown past what is read of a JSON file (whitespace: still valid JSON)."""
+    from minigpt5_cli import files
+
+    c.monkeypatch.setattr(files, "MAX_DOCUMENT", 4096)
+    path = c.copy("s1", "run") / "checkpoint-4" / "trainer_state.json"
+    path.write_text(path.read_text() + " " * 8192)
+    return train_args(c) + ["--resume"]
+
+
+def resume_with_recipe(c: Ctx, text: str) -> list[str]:
+    c.copy("s1", "run")
+    c.file("run/checkpoint-4/recipe.yaml", text)
+    return train_args(c) + ["--resume"]
+
+
 @dataclass
 class Case:
     id: str
@@ -349,7 +584,19 @@ CASES = [
     Case("bundle-read-only", lambda c: ["bundle", str(c.runs / "s2"), str(c.read_only("ro") / "b")],
          "cannot write to {tmp}/ro"),
     Case("bundle-disk-full", bundle_disk_full, "No space left on device"),
+    Case("bundle-damaged-checkpoint", bundle_damaged,
+         "checkpoint {tmp}/s2/checkpoint-4 is damaged: {tmp}/s2/checkpoint-4/vokens.safetensors does not load"),
+    Case("bundle-output-not-utf8", lambda c: ["bundle", str(c.runs / "s2"), not_utf8(c, b"\xff")],
+         "OUTPUT {tmp}/\\xff is not a UTF-8 name"),
+    Case("bundle-remote-code", bundle_remote_code,
+         "{tmp}/s2/checkpoint-4: its recipe asks to run the code in the LLM 'tiny:llava'; pass --trust-remote-code"),
     # train: garbage settings refused before any work
+    Case("train-image-outside", lambda c: train_args(c, "data.train=" + str(c.file("d/d.jsonl", json.dumps(
+        {"caption": "x", "image": str(IMAGES / "red_circle.png")})))),
+         "{tmp}/d/d.jsonl line 1: the image '" + str(IMAGES / "red_circle.png") + "' of step 1 is outside {tmp}/d; "
+         "keep its images under the file's folder, or set data.allow_outside_paths=true"),
+    Case("train-backbone-config-too-deep", lambda c: train_args(c, f"model.llm={c.file('llm/config.json', '[' * 100_000).parent}"),
+         "cannot load the LLM '{tmp}/llm'"),
     Case("train-lr-nan", lambda c: train_args(c, "train.lr=nan"), "recipe key 'train.lr' must be a finite number"),
     Case("train-lr-inf", lambda c: train_args(c, "train.lr=.inf"), "recipe key 'train.lr' must be a finite number"),
     Case("train-lr-negative", lambda c: train_args(c, "train.lr=-1e-3"), "recipe key 'train.lr' must be above 0"),
@@ -368,6 +615,18 @@ CASES = [
     Case("train-binary-recipe", lambda c: ["train", "-r", str(c.file("r.yaml", BINARY))], "{tmp}/r.yaml is not UTF-8"),
     Case("train-binary-data", lambda c: train_args(c, f"data.train={c.file('d.jsonl', BINARY)}"),
          "{tmp}/d.jsonl is not UTF-8"),
+    Case("train-deep-recipe", lambda c: ["train", "-r", str(c.file("r.yaml", DEEP))],
+         "recipe {tmp}/r.yaml is not valid YAML: nested too deeply"),
+    Case("train-recipe-aliases", lambda c: ["train", "-r", str(c.file("r.yaml", LAUGHS))],
+         "recipe {tmp}/r.yaml line 2: YAML aliases (*a) are not supported in a recipe"),
+    Case("train-large-recipe", lambda c: ["train", "-r", str(sparse(c, "r.yaml", 2 * 2**20))],
+         "{tmp}/r.yaml is too large (2 MiB; at most 1 MiB is read)"),
+    Case("train-deep-data", lambda c: train_on(c, DEEP), "{tmp}/d.jsonl line 1: not valid JSON (nested too deeply)"),
+    Case("train-long-data-line", train_on_long_line, "{tmp}/d.jsonl line 2 is too long (over 100 characters)"),
+    Case("train-deep-dataset-summary", train_on_deep_summary,
+         "{tmp}/toy/pairs/summary.json: not valid JSON (nested too deeply"),
+    Case("train-output-not-utf8", lambda c: train_args(c, "train.output_dir=" + not_utf8(c, b"run-\xff")),
+         "train.output_dir {tmp}/run-\\xff is not a UTF-8 name"),
     Case("train-surrogate-text", lambda c: train_on(c, PAIR.replace('"x"', '"x\\udc80"')),
          "{tmp}/d.jsonl line 1: '\\udc80' is an unpaired surrogate"),
     Case("train-oversized-image", lambda c: train_on(c, PAIR, thin_png()),
@@ -377,12 +636,76 @@ CASES = [
     Case("train-read-only", lambda c: train_args(c, f"train.output_dir={c.read_only('ro') / 'run'}"),
          "cannot write to {tmp}/ro"),
     Case("train-nan-loss", nan_loss, "training diverged at step 3 (loss nan"),
-    Case("train-resume-damaged-optimizer", lambda c: resume_with_damaged(c, "optimizer.bin"),
-         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/optimizer.bin does not load; use the "
-         "checkpoint before it, {tmp}/run/checkpoint-2"),
+    Case("train-resume-damaged-optimizer", lambda c: resume_with_damaged(c, "optimizer.safetensors"),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/optimizer.safetensors does not load; "
+         "use the checkpoint before it, {tmp}/run/checkpoint-2"),
+    Case("train-resume-optimizer-groups", lambda c: resume_with_json(
+        c, "optimizer.json", lambda d: {**d, "param_groups": d["param_groups"][:1]}),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/optimizer.json does not load "
+         "(parameter groups: 1 there, 2 here)"),
+    Case("train-resume-optimizer-bad-reference", lambda c: resume_to_train_with(
+        c, lambda d: d["state"]["vokens.rows_in"].update(step={"tensor": []})),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "'step' of 'vokens.rows_in' is neither a number nor a tensor)"),
+    Case("train-resume-optimizer-step-list", lambda c: resume_to_train_with(
+        c, lambda d: d["state"]["vokens.rows_in"].update(step=[1, 2])),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "'step' of 'vokens.rows_in' is neither a number nor a tensor)"),
+    Case("train-resume-optimizer-step-text", lambda c: resume_to_train_with(
+        c, lambda d: d["state"]["vokens.rows_in"].update(step="2")),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "'step' of 'vokens.rows_in' is neither a number nor a tensor)"),
+    Case("train-resume-optimizer-step-shaped", lambda c: resume_to_train_with(
+        c, lambda d: d["state"]["vokens.rows_in"].update(step={"tensor": "vokens.rows_in/exp_avg"})),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "vokens.rows_in step is not of the shape [])"),
+    Case("train-resume-optimizer-state-missing", lambda c: resume_to_train_with(
+        c, lambda d: d["state"]["vokens.rows_in"].pop("exp_avg_sq")),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "state of vokens.rows_in holds exp_avg, step, not exp_avg, exp_avg_sq, step)"),
+    Case("train-resume-optimizer-flag-text", lambda c: resume_to_train_with(
+        c, lambda d: d["param_groups"][0].update(foreach="yes")),
+         "checkpoint {tmp}/run/checkpoint-2 is damaged: {tmp}/run/checkpoint-2/optimizer.json does not load (its "
+         "parameter group settings foreach are not as the optimizer's)"),
+    Case("train-resume-large-state", resume_with_large_state,
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/trainer_state.json is too large (8 KiB; "
+         "at most 4 KiB is read); use the checkpoint before it, {tmp}/run/checkpoint-2"),
+    Case("train-resume-recipe-not-yaml", lambda c: resume_with_recipe(c, "train: [\n"),
+         "recipe {tmp}/run/checkpoint-4/recipe.yaml is not valid YAML"),
+    Case("train-resume-recipe-unknown-key", lambda c: resume_with_recipe(c, "train: {lrr: 1}\n"),
+         "{tmp}/run/checkpoint-4/recipe.yaml: unknown recipe key 'train.lrr'"),
+    Case("train-resume-other-max-steps", lambda c: c.copy("s1", "run") and [*train_args(c, "train.max_steps=8"),
+                                                                           "--resume"],
+         "--resume continues the run as saved in {tmp}/run/checkpoint-4/recipe.yaml: train.max_steps is 8 here, 4 "
+         "there; the learning rate's schedule, restored with the run, spans its steps as they were set; to train for "
+         "more or fewer steps, start a new train.output_dir"),
+    Case("train-resume-old-optimizer-foreign-object", resume_with_foreign_pickle,
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/optimizer.bin does not load (it holds "
+         "objects other than tensors and plain values)"),
+    Case("train-resume-scheduler-lists", lambda c: resume_with_json(
+        c, "scheduler.json", lambda d: {**d, "base_lrs": d["base_lrs"] * 2}),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/scheduler.json does not load (it "
+         "does not hold the state of this scheduler)"),
+    Case("train-resume-state-a-list", lambda c: resume_with_json(c, "trainer_state.json", lambda d: [d]),
+         "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/trainer_state.json does not load (it "
+         "holds list, not an object)"),
     Case("train-resume-damaged-vokens", lambda c: resume_with_damaged(c, "vokens.safetensors"),
          "checkpoint {tmp}/run/checkpoint-4 is damaged: {tmp}/run/checkpoint-4/vokens.safetensors does not load"),
+    Case("train-in-use", lambda c: in_use(c, c.copy("s1", "run")) and [*train_args(c), "--resume"],
+         "{tmp}/run is in use by another train run; wait for it to end, or pick another train.output_dir"),
+    Case("train-scratch-in-use", lambda c: in_use(c, c.tmp / "llm") and scratch_args(c),
+         "{tmp}/llm is in use by another train run"),
+    Case("train-resume-other-lr", lambda c: c.copy("s1", "run") and [*train_args(c, "train.lr=0.5"), "--resume"],
+         "--resume continues the run as saved in {tmp}/run/checkpoint-4/recipe.yaml: train.lr is 0.5 here, 0.001 "
+         "there; start a new train.output_dir to change it"),
+    Case("train-resume-other-data", lambda c: c.copy("s1", "run") and [*train_args(c, f"data.train={SEQS}"),
+                                                                      "--resume"],
+         "--resume continues the run as saved in {tmp}/run/checkpoint-4/recipe.yaml: data.train is "),
     Case("train-disk-full", train_disk_full, "No space left on device"),
+    Case("train-disk-full-in-safetensors", train_disk_full_in_safetensors,
+         "No space left on device writing {tmp}/run/.checkpoint-4.tmp/vokens.safetensors; the earlier output is left"),
+    Case("train-too-many-vokens", lambda c: train_args(c, "model.n_vokens=100000"),
+         "recipe key 'model.n_vokens' must be in [2, 256], got 100000"),
     Case("train-unsupported-model-type", clip_as_llm, "the LLM '{tmp}/clip' is a 'clip_text_model' model, neither"),
     Case("train-processor-needs-a-package", processor_missing_a_package,
          "the processor of 'tiny:llava' needs the package 'torchvision': pip install torchvision"),
@@ -423,6 +746,18 @@ CASES = [
          "{tmp}/s.json is not UTF-8"),
     Case("generate-binary-story-jsonl", lambda c: generate_args(c, c.file("s.jsonl", BINARY)),
          "{tmp}/s.jsonl is not UTF-8"),
+    Case("generate-deep-story-json", lambda c: generate_args(c, c.file("s.json", DEEP)),
+         "{tmp}/s.json: not valid JSON (nested too deeply"),
+    Case("generate-deep-story-jsonl", lambda c: generate_args(c, c.file("s.jsonl", DEEP)),
+         "{tmp}/s.jsonl line 1: not valid JSON (nested too deeply)"),
+    Case("generate-large-story-json", lambda c: generate_args(c, larger_than_read(c, "s.json")),
+         "{tmp}/s.json is too large (2 MiB; at most 1 MiB is read)"),
+    Case("generate-over-deep-story-json", generate_over_deep,
+         "{tmp}/out already holds story.json, not written by minigpt5"),
+    Case("generate-deep-checkpoint-json", generate_with_deep_meta,
+         "checkpoint {tmp}/model/checkpoint-4 is damaged: {tmp}/model/checkpoint-4/minigpt5.json does not load"),
+    Case("generate-output-not-utf8", lambda c: generate_elsewhere(c, not_utf8(c, b"\xff")),
+         "--output {tmp}/\\xff is not a UTF-8 name"),
     Case("generate-surrogate-id", lambda c: generate_args(c, stories_jsonl_with_surrogate(c)),
          "{tmp}/s.jsonl line 1: '\\ud800' is an unpaired surrogate"),
     Case("generate-oversized-image", lambda c: generate_args(c, story_with_image(c, thin_png())),
@@ -433,6 +768,13 @@ CASES = [
     Case("generate-read-only", lambda c: generate_elsewhere(c, c.read_only("ro")), "cannot write to {tmp}/ro"),
     Case("generate-damaged-vokens", generate_with_damaged_vokens,
          "checkpoint {tmp}/model/checkpoint-4 is damaged: {tmp}/model/checkpoint-4/vokens.safetensors does not load"),
+    Case("generate-checkpoint-json-a-list",
+         lambda c: generate_with(c, lambda f: (f / "minigpt5.json").write_text("[1]")),
+         "checkpoint {tmp}/model/checkpoint-4 is damaged: {tmp}/model/checkpoint-4/minigpt5.json does not load (it "
+         "holds list, not an object)"),
+    Case("generate-missing-adapter", lambda c: generate_with(c, lambda f: shutil.rmtree(f / "adapter")),
+         "checkpoint {tmp}/model/checkpoint-4 is damaged: {tmp}/model/checkpoint-4/adapter/adapter_model.safetensors "
+         "is missing"),
     Case("generate-malformed-story-json", generate_over_malformed,
          "{tmp}/out already holds story.json, not written by minigpt5"),
     Case("generate-another-story-there", generate_over_another, "{tmp}/out holds another story ('circle')"),
@@ -447,11 +789,35 @@ CASES = [
     Case("generate-image-size-for-flux", lambda c: generate_args(c, "x", "--image-size", "40", model=flux_recipe(c)),
          "--image-size must be a multiple of 16 for this FLUX.1 generator, got 40"),
     Case("generate-empty-story", lambda c: generate_args(c, ""), "the story is empty"),
+    Case("generate-remote-code", lambda c: generate_args(c, "x", model=with_model(c.copy("bundle"),
+                                                                                   trust_remote_code=True)),
+         "{tmp}/bundle: its recipe asks to run the code in the LLM 'llm'; pass --trust-remote-code if you trust it"),
+    Case("generate-backbone-outside-bundle", bundle_leading_out,
+         "{tmp}/m/bundle/recipe.yaml names the backbone '../../elsewhere', which leads outside {tmp}/m/bundle"),
+    Case("generate-image-outside-story", image_outside_story,
+         "{tmp}/s/story.json: the image '../a.png' of step 1 is outside {tmp}/s"),
+    Case("generate-output-in-model", output_in_model,
+         "--output {tmp}/model/checkpoint-4/out is inside the model folder {tmp}/model;"),
     # evaluate
+    Case("evaluate-image-outside", lambda c: evaluate_args(c, c.file("p/p.jsonl", json.dumps(
+        {"id": "s", "text": "a", "images": [str(IMAGES / "red_circle.png")]})), SEQS),
+         "{tmp}/p/p.jsonl line 1: the image '" + str(IMAGES / "red_circle.png") + "' is outside {tmp}/p"),
     Case("evaluate-binary-predictions", lambda c: evaluate_args(c, c.file("p.jsonl", BINARY), SEQS),
          "{tmp}/p.jsonl is not UTF-8"),
     Case("evaluate-binary-compare", lambda c: ["evaluate", "--compare", str(c.file("a.json", BINARY)),
                                                str(c.file("b.json", "{}"))], "{tmp}/a.json is not UTF-8"),
+    Case("evaluate-deep-predictions", lambda c: evaluate_args(c, c.file("p.jsonl", DEEP), SEQS),
+         "{tmp}/p.jsonl line 1: not valid JSON (nested too deeply)"),
+    Case("evaluate-deep-references", lambda c: evaluate_args(c, c.file("p.jsonl", '{"id": "a", "text": "x"}\n'),
+                                                             c.file("r.jsonl", DEEP)),
+         "{tmp}/r.jsonl line 1: not valid JSON (nested too deeply)"),
+    Case("evaluate-deep-generated-story", lambda c: evaluate_args(c, generated(c, "g", ["s1"], doc=DEEP), SEQS),
+         "{tmp}/g/s1/story.json: not valid JSON (nested too deeply"),
+    Case("evaluate-deep-compare", lambda c: ["evaluate", "--compare", str(c.file("a.json", DEEP)),
+                                             str(c.file("b.json", "{}"))],
+         "{tmp}/a.json: not valid JSON (nested too deeply"),
+    Case("evaluate-output-not-utf8", lambda c: evaluate_args(c, SEQS, SEQS)[:-2] + ["-o", not_utf8(c, b"\xff.json")],
+         "--output {tmp}/\\xff.json is not a UTF-8 name"),
     Case("evaluate-huge-image", evaluate_huge, "image too large: {tmp}/big.png is 13000 x 13000 pixels"),
     Case("evaluate-output-is-a-folder", lambda c: evaluate_args(c, SEQS, SEQS)[:-2] + ["-o", str(c.runs)],
          "--output {runs} is a folder"),
@@ -464,6 +830,14 @@ CASES = [
     Case("prepare-binary-cc3m-tsv", lambda c: ["prepare-data", "cc3m", "--input", str(c.file("c.tsv", BINARY)),
                                                "--output", str(c.tmp / "data")],
          "cannot read {tmp}/c.tsv: it is not UTF-8"),
+    Case("prepare-deep-vist", lambda c: ["prepare-data", "vist", "--input", str(c.file("v.json", DEEP)), "--images",
+                                         str(c.tmp), "--output", str(c.tmp / "data")],
+         "{tmp}/v.json: not valid JSON (nested too deeply"),
+    Case("prepare-deep-mmdialog", lambda c: ["prepare-data", "mmdialog", "--input", str(c.file("m.json", DEEP)),
+                                             "--output", str(c.tmp / "data")],
+         "{tmp}/m.json is not valid JSON (nested too deeply"),
+    Case("prepare-output-not-utf8", lambda c: ["prepare-data", "toy", "--output", not_utf8(c, b"\xff")],
+         "--output {tmp}/\\xff is not a UTF-8 name"),
     Case("prepare-output-is-a-file", lambda c: ["prepare-data", "toy", "--output", str(c.file("f", "x"))],
          "--output {tmp}/f is a file"),
     Case("prepare-read-only", lambda c: ["prepare-data", "toy", "--output", str(c.read_only("ro") / "d")],
@@ -479,6 +853,9 @@ CASES = [
     Case("rate-build-malformed-story", lambda c: rate_build_args(c, generated(c, "a", ["s1"], doc="{not json"),
                                                                  generated(c, "b", ["s1"])),
          "{tmp}/a/s1/story.json is not a story written by minigpt5 generate"),
+    Case("rate-build-deep-story", lambda c: rate_build_args(c, generated(c, "a", ["s1"], doc=DEEP),
+                                                            generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/story.json is not a story written by minigpt5 generate"),
     Case("rate-build-mismatched-ids", lambda c: rate_build_args(c, generated(c, "a", ["s1", "s2"]),
                                                                 generated(c, "b", ["s1", "s3"])),
          "--a and --b hold different stories: 1 only in --a ('s2'), 1 only in --b ('s3')"),
@@ -493,19 +870,51 @@ CASES = [
          "{tmp}/mine is not a study folder rate build wrote"),
     Case("rate-build-seed", lambda c: rate_build_args(c, generated(c, "a", ["s1"]), generated(c, "b", ["s1"]),
                                                       "--seed", "-1"),
-         "--seed must be in [0, 2147483647]"),
+         "--seed must be in [0, 9223372036854775807]"),
+    Case("rate-build-link-outside", lambda c: rate_build_args(c, image_linked_to(c, c.file("secret.txt", "notes")),
+                                                              generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/image-1.png leads outside --a {tmp}/a (a link?)"),
+    Case("rate-build-link-to-outside-image", lambda c: rate_build_args(c, image_linked_to(c, IMAGES / "red_circle.png"),
+                                                                       generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/image-1.png leads outside --a {tmp}/a (a link?)"),
+    Case("rate-build-story-folder-outside",
+         lambda c: rate_build_args(c, story_linked_out(c), generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/story.json leads outside --a {tmp}/a (a link?)"),
+    Case("rate-build-image-path-up", lambda c: rate_build_args(c, image_named(c, "../../secret.txt"),
+                                                               generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/story.json names the image '../../secret.txt', not a file beside it"),
+    Case("rate-build-image-path-absolute", lambda c: rate_build_args(c, image_named(c, "/etc/hostname"),
+                                                                     generated(c, "b", ["s1"])),
+         "{tmp}/a/s1/story.json names the image '/etc/hostname', not a file beside it"),
+    Case("rate-build-not-an-image", lambda c: rate_build_args(c, image_linked_to(c, None), generated(c, "b", ["s1"])),
+         "image does not decode: {tmp}/a/s1/image-1.png"),
     # rate results
     Case("rate-results-not-a-study", lambda c: ["rate", "results", str(c.file("x/notes.txt", "x").parent),
                                                 str(answers(c, study(c)))],
-         "{tmp}/x is not a study folder (no study.json)"),
+         "{tmp}/x is not a study folder (no key.json)"),
+    Case("rate-results-raters-folder",
+         lambda c: ["rate", "results", str(study(c) / "raters"), str(answers(c, study(c)))],
+         "{tmp}/study/raters is the raters' folder, which holds no key; give the study folder rate build wrote"),
+    Case("rate-results-not-a-key",
+         lambda c: ["rate", "results", str(c.file("k.json", "{}")), str(answers(c, study(c)))],
+         "{tmp}/k.json is not a study key written by rate build"),
     Case("rate-results-binary-answers", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", BINARY))],
          "{tmp}/r.json is not UTF-8"),
     Case("rate-results-malformed-answers", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", "{x"))],
          "{tmp}/r.json: not valid JSON"),
+    Case("rate-results-deep-answers", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", DEEP))],
+         "{tmp}/r.json: not valid JSON (nested too deeply"),
+    Case("rate-results-large-answers", lambda c: ["rate", "results", str(study(c)),
+                                                  str(larger_than_read(c, "r.json"))],
+         "{tmp}/r.json is too large (2 MiB; at most 1 MiB is read)"),
+    Case("rate-results-deep-key", study_with_deep_key, "{tmp}/study/key.json: not valid JSON (nested too deeply"),
+    Case("rate-results-over-deep-results",
+         lambda c: results_args(c, "-o", str(c.file("out/results.json", DEEP).parent)),
+         "{tmp}/out/results.json was not written by rate results"),
     Case("rate-results-not-an-export", lambda c: ["rate", "results", str(study(c)), str(c.file("r.json", "[]"))],
          "{tmp}/r.json is not a rating export"),
     Case("rate-results-another-study", lambda c: results_args(c, study="0123456789ab"),
-         "{tmp}/r.json is from another study (study '0123456789ab', seed 1); this study is"),
+         "{tmp}/r.json is from another study (study '0123456789ab', seed "),
     Case("rate-results-another-seed", lambda c: results_args(c, seed=2), "{tmp}/r.json is from another study"),
     Case("rate-results-unknown-answer", lambda c: results_args(c, language="C"),
          "{tmp}/r.json: pair 1: unknown answer language='C'; answers are A, B or tie"),
@@ -516,6 +925,24 @@ CASES = [
     Case("rate-results-no-answers", lambda c: results_args(c, language=None), "the answers files hold no answers yet"),
     Case("rate-results-over-user-file", lambda c: results_args(c, "-o", str(c.file("out/results.json", "x").parent)),
          "{tmp}/out/results.json was not written by rate results"),
+    Case("rate-results-story-id-a-list", lambda c: results_args(c, id=["s1"]),
+         "{tmp}/r.json: pair 1 is not one of this study's stories"),
+    Case("rate-results-key-missing-field", lambda c: study_with_key(c, lambda k: k["models"]["b"].pop("option")),
+         "{tmp}/study/key.json is not a study key written by rate build: model b lacks a name, option or path"),
+    Case("rate-results-key-path-a-number", lambda c: study_with_key(c, lambda k: k["models"]["a"].update(path=5)),
+         "{tmp}/study/key.json is not a study key written by rate build: model a lacks a name, option or path"),
+    Case("rate-results-key-same-names",
+         lambda c: study_with_key(c, lambda k: [m.update(name="run") for m in k["models"].values()]),
+         "{tmp}/study/key.json is not a study key written by rate build: models a and b are both named 'run'"),
+    Case("rate-results-key-side-name", lambda c: study_with_key(c, lambda k: k["models"]["a"].update(name="Tie")),
+         "{tmp}/study/key.json is not a study key written by rate build: a model is named 'Tie'"),
+    Case("rate-results-key-slots-a-dict",
+         lambda c: study_with_key(c, lambda k: [p.update(slots={"a": 0, "b": 1}) for p in k["pairs"]]),
+         "{tmp}/study/key.json is not a study key written by rate build: its pairs are not a list"),
+    Case("rate-results-key-story-twice", lambda c: study_with_key(c, lambda k: k["pairs"].append(k["pairs"][0])),
+         "{tmp}/study/key.json is not a study key written by rate build: a story appears twice"),
+    Case("rate-results-old-key-without-path", lambda c: old_study(c, lambda k: k["models"]["a"].pop("path")),
+         "{tmp}/old/study.json is not a study key written by rate build: model a lacks a name, option or path"),
     # demo
     Case("demo-port-in-use", lambda c: ["demo", "--port", str(port_in_use(c))], "port "),
     Case("demo-missing-model", lambda c: ["demo", "--port", str(free_port()), "--model", str(c.tmp / "none")],
@@ -562,9 +989,9 @@ def results_args(c: Ctx, *extra: str, **fields) -> list[str]:
 
 def answers(c: Ctx, folder: Path, name: str = "r.json", language: str | None = "A", **fields) -> Path:
     """A rater's export for the study in `folder`, one pair answered; `fields` replace its own."""
-    key = json.loads((folder / "study.json").read_text())
+    key = json.loads((folder / "key.json").read_text())
     pair = {"id": fields.pop("id", "s1"), "position": 1, "shown": [0, 1], "answers": {"language": language}}
-    doc = {"format": "minigpt5-rating", "study": key["study"], "seed": key["seed"], "rater": "r", "pairs": [pair]}
+    doc = {"format": "minigpt5-rating", "study": key["study"], "seed": key["page_seed"], "rater": "r", "pairs": [pair]}
     return c.file(name, json.dumps({**doc, **fields}))
 
 

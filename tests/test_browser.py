@@ -126,9 +126,9 @@ def test_rating_page_answered_by_click_and_key_survives_reload_and_exports(brows
     alpha, beta = outputs
     study = tmp_path / "study"
     assert run_cli("rate", "build", "--a", str(alpha), "--b", str(beta), "-o", str(study), "--seed", "11") == 0
-    key = json.loads((study / "study.json").read_text())
-    models = {m: set().union(*images_of(run).values()) for m, run in (("a", alpha), ("b", beta))}
-    url = (study / "index.html").as_uri()
+    key = json.loads((study / "key.json").read_text())
+    models = {m: set().union(*images_of(run, study).values()) for m, run in (("a", alpha), ("b", beta))}
+    url = (study / "raters" / "index.html").as_uri()
 
     # Alice, on a desktop: the first story by clicking, the rest by keyboard, reloading half-way.
     alice = Offline(browser, ("file://",), viewport=DESKTOP)
@@ -207,7 +207,7 @@ def test_rating_page_answered_by_click_and_key_survives_reload_and_exports(brows
 
     exports = [json.loads((tmp_path / f"{name}.json").read_text()) for name in ("alice", "bob")]
     for doc, rater in zip(exports, ("alice", "bob")):
-        assert (doc["study"], doc["seed"], doc["rater"]) == (key["study"], 11, rater)
+        assert (doc["study"], doc["seed"], doc["rater"]) == (key["study"], key["page_seed"], rater)
         assert sorted(p["id"] for p in doc["pairs"]) == ["circle", "markup", "square"]
         assert [p["position"] for p in doc["pairs"]] == [1, 2, 3]
         for p in doc["pairs"]:
@@ -217,10 +217,140 @@ def test_rating_page_answered_by_click_and_key_survives_reload_and_exports(brows
 
     assert run_cli("rate", "results", str(study), str(tmp_path / "alice.json"), str(tmp_path / "bob.json")) == 0
     report = json.loads((study / "results.json").read_text())
-    counts = {q: {side: row[side]["count"] for side in ("a", "b", "tie")} for q, row in report["questions"].items()}
-    assert counts == {"language": {"a": 6, "b": 0, "tie": 0}, "image": {"a": 3, "b": 3, "tie": 0},
-                      "together": {"a": 0, "b": 3, "tie": 3}}
+    counts = {q: {name: side["count"] for name, side in row["preferences"].items()}
+              for q, row in report["questions"].items()}
+    assert counts == {"language": {"alpha_run": 6, "beta_run": 0, "tie": 0},
+                      "image": {"alpha_run": 3, "beta_run": 3, "tie": 0},
+                      "together": {"alpha_run": 0, "beta_run": 3, "tie": 3}}
     assert report["agreement"]["fleiss_kappa"]["image"] == pytest.approx(-1.0)  # they never agreed on it
+
+
+STEPS = ["We went to the lake for the family picnic this year.", "Grandpa brought his old fishing rods and bait.",
+         "The kids ran along the shore looking for frogs all morning.",
+         "By noon everyone was hungry and the grill was hot."]
+SAID = "Then we ate by the water and watched the sun go down over the hills until it was dark."
+WIDE = {"width": 1280, "height": 900}
+
+
+def photo_output(root: Path, name: str, colour: tuple[int, int, int]) -> Path:
+    """A generate output as a VIST study has them: stories of four steps with 512-pixel photographs, each
+    continued with text and one more photograph, drawn in `colour`."""
+    from PIL import Image, ImageDraw
+
+    def photo(path: Path, k: int, fill: tuple[int, int, int]) -> None:
+        img = Image.new("RGB", (512, 512), (80 + 30 * k, 150, 210))
+        ImageDraw.Draw(img).ellipse((40 + 20 * k, 90, 330 + 20 * k, 420), fill=fill)
+        img.save(path)
+
+    for n, sid in enumerate(("lake", "party")):
+        folder = root / name / sid
+        folder.mkdir(parents=True)
+        for k in range(len(STEPS)):
+            photo(folder / f"input-{k + 1}.png", k, (120, 90, 60))
+        photo(folder / "image-1.png", n, colour)
+        doc = {"id": sid, "mode": "vokens",
+               "input": [{"text": t, "image": f"input-{k + 1}.png", "source": None} for k, t in enumerate(STEPS)],
+               "generated": [{"text": SAID, "images": ["image-1.png"],
+                              "segments": [{"text": SAID}, {"image": "image-1.png"}]}]}
+        (folder / "story.json").write_text(json.dumps(doc))
+    return root / name
+
+
+def loaded(page) -> None:
+    page.evaluate("Promise.all([...document.images].map((i) => i.decode()))")
+
+
+def until(page, condition: str) -> bool:
+    """Whether `condition` (JavaScript) holds within 600 frames, checked at each; wait_for_function would
+    need the eval that the page's policy forbids."""
+    return page.evaluate("new Promise((done) => { let n = 0; const check = () => (%s) ? done(true) : "
+                         "++n > 600 ? done(false) : requestAnimationFrame(check); check(); })" % condition)
+
+
+def test_rating_page_fits_the_screen_and_keeps_its_place_and_focus(browser, tmp_path):
+    a = photo_output(tmp_path, "vokens", (200, 40, 40))
+    b = photo_output(tmp_path, "two_stage", (40, 160, 40))
+    study = tmp_path / "study"
+    assert run_cli("rate", "build", "--a", str(a), "--b", str(b), "-o", str(study), "--seed", "3") == 0
+    url = (study / "raters" / "index.html").as_uri()
+
+    wide = Offline(browser, ("file://",), viewport=WIDE)
+    page = wide.page
+    page.goto(url)
+    assert not page.locator("#export").is_visible()  # nothing to download before a rater starts
+    page.evaluate("document.getElementById('export').click()")
+    start(page, url, "Zoë")
+    loaded(page)
+    page.screenshot(path=tmp_path / "rating-wide.png")  # the first screen
+    # Both continuations begin on the first screen.
+    assert page.locator("#side-a").bounding_box()["y"] < WIDE["height"]
+    assert page.locator("#side-b").bounding_box()["y"] < WIDE["height"]
+    # The arrow keys scroll, as on any page; they do not move the highlighted question.
+    assert page.evaluate("document.documentElement.scrollHeight") > WIDE["height"]
+    page.keyboard.press("ArrowDown")
+    assert until(page, "window.scrollY > 0")
+    assert "active" in page.locator(".question").first.get_attribute("class")
+
+    # An answer updates its buttons in place: the same images, the page where it was, focus on the choice.
+    questions = page.locator(".question")
+    questions.nth(2).scroll_into_view_if_needed()
+    page.evaluate("document.querySelectorAll('#pair img').forEach((i) => { i.dataset.kept = 'yes'; })")
+    y = page.evaluate("window.scrollY")
+    questions.nth(0).locator("button[data-choice=B]").click()
+    assert page.evaluate("window.scrollY") == y
+    assert page.evaluate("[...document.querySelectorAll('#pair img')].every((i) => i.dataset.kept === 'yes')")
+    focused = "document.activeElement.id || document.activeElement.closest('.question').dataset.question + ':' + " \
+              "document.activeElement.dataset.choice"
+    assert page.evaluate(focused) == "language:B"
+    assert "active" in questions.nth(1).get_attribute("class")
+    page.keyboard.press("t")  # by key: the highlighted question, and focus stays where it was
+    page.keyboard.press("3")
+    assert "active" in questions.nth(2).get_attribute("class")
+    page.keyboard.press("a")
+    assert page.evaluate(focused) == "language:B"
+    assert [questions.nth(q).locator("[aria-pressed=true]").inner_text() for q in range(3)] == ["B", "Tie", "A"]
+    assert page.evaluate("[...document.querySelectorAll('#pair img')].every((i) => i.dataset.kept === 'yes')")
+    page.screenshot(path=tmp_path / "rating-wide-answered.png")
+
+    # Moving between stories keeps focus on a control that is still there.
+    page.click("#next")
+    assert page.inner_text("#pair-title") == "Story 2 of 2" and page.evaluate(focused) == "next"
+    page.click("#prev")  # the first story: Previous is disabled, and focus goes to the story's title
+    assert page.evaluate(focused) == "pair-title"
+    page.keyboard.press("ArrowRight")
+    for key in ("a", "b", "t"):
+        page.keyboard.press(key)
+    page.keyboard.press("ArrowRight")
+    page.wait_for_selector("#done:not([hidden])")
+    assert page.evaluate(focused) == "download"
+    # The file is named after the rater, every letter kept.
+    key = json.loads((study / "key.json").read_text())
+    with page.expect_download() as download:
+        page.keyboard.press("Enter")
+    assert download.value.suggested_filename == f"answers-Zoë-{key['study']}.json"
+    download.value.save_as(tmp_path / "zoe.json")
+    assert json.loads((tmp_path / "zoe.json").read_text())["rater"] == "Zoë"
+    assert wide.errors == [] and wide.blocked == []
+    wide.context.close()
+
+    # On a phone: the judged images near the screen's width, the continuations soon, the progress always in view.
+    phone = Offline(browser, ("file://",), viewport=PHONE, is_mobile=True, has_touch=True)
+    page = phone.page
+    start(page, url, "bob")
+    loaded(page)
+    page.screenshot(path=tmp_path / "rating-phone-first-screen.png")
+    page.screenshot(path=tmp_path / "rating-phone-page.png", full_page=True)
+    for side in ("#side-a", "#side-b"):
+        assert page.locator(side + " img").first.bounding_box()["width"] > 0.8 * PHONE["width"]
+    assert page.locator("#side-a").bounding_box()["y"] < PHONE["height"]
+    page.locator(".question").nth(2).locator("button[data-choice=tie]").tap()
+    page.evaluate("window.scrollTo(0, document.documentElement.scrollHeight)")
+    assert until(page, "window.scrollY > 0")
+    assert page.locator("header").bounding_box()["y"] == 0
+    assert "0 of 2 answered" in page.inner_text("#status")
+    page.screenshot(path=tmp_path / "rating-phone-scrolled.png")
+    assert phone.errors == [] and phone.blocked == []
+    phone.context.close()
 
 
 # The demo
@@ -244,7 +374,8 @@ def _listening_on(port: int) -> set[str]:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    """`minigpt5 demo` with the shipped model, on a free port; stopped with Ctrl-C at the end."""
+    """`minigpt5 demo` with the shipped model, on a free port, and the file its output and errors go to;
+    stopped with Ctrl-C at the end."""
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -259,7 +390,7 @@ def demo(tmp_path_factory):
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.5)
-    yield port
+    yield port, log
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, log.read_text()
     assert "Traceback" not in log.read_text()
@@ -268,9 +399,10 @@ def demo(tmp_path_factory):
 def test_demo_continues_a_story_with_text_and_images(browser, demo, tmp_path):
     from minigpt5_cli.toyworld.world import render
 
+    port, _ = demo
     if Path("/proc/net/tcp").is_file():
-        assert _listening_on(demo) == {"127.0.0.1"}
-    url = f"http://127.0.0.1:{demo}/"
+        assert _listening_on(port) == {"127.0.0.1"}
+    url = f"http://127.0.0.1:{port}/"
     session = Offline(browser, (url,), viewport=DESKTOP)
     page = session.page
     page.goto(url)
@@ -302,3 +434,52 @@ def test_demo_continues_a_story_with_text_and_images(browser, demo, tmp_path):
     assert phone.blocked == []
     session.context.close()
     phone.context.close()
+
+
+# Every element the page ever marks as an error (an error toast, a component's "Error" label), gone since or not;
+# and how many submits were answered: the chat's progress mark hidden again.
+WATCH = """window.marks = []; window.answered = 0;
+new MutationObserver(changes => {
+    document.querySelectorAll('.error').forEach(e => window.marks.push(e.className));
+    for (const c of changes)
+        if (c.type === 'attributes' && c.target.matches('#story .wrap.hide') && !/\\bhide\\b/.test(c.oldValue || ''))
+            window.answered += 1;
+}).observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['class'],
+                           attributeOldValue: true});"""
+
+
+def test_demo_passes_over_an_empty_step_and_says_when_a_story_is_cut(browser, demo, tmp_path):
+    port, log = demo
+    url = f"http://127.0.0.1:{port}/"
+    session = Offline(browser, (url,), viewport=DESKTOP)
+    page = session.page
+    page.goto(url)
+    box = page.locator("#step textarea")
+    box.wait_for()
+    page.evaluate(WATCH)
+
+    # Only spaces, then nothing at all: nothing happens, no error on the page or in the terminal. Each
+    # submit is awaited to its answer: the box takes no other meanwhile.
+    for answered, text in enumerate(("   ", ""), 1):
+        box.fill(text)
+        box.press("Enter")
+        page.wait_for_function(f"window.answered >= {answered} || window.marks.length")
+        assert page.evaluate("window.marks") == [] and box.input_value() == ""
+        assert page.locator("[data-testid=user], [data-testid=bot]").count() == 0
+    page.screenshot(path=tmp_path / "demo-empty.png", full_page=True)
+
+    # A step longer than the model's prompt: a response, and a note that the story's start was dropped.
+    step = "Draw a blue square at the bottom right. " * 60 + "Then draw a red circle at the top left."
+    box.fill(step)
+    box.press("Enter")
+    page.locator("[data-testid=bot] img").first.wait_for(timeout=180_000)
+    note = page.inner_text("#note")
+    assert "The start of the story was dropped to fit the model's 256 tokens" in note  # its data.max_length
+    page.screenshot(path=tmp_path / "demo-cut.png", full_page=True)
+    assert page.locator("[data-testid=user]").count() == 1  # the empty steps left no trace
+    assert page.evaluate("window.marks") == [] and session.errors == [] and session.blocked == []
+    assert "Traceback" not in log.read_text()  # the empty steps were answered before this one
+
+    page.get_by_role("button", name="New story").click()
+    page.locator("#note").wait_for(state="hidden")
+    session.context.close()

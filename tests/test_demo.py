@@ -38,8 +38,8 @@ def test_a_step_is_what_generate_writes_for_the_same_story(model, tmp_path):
     """The demo runs generate itself: its first response is generate's, text and pixels."""
     net, info = model
     step = "Draw a red circle at the top left."
-    chat, steps = turn(net, info, tmp_path, step, None, [], [], Settings(**FAST))
-    assert chat[0] == {"role": "user", "content": step}
+    chat, steps, cut = turn(net, info, tmp_path, step, None, [], [], Settings(**FAST))
+    assert chat[0] == {"role": "user", "content": step} and not cut
     shown = [m["content"]["path"] for m in chat if m["role"] == "assistant" and isinstance(m["content"], dict)]
     assert len(shown) == 1
     out = tmp_path / "cli"
@@ -55,10 +55,10 @@ def test_the_story_so_far_goes_into_the_next_step(model, tmp_path):
     from minigpt5_cli.toyworld.world import render
 
     net, info = model
-    chat, steps = turn(net, info, tmp_path, "Draw a red circle at the top left.", None, [], [], Settings(**FAST))
+    chat, steps, _ = turn(net, info, tmp_path, "Draw a red circle at the top left.", None, [], [], Settings(**FAST))
     render("green", "triangle", (2, 2)).save(tmp_path / "mine.png")
     markup = "It moves. <script>alert(1)</script>"
-    chat, steps = turn(net, info, tmp_path, markup, str(tmp_path / "mine.png"), chat, steps, Settings(**FAST))
+    chat, steps, _ = turn(net, info, tmp_path, markup, str(tmp_path / "mine.png"), chat, steps, Settings(**FAST))
     assert len(steps) == 4 and steps[2] == {"text": markup, "image": str(tmp_path / "mine.png")}
     # The second step's generate record: every earlier step, the first response included, as its input.
     folder = Path(steps[3]["image"]).parent
@@ -69,3 +69,65 @@ def test_the_story_so_far_goes_into_the_next_step(model, tmp_path):
     assert user[1] == "It moves. &lt;script&gt;alert(1)&lt;/script&gt;"  # shown as written
     assert user[2] == {"path": str(tmp_path / "mine.png")}
     assert sum(1 for m in chat if m["role"] == "assistant" and isinstance(m["content"], dict)) == 2
+
+
+def test_a_step_longer_than_the_prompt_keeps_its_end(model, tmp_path, monkeypatch):
+    """Past data.max_length the story loses its start: the model reads its last words and the assistant's cue."""
+    from minigpt5_cli.generation.decoder import Decoder
+
+    net, info = model
+    fed, decode = [], Decoder.__call__
+
+    def spy(self, prompts, *args, **kwargs):  # the model's inputs, as generate gives them
+        fed.extend(prompts)
+        return decode(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(Decoder, "__call__", spy)
+    step = "Draw a blue square at the bottom right. " * 60 + "Then draw a red circle at the top left."
+    chat, steps, cut = turn(net, info, tmp_path, step, None, [], [], Settings(**FAST))
+    assert cut and steps[0]["text"] == step and chat[0]["content"] == step  # the story keeps the whole step
+    ids = fed[0]["input_ids"][0]
+    prompt = net.tokenizer.decode(ids, skip_special_tokens=True)
+    room = net.recipe.data.max_length
+    assert len(ids) <= room and len(ids) > room - 16  # the end of the story, as much of it as fits
+    assert prompt.startswith("###Human: ")
+    assert prompt.endswith("at the bottom right. Then draw a red circle at the top left. ###Assistant: ")
+
+
+def test_generation_cuts_a_story_from_its_start_and_training_drops_whole_steps(model):
+    from minigpt5_cli.data.collate import Collator
+    from minigpt5_cli.data.samples import Sample
+    from minigpt5_cli.toyworld.world import render
+
+    net, _ = model
+    collate = Collator.for_model(net)
+
+    def text(enc):
+        assert enc["input_ids"].shape[1] <= 40
+        return net.tokenizer.decode(enc["input_ids"][0], skip_special_tokens=True)
+
+    old = " ".join(f"old{i}" for i in range(30))
+    story = Sample(history=[(old, None), ("a red circle", None)])
+    assert not collate.fits(story, 40)
+    assert text(collate.prompt(story, 40)) == "###Human: a red circle ###Assistant: "  # training: as before
+    kept = text(collate.prompt(story, 40, keep_end=True))
+    assert kept.startswith("###Human: old") and kept.endswith(" old29\na red circle ###Assistant: ")
+    # One step longer than the room: its last words stay, with its picture; a single long word is cut inside.
+    picture = render("green", "triangle", (2, 2))
+    enc = collate.prompt(Sample(history=[(old + " the end", picture)]), 40, keep_end=True)
+    assert "pixel_values" in enc and text(enc).split()[-4:] == ["old29", "the", "end", "###Assistant:"]
+    word = Sample(history=[("x" * 500 + "yz", None)])
+    assert text(collate.prompt(word, 40, keep_end=True)).endswith("xyz ###Assistant: ")
+
+
+def test_a_refused_setting_is_told_on_the_page_without_a_traceback(model, tmp_path):
+    import gradio as gr
+
+    from minigpt5_cli.demo.app import build_app
+
+    net, info = model
+    app = build_app(net, info, tmp_path)
+    submit = next(f.fn for f in app.fns.values() if f.fn.__name__ == "submit")
+    with pytest.raises(gr.Error, match="--seed") as refused:
+        submit({"text": "Draw a red circle.", "files": []}, [], [], "vokens", 16, 1.0, 0.9, 1.0, 1, 2, 7.5, 2**64)
+    assert refused.value.print_exception is False

@@ -663,3 +663,30 @@ def test_prepared_vist_split_generated_then_evaluated(tmp_path, tiny_clip):
     assert m["clip_i"]["n"] == 1 and m["clip_t"]["n"] == 1 and m["rouge_l"]["n"] == 1
     (ref,) = E.read_references(data)
     assert ref.id == "s1" and ref.text == "Story s1, step 4." and len(ref.images) == 1
+
+
+def test_evaluated_images_stay_in_their_folders(tmp_path):
+    """Images named by predictions and references (`..`, absolute paths, links out, a generate output's
+    story.json) are read only inside the file's folder, unless --allow-outside-paths."""
+    from minigpt5_cli.evaluation.samples import read_predictions, read_references
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    shutil.copy(DEBUG / "data" / "images" / "red_circle.png", tmp_path / "secret.png")
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    for image in ("../secret.png", str(tmp_path / "secret.png"), "link.png"):
+        path = folder / "p.jsonl"
+        path.write_text(json.dumps({"id": "s", "text": "a", "images": [image]}) + "\n")
+        for read in (read_predictions, read_references):
+            with pytest.raises(UserError, match=f"the image {image!r} is outside {folder}; .*--allow-outside-paths"):
+                read(path)
+            samples = read(path, outside=True)
+            samples = samples[0] if read is read_predictions else samples
+            assert samples[0].images[0].open().size == Image.open(tmp_path / "secret.png").size
+    out = tmp_path / "out"
+    (out / "s").mkdir(parents=True)
+    segments = [{"text": "a"}, {"image": "../../secret.png"}]
+    (out / "s" / "story.json").write_text(json.dumps({"id": "s", "input": [], "generated": [
+        {"text": "a", "images": ["../../secret.png"], "segments": segments}]}))
+    with pytest.raises(UserError, match="its image '../../secret.png' is not a file of the story folder"):
+        read_predictions(out)

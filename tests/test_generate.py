@@ -1,5 +1,6 @@
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -64,7 +65,7 @@ def test_generate_writes_story_folder(runs, story_file, tmp_path):
     assert '<meta name="viewport"' in page
     md = (out / "story.md").read_text()
     assert all(f"]({name})" in md for name in images)
-    assert "<script>" not in md and "&lt;script&gt;alert(1)&lt;/script&gt;" in md  # Markdown passes raw HTML on
+    assert "<script>" not in md and r"&lt;script&gt;alert\(1\)&lt;/script&gt;" in md  # Markdown passes raw HTML on
     assert not (out / ".partial").exists()
 
 
@@ -135,8 +136,9 @@ def test_min_images_zero_lets_the_model_decide(runs, tmp_path):
 @pytest.mark.parametrize("run", ["lora", "prefix"])
 def test_batch_output_equals_one_by_one(runs, tmp_path, run):
     model, info = G.load(str(runs / run))
+    shutil.copy(IMAGES / "red_circle.png", tmp_path / "red_circle.png")
     lines = [
-        {"id": "a", "steps": [{"text": "there is a circle.", "image": str(IMAGES / "red_circle.png")}]},
+        {"id": "a", "steps": [{"text": "there is a circle.", "image": "red_circle.png"}]},
         {"id": "b", "steps": [{"text": "a square."}, {"text": "it moves to the right, far away."}]},
         {"id": "c", "steps": [{"text": "x"}]},
     ]
@@ -321,3 +323,127 @@ def test_story_page_names_the_model_and_keeps_its_paths_in_story_json(tmp_path):
     assert str(default_model().parent) not in page and "toy" in footer  # the bundle's name, not its path
     doc = json.loads((tmp_path / "o" / "story.json").read_text())
     assert doc["model"]["name"] == "toy" and doc["model"]["llm"] == str(default_model() / "llm")
+
+
+def evil_llm(folder, marker):
+    """A model folder whose config names code of its own (`auto_map`); importing that code writes `marker`."""
+    folder.mkdir(parents=True)
+    ran = f"from pathlib import Path\n\nimport transformers\n\nPath({str(marker)!r}).write_text('ran')\n\n\n"
+    (folder / "configuration_evil.py").write_text(
+        ran + "class EvilConfig(transformers.PretrainedConfig):\n    model_type = 'evil'\n")
+    (folder / "modeling_evil.py").write_text(ran + "class EvilModel(transformers.PreTrainedModel):\n    pass\n")
+    (folder / "config.json").write_text(json.dumps({"model_type": "evil", "auto_map": {
+        "AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"}}))
+
+
+def test_a_model_folder_never_switches_remote_code_on(runs, tmp_path, capsys, monkeypatch):
+    """A checkpoint shaped as a bundle whose recipe asks to run its LLM's own code: refused without
+    --trust-remote-code, before any of that code runs."""
+    marker, model = tmp_path / "ran", tmp_path / "model"
+    shutil.copytree(runs / "lora" / "checkpoint-2", model)
+    evil_llm(model / "llm", marker)
+    recipe = yaml.safe_load((model / "recipe.yaml").read_text())
+    recipe["model"].update(llm="llm", trust_remote_code=True)
+    (model / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    err = one_line_error(capsys, "generate", "--story", "x", "--model", str(model), "--output", str(tmp_path / "o"),
+                         *FAST)
+    assert err == (f"error: {model}: its recipe asks to run the code in the LLM 'llm'; pass --trust-remote-code if "
+                   "you trust it")
+    assert not marker.exists() and not (tmp_path / "o").exists()
+    # The folder's code does run once trusted: the refusal is what kept it from running.
+    from transformers import AutoConfig, dynamic_module_utils
+
+    monkeypatch.setattr(dynamic_module_utils, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    AutoConfig.from_pretrained(str(model / "llm"), trust_remote_code=True)
+    assert marker.read_text() == "ran"
+
+
+def test_a_bundles_backbones_stay_inside_it(tmp_path):
+    from minigpt5_cli.errors import UserError
+    from minigpt5_cli.modeling.bundle import beside
+
+    bundle = tmp_path / "a" / "bundle"
+    (bundle / "llm").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (bundle / "generator").symlink_to(tmp_path / "elsewhere")
+    assert beside(bundle, "llm") == str(bundle / "llm")
+    assert beside(bundle, "tiny:sd") == "tiny:sd" and beside(bundle, "org/model") == "org/model"  # hub ids
+    for name in ("../../elsewhere", "generator", "llm/../../../elsewhere"):
+        with pytest.raises(UserError, match="leads outside"):
+            beside(bundle, name)
+
+
+def test_story_images_stay_in_the_story_folder(tmp_path, capsys):
+    """`..`, absolute paths and links out of the story's folder are refused, unless --allow-outside-paths."""
+    from minigpt5_cli.data.sources import read_jsonl
+    from minigpt5_cli.errors import UserError
+
+    folder = tmp_path / "stories"
+    folder.mkdir()
+    shutil.copy(IMAGES / "red_circle.png", tmp_path / "secret.png")
+    (folder / "link.png").symlink_to(tmp_path / "secret.png")
+    for image in ("../secret.png", str(tmp_path / "secret.png"), "link.png"):
+        story = folder / "story.json"
+        story.write_text(json.dumps({"id": "s", "steps": [{"text": "a circle.", "image": image}]}))
+        err = one_line_error(capsys, "generate", "--story", str(story), "--model", str(DEBUG / "stage2_lora.yaml"),
+                             "--output", str(tmp_path / "o"), *FAST)
+        assert err.startswith(f"error: {story}: the image {image!r} of step 1 is outside {folder}"), err
+        assert err.endswith("--allow-outside-paths")
+        (picture,) = [s.image for s in read_stories(str(story), outside=True)[0].steps]
+        assert picture.open().size == Image.open(IMAGES / "red_circle.png").size
+        lines = folder / "s.jsonl"
+        lines.write_text(json.dumps({"id": "s", "steps": [{"text": "a"}, {"text": "b", "image": image}]}) + "\n")
+        with pytest.raises(UserError, match="is outside"):
+            read_stories(str(lines))
+        with pytest.raises(UserError, match="is outside.*data.allow_outside_paths=true"):  # a training file alike
+            read_jsonl(lines, 2)
+        assert read_jsonl(lines, 2, outside=True)[0].steps[1].image.open().size == picture.open().size
+    assert not (tmp_path / "o").exists()
+
+
+def test_story_md_has_no_live_link_or_remote_image(tmp_path):
+    from markdown_it import MarkdownIt
+
+    from minigpt5_cli.generation.output import write_story
+
+    text = "see [x](javascript:alert(1)) and ![](http://evil/x.png) <img src=http://evil/y.png> [r]\n\n[r]: http://e"
+    story = Story("s", [Step(text), Step("[a](http://evil/a)")])
+    job = Job(story, 0, [[{"text": text}, {"image": Image.new("RGB", (8, 8))}, {"text": "![b](https://evil/b.png)"}]])
+    write_story(tmp_path, job, {}, None)
+    page = MarkdownIt("commonmark").render((tmp_path / "story.md").read_text())
+    assert "<a " not in page and "javascript:alert(1)" in page  # shown as text
+    assert page.count("<img ") == 1 and '<img src="image-1.png"' in page  # only the picture written beside it
+
+
+def test_output_inside_the_model_folder_is_refused(runs, tmp_path, capsys, monkeypatch):
+    from minigpt5_cli.modeling import bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(runs / "lora", run)
+    shipped = tmp_path / "shipped"
+    shutil.copytree(bundle.DEFAULT, shipped)
+    monkeypatch.setattr(bundle, "DEFAULT", shipped)
+    for model, out in ((run, run / "out"), (run, run / "checkpoint-2" / "out"), (run / "checkpoint-2", run / "o"),
+                       (run, run), (None, shipped / "out")):
+        argv = ["generate", "--story", "x", "--output", str(out), *FAST] + (["--model", str(model)] if model else [])
+        err = one_line_error(capsys, *argv)
+        assert err.startswith(f"error: --output {out} is inside the model folder "), err
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in (runs / "lora").iterdir())
+    assert not (shipped / "out").exists()
+
+
+def test_a_failed_generate_leaves_no_folder_it_made(tmp_path, capsys):
+    """Only the folders it made, and only while empty: one that was there before stays."""
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "a.png").write_bytes(b"not a picture")  # fails once its batch runs
+    story = tmp_path / "s" / "story.json"
+    story.write_text(json.dumps({"id": "s", "steps": [{"text": "a circle.", "image": "a.png"}]}))
+    (tmp_path / "mine").mkdir()
+    for out in (tmp_path / "new" / "out", tmp_path / "mine"):
+        capsys.readouterr()
+        assert run_cli("generate", "--story", str(story), "--model", str(DEBUG / "stage2_lora.yaml"), "--output",
+                       str(out), *FAST) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: image does not decode")
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())

@@ -66,3 +66,51 @@ def test_pixels_come_from_the_centre_square_without_resizing_the_whole_image(mon
     pixels = images.to_pixels(img, 512)
     assert pixels.shape == (3, 512, 512) and sizes == [(512, 512)]  # never 512 x 51,200 first
     assert pixels.min() == -1 and pixels.max() == 1  # the band and the white around it
+
+
+def sideways_jpeg(size=(40, 20)) -> bytes:
+    """A photo stored lying on its side, as cameras do: red left half, blue right, EXIF orientation 6
+    (turn a quarter clockwise to show it)."""
+    img = Image.new("RGB", size, (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, size[0] // 2, size[1]))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(img, "JPEG", exif=exif, quality=95)
+
+
+def upright(img: Image.Image) -> None:
+    """The red half on top, the blue below: turned as the EXIF tag says."""
+    a = np.asarray(img, dtype=np.int16)
+    assert img.size == (20, 40), img.size
+    assert a[2, 10, 0] > 200 > a[2, 10, 2] and a[-3, 10, 2] > 200 > a[-3, 10, 0]
+
+
+def test_exif_orientation_is_applied_on_every_path(tmp_path):
+    """generate, JSON Lines training, evaluate and prepare-data all see the photo the right way up."""
+    import json
+
+    from minigpt5_cli.data import prepare
+    from minigpt5_cli.data.sources import load_source, read_jsonl
+    from minigpt5_cli.evaluation.samples import read_references
+    from minigpt5_cli.generation.stories import read_stories
+
+    data = sideways_jpeg()
+    (tmp_path / "a.jpg").write_bytes(data)
+    (tmp_path / "big.jpg").write_bytes(sideways_jpeg((400, 200)))
+    expected = images.decode(data, "x")
+    upright(expected)
+    (tmp_path / "story.json").write_text(json.dumps({"id": "s", "steps": [{"text": "a", "image": "a.jpg"}]}))
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"caption": "a", "image": "a.jpg"}) + "\n")
+    (tmp_path / "refs.jsonl").write_text(json.dumps({"id": "s", "text": "a", "images": ["a.jpg"]}) + "\n")
+    (tmp_path / "pairs.tsv").write_text("caption\timage\na\ta.jpg\nb\tbig.jpg\n")
+    prepare.prepare("cc3m", tmp_path / "pairs.tsv", tmp_path / "data", prepare.Settings(image_size=20))
+    prepared = load_source(tmp_path / "data", 1)
+    decoded = {
+        "generate": read_stories(str(tmp_path / "story.json"))[0].steps[0].image.open(),
+        "training": read_jsonl(tmp_path / "pairs.jsonl", 1)[0].steps[0].image.open(),
+        "evaluate": read_references(tmp_path / "refs.jsonl")[0].images[0].open(),
+        "prepare-data": prepared[0].steps[0].image.open(),  # the original bytes, tag and all
+    }
+    for name, img in decoded.items():
+        assert np.array_equal(np.asarray(img), np.asarray(expected)), name
+    upright(prepared[1].steps[0].image.open())  # downscaled and re-encoded: turned before, no tag after

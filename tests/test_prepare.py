@@ -404,6 +404,80 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, monkeypatch):
     assert calls and not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [tmp_path / "vist"]
 
 
+def test_image_paths_outside_their_root_are_rejected_unless_allowed(tmp_path):
+    """`..`, absolute paths, symbolic links and media keys that lead out of the data's folder never bring
+    a file from elsewhere into the dataset: each such record is a reject; --allow-outside-paths reads them."""
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "evil.jpg").write_bytes(image_bytes())
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ok.jpg").write_bytes(image_bytes())
+    (data / "link.jpg").symlink_to(secret / "evil.jpg")
+    (data / "pairs.tsv").write_text(f"caption\timage_path\nfine\tok.jpg\nup\t../secret/evil.jpg\n"
+                                    f"absolute\t{secret / 'evil.jpg'}\nlinked\tlink.jpg\n")
+    conversations = [{"conversation_id": i, "conversation": [{"turn": [{"__TEXT__": "a"}, {"__MEDIA__": media}]},
+                                                             {"turn": [{"__TEXT__": "b"}]}]}
+                     for i, media in enumerate(["ok", "../secret/evil"])]  # a media key that climbs out
+    (data / "conversations.json").write_text("\n".join(json.dumps(c) for c in conversations))
+    vist = vist_fixture(tmp_path / "vist")
+    photo = vist / "images" / "train" / "104.png"  # story s1's last photo, now a link out of the image folder
+    photo.unlink()
+    photo.symlink_to(secret / "evil.jpg")
+    derived = tmp_path / "derived"
+    (derived / "img").mkdir(parents=True)
+    (derived / "img" / "p.png").write_bytes(image_bytes("PNG"))
+    (derived / "stories.json").write_text(json.dumps({"a": [{"caption": f"c{i}", "image_id": f"i{i}",
+                                                             "sequence_index": i} for i in range(5)]}))
+    (derived / "mapping.json").write_text(json.dumps({**{f"i{i}": "img/p.png" for i in range(4)},
+                                                      "i4": "../secret/evil.jpg"}))
+    runs = {
+        "cc3m": (["cc3m", "--input", data / "pairs.tsv"], 1, 3, 4),
+        "mmdialog": (["mmdialog", "--input", data / "conversations.json"], 1, 1, 2),
+        "vist": (["vist", "--input", vist, "--split", "train"], 0, 1, 1),
+        "vist-derived": (["vist", "--input", derived / "stories.json", "--image-mapping", derived / "mapping.json"],
+                         0, 1, 1),
+    }
+    for name, (argv, kept, outside, allowed) in runs.items():
+        out = tmp_path / "out" / name
+        summary = prepare(*argv, "--output", out)
+        assert summary["kept"] == kept and summary["rejected"].get("image_outside_root") == outside, (name, summary)
+        assert sum(r["reason"] == "image_outside_root" for r in rejects(out)) == outside
+        assert prepare(*argv, "--output", tmp_path / "allowed" / name, "--allow-outside-paths")["kept"] == allowed
+
+
+def test_a_dataset_image_stored_as_a_path_stays_inside_the_dataset(tmp_path):
+    """prepare-data stores image bytes; a dataset from elsewhere whose cell names a file outside its folder
+    is refused when the row is read, rather than that file read."""
+    from minigpt5_cli.errors import UserError
+
+    folder = tmp_path / "ds"
+    secret = tmp_path / "secret.jpg"
+    secret.write_bytes(image_bytes())
+    for name, where in (("inside", folder / "inside" / "a.jpg"), ("outside", secret)):
+        steps = [{"text": "a", "image": {"bytes": None, "path": str(secret)}}, {"text": "b", "image": None}]
+        datasets.Dataset.from_dict({"id": [name], "steps": [steps]}, features=P.features(False, decode=False)) \
+            .save_to_disk(str(folder / name))
+        steps[0]["image"]["path"] = str(where)
+        (folder / name / "summary.json").write_text("{}")
+        shard = next((folder / name).glob("*.arrow"))  # save_to_disk stored the bytes: rewritten as a path alone
+        with pa.memory_map(str(shard)) as f:
+            table = pa.ipc.open_stream(f).read_all()
+        with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_stream(f, table.schema) as out:
+            out.write_table(pa.Table.from_pylist([{"id": name, "steps": steps}], schema=table.schema))
+    (folder / "inside" / "a.jpg").write_bytes(image_bytes())
+    assert load_source(folder / "inside", 2)[0].steps[0].image.open().size == (40, 30)
+    with pytest.raises(UserError, match=f"row 0 step 1: its image {tmp_path / 'secret.jpg'} is outside the data set"):
+        load_source(folder / "outside", 2)[0]
+    # A data set of another schema, its image column a plain string, is held to the same rule.
+    strings = folder / "strings"
+    datasets.Dataset.from_dict({"id": ["s"], "steps": [[{"text": "a", "image": str(secret)}, {"text": "b", "image": None}]]}) \
+        .save_to_disk(str(strings))
+    (strings / "summary.json").write_text("{}")
+    with pytest.raises(UserError, match="row 0 step 1: its image .* is outside the data set"):
+        load_source(strings, 2)[0]
+
+
 # -- training from prepared data ------------------------------------------------------------------
 
 def cc3m_pairs(tmp_path, n=6):

@@ -130,3 +130,58 @@ def test_optional_and_union_types_are_checked(tmp_path):
 def test_scratch_stages_refuse_mixed_precision():
     with pytest.raises(UserError, match="trains in float32: set train.mixed_precision=no"):
         R.load(REPO / "recipes" / "toy" / "generator.yaml", ["train.mixed_precision=bf16"])
+
+
+def _error(path: Path, text: str) -> str:
+    path.write_text(text)
+    with pytest.raises(UserError) as e:
+        R.load(path)
+    return str(e.value)
+
+
+def test_deep_nesting_is_one_error(tmp_path):
+    path = tmp_path / "r.yaml"
+    assert _error(path, "[" * 100_000) == f"recipe {path} is not valid YAML: nested too deeply"
+    with pytest.raises(UserError, match="recipe key 'train.lr' must be float, got '\\[\\[\\["):
+        R.load(None, ["train.lr=" + "[" * 100_000])
+
+
+def test_aliases_are_refused(tmp_path):
+    """Aliases nested a few deep (a "billion laughs") expand into gigabytes; a recipe needs none."""
+    message = _error(tmp_path / "r.yaml", "train:\n  output_dir: &out runs/x\ndata:\n  train: *out\n")
+    assert message == f"recipe {tmp_path / 'r.yaml'} line 4: YAML aliases (*out) are not supported in a recipe; " \
+        "write the value out"
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefgh", "bcdefghi"))
+    assert "line 2: YAML aliases (*a)" in _error(tmp_path / "r.yaml", laughs)
+    with pytest.raises(UserError, match="'adapter.target_modules' must be a list, got '\\[&a"):
+        R.load(None, ["adapter.target_modules=[&a [q_proj], *a]"])
+
+
+def test_values_in_messages_are_cut_short(tmp_path):
+    message = _error(tmp_path / "r.yaml", f"train:\n  seed: {'x' * 100_000}\n")
+    assert message.startswith("recipe key 'train.seed' must be int, got 'xxx") and message.endswith("...")
+    assert len(message) < 150
+    for override in ("train.seed=" + "1" * 5000, "train.mixed_precision=" + "y" * 5000, "x" * 5000):
+        with pytest.raises(UserError) as e:
+            R.load(None, [override])
+        assert len(str(e.value)) < 200, override
+
+
+def test_values_yaml_cannot_build(tmp_path):
+    """A date that does not exist and an integer too long to convert fail inside the YAML reader."""
+    assert _error(tmp_path / "r.yaml", "train:\n  output_dir: 2024-02-30\n").endswith(
+        "is not valid YAML: day is out of range for month")
+    message = _error(tmp_path / "r.yaml", f"train:\n  seed: {'1' * 5000}\n")
+    assert message.endswith("is not valid YAML: Exceeds the limit (4300 digits) for integer string conversion: "
+                            "value has 5000 digits")
+
+
+def test_large_recipe_is_refused_unread(tmp_path):
+    from minigpt5_cli.files import MAX_RECIPE
+
+    path = tmp_path / "r.yaml"
+    with path.open("wb") as f:
+        f.truncate(2 * MAX_RECIPE)  # sparse: no disk used
+    with pytest.raises(UserError, match=f"^{path} is too large \\(2 MiB; at most 1 MiB is read\\)$"):
+        R.load(path)

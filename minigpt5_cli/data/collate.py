@@ -11,6 +11,7 @@ image axis, with their masks. Only target tokens carry labels.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -95,21 +96,60 @@ class Collator:
         enc = self.processor(text=[text], images=images or None, return_tensors="pt", **special)
         return {k: v for k, v in enc.items() if torch.is_tensor(v) and k != "labels"}  # our labels, not its
 
-    def prompt(self, sample: Sample, room: int) -> dict[str, torch.Tensor]:
-        """The model inputs of the prompt, dropping the oldest steps to fit `room` tokens."""
+    def prompt(self, sample: Sample, room: int, keep_end: bool = False) -> dict[str, torch.Tensor]:
+        """The model inputs of the prompt, dropping the oldest steps to fit `room` tokens. `keep_end`
+        (generation) cuts the history from its start word by word instead of whole steps, so a step
+        longer than `room` keeps its last words and the prompt its assistant's cue."""
         history = list(sample.history)
         while True:
             text, images = self._render(sample, history)
             enc = self._encode(text, images)
             if enc["input_ids"].shape[1] <= room or not history:
                 break
-            history.pop(0)  # the oldest step goes first
+            if keep_end and sample.prompt is None:
+                history, keep_end = self._tail(history, room), False  # fits now, or nothing does
+            else:
+                history.pop(0)  # the oldest step goes first
         length = enc["input_ids"].shape[1]
         if length > room:
             if room < 1 or not all(per_token(v, length) for v in enc.values()):  # images cannot be cut
                 raise UserError(f"a sample does not fit data.max_length={self.max_length}; raise it")
             enc = {k: v[:, :room] for k, v in enc.items()}
         return enc
+
+    def fits(self, sample: Sample, room: int) -> bool:
+        """Whether the whole prompt fits `room` tokens: `prompt` drops nothing of it."""
+        return self._encode(*self._render(sample, list(sample.history)))["input_ids"].shape[1] <= room
+
+    def _tail(self, history: list, room: int) -> list:
+        """The end of `history` that fits `room` tokens: the oldest steps dropped, then the oldest one
+        left cut from its start, at a word's start (inside a word only when no whole word fits)."""
+        def fits(steps: list) -> bool:
+            return self.fits(Sample(history=steps), room)
+
+        def first(cuts: list[int], make) -> int:  # the first cut that fits; the last one does
+            lo, hi = 0, len(cuts) - 1
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if fits(make(cuts[mid])) else (mid + 1, hi)
+            return cuts[lo]
+
+        history = list(history)
+        while history:
+            (text, image), rest = history[0], history[1:]
+            if not fits([("", image)] + rest):
+                history = rest
+                continue
+
+            def make(c: int) -> list:
+                return [(text[c:], image)] + rest
+
+            starts = [m.start() for m in re.finditer(r"\S+", text)]
+            cut = first(starts + [len(text)], make)
+            if cut == len(text) and starts:  # no whole word fits: the end of the last one may
+                cut = first(list(range(starts[-1], len(text) + 1)), make)
+            return make(cut)
+        return history
 
     # -- targets
 

@@ -54,17 +54,20 @@ class Settings:
     generator: str = ""  # with cache_latents: the generator whose VAE and text encoder are cached
     cache_dtype: str = "float32"
     cache_batch_size: int = 8
+    allow_outside_paths: bool = False  # image files may lie outside their folder (rejected otherwise)
 
 
 def read(fmt: str, path: Path, s: Settings):
     """(layout, items) from the format's reader."""
     images = Path(s.images) if s.images else None
+    outside = s.allow_outside_paths
     if fmt == "cc3m":
-        return readers.read_cc3m(path, images, clean=s.clean_captions)
+        return readers.read_cc3m(path, images, clean=s.clean_captions, outside=outside)
     if fmt == "vist":
-        return readers.read_vist(path, images, split=s.split, mapping=Path(s.image_mapping) if s.image_mapping else None)
+        mapping = Path(s.image_mapping) if s.image_mapping else None
+        return readers.read_vist(path, images, split=s.split, mapping=mapping, outside=outside)
     if fmt == "mmdialog":
-        return readers.read_mmdialog(path, images)
+        return readers.read_mmdialog(path, images, outside=outside)
     raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}, toy")
 
 

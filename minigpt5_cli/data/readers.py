@@ -2,7 +2,9 @@
 
 Each reader yields, in a fixed order, either a `Story` (an id and its steps, each a text and a
 `Picture` of the image file or bytes) or a `Reject` (an id, a reason, a detail). Images are not
-decoded here; `prepare.py` decodes them in parallel and may still reject a story.
+decoded here; `prepare.py` decodes them in parallel and may still reject a story. An image file must
+lie in its root (the image folder, or the folder of the file that names it), links and `..`
+resolved: one elsewhere is rejected as `image_outside_root`, unless `outside` allows any path.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Union
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import read_json
+from minigpt5_cli.files import inside, loads, read_json
 from minigpt5_cli.story import Step, Story, picture_of
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -43,6 +45,15 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _placed(image: Path, root: Path, outside: bool) -> bool:
+    """Whether the image file may be read: it lies in `root`, or any place is allowed."""
+    return outside or inside(image, root)
+
+
+def _outside(rid: str, image: Path) -> Reject:
+    return Reject(rid, "image_outside_root", str(image))
+
+
 def images_by_stem(folder: Path) -> dict[str, Path]:
     """Image files under `folder` by file stem, whatever their extension (first in sorted order wins)."""
     found: dict[str, Path] = {}
@@ -62,18 +73,19 @@ def clean_caption(text: str) -> str:
     return " ".join(_CLEAN.sub(" ", text.lower()).split())
 
 
-def read_cc3m(path: Path, images: Path | None = None, clean: bool = True) -> tuple[str, Iterator[Item]]:
+def read_cc3m(path: Path, images: Path | None = None, clean: bool = True,
+              outside: bool = False) -> tuple[str, Iterator[Item]]:
     """Returns the layout found and the items. PATH is a TSV (official, MiniGPT-5 or GILL form) or an
     img2dataset output folder (webdataset shards, `files` layout, or parquet with image bytes)."""
     _need(path, "input")
     if path.is_file():
-        layout, items = _cc3m_tsv(path, images)
+        layout, items = _cc3m_tsv(path, images, outside)
     elif sorted(path.glob("*.tar")):
         layout, items = "webdataset", _cc3m_tars(sorted(path.glob("*.tar")))
     elif _parquet_with_images(path):
         layout, items = "parquet", _cc3m_parquet(_parquet_with_images(path))
     elif any(p.suffix == ".txt" for p in path.rglob("*.txt")):
-        layout, items = "files", _cc3m_files(path)
+        layout, items = "files", _cc3m_files(path, outside)
     else:
         raise UserError(f"{path}: no CC3M layout found (expected a TSV file, or img2dataset output: "
                         ".tar shards, parquet with image bytes, or the files layout)")
@@ -91,14 +103,14 @@ def _captioned(items: Iterator[Item], clean: bool) -> Iterator[Item]:
         yield item
 
 
-def _cc3m_tsv(path: Path, images: Path | None) -> tuple[str, Iterator[Item]]:
+def _cc3m_tsv(path: Path, images: Path | None, outside: bool) -> tuple[str, Iterator[Item]]:
     with path.open(newline="", encoding="utf-8") as f:
         first = f.readline().rstrip("\r\n").split("\t")
     header = [c.strip().lower() for c in first]
     if header[:2] in (["caption", "image_path"], ["caption", "image"]):
         layout = "minigpt5-tsv" if header[1] == "image_path" else "gill-tsv"
         root = images or path.parent
-        return layout, _cc3m_tsv_rows(path, skip_header=True, resolve=lambda i, cols: root / cols[1])
+        return layout, _cc3m_tsv_rows(path, True, lambda i, cols: root / cols[1], root, outside)
     if images is None:
         raise UserError(f"{path} looks like the official caption<TAB>url TSV: pass --images, the folder of "
                         "downloaded images named by their 0-based row number")
@@ -106,10 +118,10 @@ def _cc3m_tsv(path: Path, images: Path | None) -> tuple[str, Iterator[Item]]:
     for stem, p in images_by_stem(_need(images, "images folder")).items():
         if stem.isdigit():
             by_row.setdefault(int(stem), p)
-    return "official-tsv", _cc3m_tsv_rows(path, skip_header=False, resolve=lambda i, cols: by_row.get(i))
+    return "official-tsv", _cc3m_tsv_rows(path, False, lambda i, cols: by_row.get(i), images, outside)
 
 
-def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve) -> Iterator[Item]:
+def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve, root: Path, outside: bool) -> Iterator[Item]:
     with path.open(newline="", encoding="utf-8") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if skip_header:
@@ -120,6 +132,9 @@ def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve) -> Iterator[Item]:
                 yield Reject(rid, "malformed_record", "expected 2 tab-separated columns")
                 continue
             image = resolve(i, cols)
+            if image is not None and not _placed(image, root, outside):
+                yield _outside(rid, image)
+                continue
             if image is None or not Path(image).is_file():
                 yield Reject(rid, "missing_image", str(image or ""))
                 continue
@@ -181,13 +196,15 @@ def _cc3m_parquet(files: list[Path]) -> Iterator[Item]:
                     yield Story(key, [_step(rows["txt"][i] or "", rows["jpg"][i], key)])
 
 
-def _cc3m_files(folder: Path) -> Iterator[Item]:
+def _cc3m_files(folder: Path, outside: bool) -> Iterator[Item]:
     images = images_by_stem(folder)
     for txt in sorted(folder.rglob("*.txt")):
         key = txt.stem
         image = images.get(key)
         if image is None or image.parent != txt.parent:
             yield Reject(key, "missing_image")
+        elif not _placed(image, folder, outside):
+            yield _outside(key, image)
         else:
             yield Story(key, [_step(txt.read_text(encoding="utf-8", errors="replace"), image, key)])
 
@@ -218,20 +235,20 @@ def vist_paths(path: Path, images: Path | None, split: str) -> tuple[Path, Path 
 
 
 def read_vist(path: Path, images: Path | None, split: str = "", mapping: Path | None = None,
-              steps: int = 5) -> tuple[str, Iterator[Item]]:
+              steps: int = 5, outside: bool = False) -> tuple[str, Iterator[Item]]:
     ann, images = vist_paths(path, images, split)
     data = read_json(ann, check_text=False)  # a story with broken text is rejected on its own
     if isinstance(data, dict) and isinstance(data.get("annotations"), list):
         if images is None:
             raise UserError("pass --images, the folder of VIST images (files named by photo id)")
-        return "story-in-sequence", _vist_sis(data["annotations"], _need(images, "images folder"), steps)
+        return "story-in-sequence", _vist_sis(data["annotations"], _need(images, "images folder"), steps, outside)
     derived = data.get("annotations") if isinstance(data, dict) and isinstance(data.get("annotations"), dict) else data
     if isinstance(derived, dict):
-        return "derived", _vist_derived(derived, ann.parent, images, mapping, steps)
+        return "derived", _vist_derived(derived, ann.parent, images, mapping, steps, outside)
     raise UserError(f"{ann}: not a VIST story-in-sequence file, nor a {{story_id: [steps]}} mapping")
 
 
-def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
+def _vist_sis(annotations: list, images: Path, steps: int, outside: bool) -> Iterator[Item]:
     by_story: dict[str, list[dict]] = defaultdict(list)
     order: list[str] = []
     bad = 0
@@ -255,19 +272,24 @@ def _vist_sis(annotations: list, images: Path, steps: int) -> Iterator[Item]:
         if len(recs) != steps:
             yield Reject(sid, "missing_step", f"{len(recs)} of {steps} steps")
             continue
-        out = []
+        out, away = [], None
         for r in recs:
             image = files.get(str(r["photo_flickr_id"]))
-            if image is None:
+            if image is not None and not _placed(image, images, outside):  # a link out of the folder
+                away = image
+            if image is None or away is not None:
                 break
             out.append(_step(str(r.get("original_text") or r.get("text") or ""), image, sid))
-        if len(out) < steps:
+        if away is not None:
+            yield _outside(sid, away)
+        elif len(out) < steps:
             yield Reject(sid, "missing_image", f"photo {recs[len(out)]['photo_flickr_id']}")
         else:
             yield Story(sid, out)
 
 
-def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path | None, steps: int) -> Iterator[Item]:
+def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path | None, steps: int,
+                  outside: bool) -> Iterator[Item]:
     table = read_json(mapping) if mapping else None
     if table is not None and not isinstance(table, dict):
         raise UserError(f"{mapping}: an image mapping is a JSON object {{image_id: path}}")
@@ -289,7 +311,11 @@ def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path 
         out = []
         for r in recs:
             key = str(r["image_id"])
-            image = base / table[key] if table and key in table else files.get(key)
+            mapped = bool(table) and key in table
+            image = base / str(table[key]) if mapped else files.get(key)
+            if image is not None and not _placed(image, base if mapped else images, outside):
+                yield _outside(str(sid), image)
+                break
             if image is None or not Path(image).is_file():
                 yield Reject(str(sid), "missing_image", f"image {key}")
                 break
@@ -300,7 +326,7 @@ def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path 
 
 # -- MMDialog -----------------------------------------------------------------------------------
 
-def read_mmdialog(path: Path, images: Path | None = None) -> tuple[str, Iterator[Item]]:
+def read_mmdialog(path: Path, images: Path | None = None, outside: bool = False) -> tuple[str, Iterator[Item]]:
     """One conversation per JSON line (or one JSON array); images are `<media_key>.jpg` beside the file."""
     _need(path, "input")
     if path.is_dir():
@@ -315,23 +341,23 @@ def read_mmdialog(path: Path, images: Path | None = None) -> tuple[str, Iterator
         raise UserError(f"cannot read {path}: {e}") from None
     if text.lstrip().startswith("["):
         try:
-            records = [(f"item{i}", r, None) for i, r in enumerate(json.loads(text))]
+            records = [(f"item{i}", r, None) for i, r in enumerate(loads(text))]
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-        return "json-array", _dialogs(records, folder)
-    return "jsonl", _dialogs(_json_lines(text), folder)
+        return "json-array", _dialogs(records, folder, outside)
+    return "jsonl", _dialogs(_json_lines(text), folder, outside)
 
 
 def _json_lines(text: str):
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:
-                yield f"line{number}", json.loads(line), None
+                yield f"line{number}", loads(line), None
             except json.JSONDecodeError as e:
                 yield f"line{number}", None, e.msg
 
 
-def _dialogs(records, folder: Path) -> Iterator[Item]:
+def _dialogs(records, folder: Path, outside: bool) -> Iterator[Item]:
     for where, rec, error in records:
         if error is not None:
             yield Reject(where, "malformed_json", error)
@@ -341,18 +367,23 @@ def _dialogs(records, folder: Path) -> Iterator[Item]:
         if not isinstance(turns, list) or not all(isinstance(t, dict) and isinstance(t.get("turn"), list) for t in turns):
             yield Reject(cid, "malformed_record", 'expected "conversation": [{"turn": [...]}, ...]')
             continue
-        steps, missing, extra = [], None, 0
+        steps, missing, away, extra = [], None, None, 0
         for t in turns:
             items = [i for i in t["turn"] if isinstance(i, dict)]
             text = " ".join(str(i["__TEXT__"]).strip() for i in items if "__TEXT__" in i).strip()
             media = [str(i["__MEDIA__"]) for i in items if "__MEDIA__" in i]
             image = folder / f"{media[0]}.jpg" if media else None  # one image per turn: the first
             extra += max(0, len(media) - 1)
+            if image is not None and not _placed(image, folder, outside):  # a key such as ../secret/x
+                away = image
+                break
             if image is not None and not image.is_file():
                 missing = media[0]
                 break
             steps.append(_step(text, image, cid))
-        if missing is not None:
+        if away is not None:
+            yield _outside(cid, away)
+        elif missing is not None:
             yield Reject(cid, "missing_image", f"media {missing}")
         elif len(steps) < 2:
             yield Reject(cid, "too_short", f"{len(steps)} turn(s)")

@@ -2,7 +2,7 @@
 
 - a folder written by `minigpt5 prepare-data`: a Hugging Face dataset of rows
   {"id", "steps": [{"text", "image"}]}, possibly with cached VAE latents and caption embeddings;
-- JSON Lines, for small hand-made sets; image paths are relative to the file:
+- JSON Lines, for small hand-made sets; image paths are relative to the file, inside its folder:
     pairs (stage 1):      {"caption": "a red circle", "image": "images/0.png"}
     sequences (stage 2):  {"id": "s1", "steps": [{"text": "...", "image": "images/1.png"}, ...]}
 
@@ -11,43 +11,48 @@ Each row's has-image flags are known without decoding an image (`Source.images`)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import json_lines
+from minigpt5_cli.files import json_lines, read_json
 from minigpt5_cli.story import Picture, Step, Story, step_from_json, story_from_row
 
 SUMMARY_FILE = "summary.json"  # written by prepare-data beside every dataset
 
 
-def read_jsonl(path: str | Path, stage) -> list[Story]:
-    """Read and validate a training file; every referenced image must exist."""
+# A training file's images lie in its folder, unless the recipe says otherwise.
+OUTSIDE_HINT = "keep its images under the file's folder, or set data.allow_outside_paths=true"
+
+
+def read_jsonl(path: str | Path, stage, outside: bool = False) -> list[Story]:
+    """Read and validate a training file; every referenced image must exist, in the file's folder
+    unless `outside`."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
     stories = []
     for number, where, rec in json_lines(path):
-        steps = _pair(rec, where, path.parent) if stage == 1 else _sequence(rec, where, path.parent)
+        steps = _pair(rec, where, path.parent, outside) if stage == 1 else \
+            _sequence(rec, where, path.parent, outside)
         stories.append(Story(id=str(rec.get("id", number)), steps=steps))
     if not stories:
         raise UserError(f"data file {path} holds no records")
     return stories
 
 
-def _pair(rec, where: str, root: Path) -> list[Step]:
+def _pair(rec, where: str, root: Path, outside: bool) -> list[Step]:
     if not isinstance(rec, dict) or not isinstance(rec.get("caption"), str) or not isinstance(rec.get("image"), str):
         raise UserError(f'{where}: a stage-1 pair needs "caption" and "image" strings')
-    return [step_from_json({"text": rec["caption"], "image": rec["image"]}, root, where, 1)]
+    return [step_from_json({"text": rec["caption"], "image": rec["image"]}, root, where, 1, outside, OUTSIDE_HINT)]
 
 
-def _sequence(rec, where: str, root: Path) -> list[Step]:
+def _sequence(rec, where: str, root: Path, outside: bool) -> list[Step]:
     steps = rec.get("steps") if isinstance(rec, dict) else None
     if not isinstance(steps, list) or len(steps) < 2:
         raise UserError(f'{where}: a stage-2 sequence needs "steps", a list of at least 2')
-    return [step_from_json(step, root, where, k + 1) for k, step in enumerate(steps)]
+    return [step_from_json(step, root, where, k + 1, outside, OUTSIDE_HINT) for k, step in enumerate(steps)]
 
 
 class Source:
@@ -67,7 +72,9 @@ class Source:
     def story(self, i: int) -> Story:
         """Story `i` as stored: a continuation set's target apart."""
         row = self.rows[i]
-        return row if isinstance(row, Story) else story_from_row(row.to_pylist()[0], f"{self.where} row {i}")
+        if isinstance(row, Story):
+            return row
+        return story_from_row(row.to_pylist()[0], f"{self.where} row {i}", root=Path(self.where))
 
     @property
     def cache(self) -> dict | None:
@@ -86,9 +93,10 @@ class _Chain:
         return self.parts[part].story(i - int(self.starts[part]))
 
 
-def load_sources(paths: list[str], stage) -> Source:
-    """One source over several; their latents must be cached for one generator, or none."""
-    parts = [load_source(p, stage) for p in paths]
+def load_sources(paths: list[str], stage, outside: bool = False) -> Source:
+    """One source over several; their latents must be cached for one generator, or none. `outside`: the
+    images JSONL files name may lie outside their folders."""
+    parts = [load_source(p, stage, outside) for p in paths]
     if len(parts) == 1:
         return parts[0]
     caches = [p.cache for p in parts]
@@ -97,12 +105,12 @@ def load_sources(paths: list[str], stage) -> Source:
     return Source(_Chain(parts), [flags for p in parts for flags in p.images], parts[0].summary)
 
 
-def load_source(path: str | Path, stage) -> Source:
+def load_source(path: str | Path, stage, outside: bool = False) -> Source:
     """A prepared dataset folder, or a JSONL file."""
     path = Path(path)
     if path.is_dir():
         return _prepared(path)
-    stories = read_jsonl(path, stage)
+    stories = read_jsonl(path, stage, outside)
     return Source(stories, [[s.image is not None for s in st.steps] for st in stories], where=str(path))
 
 
@@ -137,7 +145,7 @@ def _prepared(folder: Path) -> Source:
         target = [t for chunk in ds.data.table.column("target").chunks
                   for t in pc.is_valid(pc.struct_field(chunk, "image")).to_pylist()]
         images = [row + [t] for row, t in zip(images, target)]
-    return Source(_ArrowRows(ds), images, json.loads(summary_file.read_text()), where=str(folder))
+    return Source(_ArrowRows(ds), images, read_json(summary_file, check_text=False), where=str(folder))
 
 
 def step_field(ds, name: str, fn=None) -> list[list]:

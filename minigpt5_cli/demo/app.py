@@ -22,6 +22,7 @@ from minigpt5_cli.story import STORY_FILE, Picture, Step, Story
 
 HOW = ("Write a step of a story, attach an image if you like, and the model continues it with text and "
        "pictures. Each step goes into the prompt with the ones before it; **New story** starts over.")
+CUT = "The start of the story was dropped to fit the model's {} tokens: the response follows on from its end."
 
 
 def check_port(host: str, port: int) -> None:
@@ -41,25 +42,33 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
 
 
-def respond(net, info, workdir: Path, text: str, image: str | None, steps: list[dict], settings) -> tuple[dict, Path]:
-    """Generate one response to the story `steps` plus this step; return generate's record and its folder.
+def respond(net, info, workdir: Path, text: str, image: str | None, steps: list[dict],
+            settings) -> tuple[dict, Path, bool]:
+    """Generate one response to the story `steps` plus this step; return generate's record, its folder
+    and whether the prompt lost the story's start to fit `data.max_length` (generate keeps its end).
     A step is {"text", "image"} with the image a file path or None."""
+    from minigpt5_cli.data.collate import Collator
+    from minigpt5_cli.data.samples import Sample
     from minigpt5_cli.generation import generate as G
+    from minigpt5_cli.generation.stories import Job
 
     story = Story(id="demo", steps=[Step(text=s["text"], image=Picture(s["image"], path=Path(s["image"]))
                                          if s["image"] else None)
                                     for s in steps + [{"text": text, "image": image}]])
+    data = net.recipe.data
+    prompt = Sample(history=G.history(Job(story, 0), data.tasks, data.history, net.processor is not None))
+    cut = not Collator.for_model(net).fits(prompt, data.max_length)
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="step-"))
     G.generate([story], net, info, settings, out, nested=False, overwrite=True)
-    return json.loads((out / STORY_FILE).read_text(encoding="utf-8")), out
+    return json.loads((out / STORY_FILE).read_text(encoding="utf-8")), out, cut
 
 
 def turn(net, info, workdir: Path, text: str, image: str | None, chat: list, steps: list[dict],
-         settings) -> tuple[list, list[dict]]:
-    """One story step: the chat and the story's steps with this step and the model's response added.
-    Texts go into the chat escaped: it renders HTML even without Markdown, and a story's markup is
-    to be shown as written, never rendered."""
-    doc, out = respond(net, info, workdir, text, image, steps, settings)
+         settings) -> tuple[list, list[dict], bool]:
+    """One story step: the chat and the story's steps with this step and the model's response added,
+    and whether the prompt lost the story's start. Texts go into the chat escaped: it renders HTML
+    even without Markdown, and a story's markup is to be shown as written, never rendered."""
+    doc, out, cut = respond(net, info, workdir, text, image, steps, settings)
     response = doc["generated"][0]
     chat = list(chat or [])
     if text:
@@ -72,7 +81,7 @@ def turn(net, info, workdir: Path, text: str, image: str | None, chat: list, ste
     first = response["images"][0] if response["images"] else None  # a response's first image, as generate's history
     steps = steps + [{"text": text, "image": image},
                      {"text": response["text"], "image": str(out / first) if first else None}]
-    return chat, steps
+    return chat, steps, cut
 
 
 def build_app(net, info, workdir: Path):
@@ -88,8 +97,8 @@ def build_app(net, info, workdir: Path):
         files = (message or {}).get("files") or []
         image = files[0] if files else None
         image = image.get("path") if isinstance(image, dict) else image
-        if not text and not image:
-            raise gr.Error("Write a story step, or attach an image.")
+        if not text and not image:  # nothing to add: the story stays as it is, the box emptied of spaces
+            return None, gr.skip(), gr.skip(), gr.skip()
         if image and net.processor is None:
             gr.Warning("This model's language model reads text only: the picture is shown, not read.")
         settings = Settings(mode=mode, max_new_tokens=int(max_new_tokens), temperature=float(temperature),
@@ -98,10 +107,10 @@ def build_app(net, info, workdir: Path):
                             guidance_scale=float(guidance_scale), seed=int(seed or 0))
         try:
             settings.check()
-            chat, steps = turn(net, info, workdir, text, image, chat, steps, settings)
+            chat, steps, cut = turn(net, info, workdir, text, image, chat, steps, settings)
         except UserError as e:
-            raise gr.Error(str(e)) from None
-        return None, chat, steps
+            raise gr.Error(str(e), print_exception=False) from None  # told on the page: no traceback
+        return None, chat, steps, gr.Markdown(CUT.format(net.recipe.data.max_length), visible=cut)
 
     with gr.Blocks(title="MiniGPT-5", analytics_enabled=False) as app:
         gr.Markdown(f"## MiniGPT-5 · {html.escape(info['name'])}\n{HOW}")
@@ -110,6 +119,7 @@ def build_app(net, info, workdir: Path):
         box = gr.MultimodalTextbox(placeholder="The next step of the story; attach an image if you like",
                                    file_types=["image"], file_count="single", sources=["upload"], show_label=False,
                                    autofocus=True, elem_id="step")
+        note = gr.Markdown(visible=False, elem_id="note")
         steps = gr.State([])
         with gr.Accordion("Sampling settings", open=False):
             with gr.Row():
@@ -130,9 +140,9 @@ def build_app(net, info, workdir: Path):
         new = gr.Button("New story", variant="secondary")
         settings = [mode, max_new_tokens, temperature, top_p, repetition_penalty, min_images, diffusion_steps,
                     guidance_scale, seed]
-        box.submit(submit, [box, chat, steps, *settings], [box, chat, steps])
-        new.click(lambda: (None, [], []), outputs=[box, chat, steps])
-        chat.clear(list, outputs=[steps])  # the chat's own clear button starts over too
+        box.submit(submit, [box, chat, steps, *settings], [box, chat, steps, note])
+        new.click(lambda: (None, [], [], gr.Markdown(visible=False)), outputs=[box, chat, steps, note])
+        chat.clear(lambda: ([], gr.Markdown(visible=False)), outputs=[steps, note])  # its own clear button too
     return app
 
 
@@ -143,8 +153,8 @@ def css(resolution: int) -> str:
 
 
 def serve(model: str, port: int = 7860, host: str = "127.0.0.1", device: str | None = None,
-          precision: str | None = None) -> None:
-    """Load the model and serve the demo until interrupted."""
+          precision: str | None = None, trust_remote_code: bool = False) -> None:
+    """Load the model and serve the demo until interrupted (`trust_remote_code`: as generate's)."""
     check_port(host, port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry, no version check
     try:
@@ -153,7 +163,7 @@ def serve(model: str, port: int = 7860, host: str = "127.0.0.1", device: str | N
         raise UserError("the demo needs Gradio: pip install 'minigpt5[demo]'") from None
     from minigpt5_cli.generation import generate as G
 
-    net, info = G.load(model, precision=precision, device=device)
+    net, info = G.load(model, precision=precision, device=device, trust_remote_code=trust_remote_code)
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-demo-"))
     try:
         app = build_app(net, info, workdir)

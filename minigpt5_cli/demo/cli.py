@@ -26,10 +26,13 @@ def demo(
     host: str = typer.Option("127.0.0.1", help="The address to listen on; 0.0.0.0 opens the demo to the network."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16; default: the recipe's."),
     device: Optional[str] = typer.Option(None, help="cuda, cpu, ...; default: cuda when available."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the model folder's LLM run "
+                                           "code of its own, where its recipe asks to; only for a model you trust."),
 ) -> None:
     from minigpt5_cli.demo.app import serve
     from minigpt5_cli.generation.settings import check_precision
     from minigpt5_cli.modeling.bundle import default_model
 
     check_precision(precision)
-    serve(str(model or default_model()), port=port, host=host, device=device, precision=precision)
+    serve(str(model or default_model()), port=port, host=host, device=device, precision=precision,
+          trust_remote_code=trust_remote_code)

@@ -40,6 +40,7 @@ class Settings:
     resamples: int = 1000
     seed: int = 0
     skip_unavailable: bool = False
+    outside: bool = False  # images named by JSON Lines files may lie outside their folders
 
 
 def default_clip_model(spec: str) -> str:
@@ -127,8 +128,8 @@ def evaluate(predictions: str | Path, references: str | Path, s: Settings, outpu
              console: Console | None = None) -> dict:
     """Read, match, score, and write OUTPUT (metrics.json) and OUTPUT's .samples.csv beside it."""
     console = console or Console(stderr=True)
-    preds, run = read_predictions(predictions)
-    pairs = match(preds, read_references(references))
+    preds, run = read_predictions(predictions, s.outside)
+    pairs = match(preds, read_references(references, s.outside))
     models = Models(s, s.metrics)
     scoring = Scoring(pairs, s, models, console)
     scoring.run()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import json_lines, read_json
+from minigpt5_cli.files import inside, json_lines, read_json
 from minigpt5_cli.story import STORY_FILE, Picture, Step, picture_of
 
 PREDICTION = "a story's first generated response (its text, images and segments)"
@@ -41,13 +41,18 @@ class Sample:
         return [x for p in self.parts for x in ([p.text] if p.text else []) + ([p.image] if p.image else [])]
 
 
-def read_predictions(path: str | Path) -> tuple[list[Sample], dict]:
-    """Samples and the run's description (mode and model of a generate folder)."""
+# Images named in a predictions or references file lie in its folder, as those of a story file.
+OUTSIDE_HINT = "keep the images under the file's folder, or pass --allow-outside-paths"
+
+
+def read_predictions(path: str | Path, outside: bool = False) -> tuple[list[Sample], dict]:
+    """Samples and the run's description (mode and model of a generate folder). `outside`: images named
+    by a JSON Lines file may lie anywhere (by default, in its folder)."""
     p = Path(path)
     if p.is_dir():
         samples, run = _read_generate_folder(p)
     elif p.is_file():
-        samples, run = _read_jsonl(p, stories=False), {"source": "jsonl"}
+        samples, run = _read_jsonl(p, stories=False, outside=outside), {"source": "jsonl"}
     else:
         raise UserError(f"predictions not found: {p}")
     if not samples:
@@ -55,12 +60,13 @@ def read_predictions(path: str | Path) -> tuple[list[Sample], dict]:
     return samples, run
 
 
-def read_references(path: str | Path) -> list[Sample]:
+def read_references(path: str | Path, outside: bool = False) -> list[Sample]:
+    """`outside`: as for `read_predictions`."""
     p = Path(path)
     if p.is_dir():
         samples = _read_dataset(p)
     elif p.is_file():
-        samples = _read_jsonl(p, stories=True)
+        samples = _read_jsonl(p, stories=True, outside=outside)
     else:
         raise UserError(f"references not found: {p}")
     if not samples:
@@ -81,7 +87,7 @@ def _read_generate_folder(folder: Path) -> tuple[list[Sample], dict]:
         doc = read_json(where)
         try:
             first = doc["generated"][0] if doc["generated"] else {"segments": []}
-            parts = [Step(image=Picture(str(d / seg["image"]), path=d / seg["image"])) if "image" in seg
+            parts = [Step(image=_generated_image(d, seg["image"], where)) if "image" in seg
                      else Step(text=seg["text"]) for seg in first["segments"]]
             samples.append(Sample(str(doc["id"]), parts))
         except (KeyError, TypeError, IndexError) as e:
@@ -93,9 +99,18 @@ def _read_generate_folder(folder: Path) -> tuple[list[Sample], dict]:
                      **(distinct[0] if len(distinct) == 1 else {"runs": distinct})}
 
 
-def _read_jsonl(path: Path, stories: bool) -> list[Sample]:
+def _generated_image(folder: Path, name, where: Path) -> Picture:
+    """An image generate wrote beside `where`: a name inside its story folder, never a way out of it."""
+    path = folder / name
+    if not isinstance(name, str) or not inside(path, folder):
+        raise UserError(f"{where}: its image {name!r} is not a file of the story folder {folder}")
+    return Picture(str(path), path=path)
+
+
+def _read_jsonl(path: Path, stories: bool, outside: bool = False) -> list[Sample]:
     """`{"id", "text", "images"}` lines; with `stories`, also story lines `{"id", "steps"[, "target"]}`,
-    whose reference is the target, else the last step."""
+    whose reference is the target, else the last step. Image paths are relative to the file's folder
+    and stay in it unless `outside`."""
     samples = []
     for _, where, rec in json_lines(path):
         if not isinstance(rec, dict) or "id" not in rec:
@@ -114,6 +129,8 @@ def _read_jsonl(path: Path, stories: bool) -> list[Sample]:
         parts = [Step(text=text)] if text else []
         for name in names:
             image = path.parent / name
+            if not outside and not inside(image, path.parent):
+                raise UserError(f"{where}: the image {name!r} is outside {path.parent}; {OUTSIDE_HINT}")
             if not image.is_file():
                 raise UserError(f"{where}: image not found: {image}")
             parts.append(Step(image=Picture(str(image), path=image)))
@@ -141,7 +158,7 @@ def _read_dataset(folder: Path) -> list[Sample]:
     for batch in ds.select_columns(["id", column]).with_format("arrow").iter(batch_size=256):
         for sid, value in zip(batch.column("id").to_pylist(), batch.column(column).to_pylist()):
             step = (value if column == "target" else (value[-1] if value else {})) or {}
-            picture = picture_of(step.get("image"), f"{folder} row {row} ({sid}) {column} image")
+            picture = picture_of(step.get("image"), f"{folder} row {row} ({sid}) {column} image", folder)
             samples.append(Sample(str(sid), [Step(text=step.get("text") or "", image=picture)]))
             row += 1
     _check_unique(samples, folder)

@@ -18,7 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import Progress
 
-from minigpt5_cli import display
+from minigpt5_cli import display, files
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.prompts import NEXT
 from minigpt5_cli.data.samples import Sample
@@ -36,9 +36,12 @@ from minigpt5_cli.story import Story
 
 
 def load(model: str, precision: str | None = None, device: str | None = None,
-         console: Console | None = None) -> tuple[MiniGPT5, dict]:
+         console: Console | None = None, trust_remote_code: bool = False) -> tuple[MiniGPT5, dict]:
     """Build the model from a checkpoint (or run) folder written by `train`, or from a recipe's base
-    backbones (untrained vokens and mapper: only the two-stage baseline is meaningful then)."""
+    backbones (untrained vokens and mapper: only the two-stage baseline is meaningful then). A folder's
+    LLM runs code of its own only with `trust_remote_code` (the user's --trust-remote-code); a recipe
+    file is the user's own, and says so itself."""
+    from minigpt5_cli.modeling.backbones import remote_code
     from minigpt5_cli.modeling.bundle import beside
 
     console = console or Console(stderr=True)
@@ -52,8 +55,9 @@ def load(model: str, precision: str | None = None, device: str | None = None,
             raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
         recipe = recipes.load(folder / "recipe.yaml", [])
         m = recipe.model  # a bundle names its backbones as folders inside it
+        trusted = remote_code(folder, m.trust_remote_code, trust_remote_code, m.llm)
         recipe = dataclasses.replace(recipe, model=dataclasses.replace(
-            m, llm=beside(folder, m.llm), generator=beside(folder, m.generator)))
+            m, llm=beside(folder, m.llm), generator=beside(folder, m.generator), trust_remote_code=trusted))
     else:
         recipe = recipes.load(path, [])
     device = pick_device(device)
@@ -70,6 +74,20 @@ def load(model: str, precision: str | None = None, device: str | None = None,
             "checkpoint": str(folder) if folder else None, "recipe": None if folder else str(path),
             "precision": precision, "device": device, "trained": folder is not None}
     return net, info
+
+
+def check_output(output: Path, model: Path) -> None:
+    """Refuse an output folder inside the model's own folder (a checkpoint, its run, a bundle, the model
+    that ships with the package): generate never writes among a model's files."""
+    path = Path(model)
+    folder = checkpoint.checkpoint_folder(path) if path.is_dir() else None
+    if folder is None or not (folder / "recipe.yaml").is_file():  # not a model folder: load refuses it
+        return
+    owners = {path.resolve(), folder.resolve()}
+    owners |= {f.parent.resolve() for f in (path, folder) if checkpoint.is_checkpoint_name(f.resolve())}
+    for owner in sorted(owners, key=lambda f: len(f.parts)):  # the run before its checkpoint
+        if files.inside(output, owner):
+            raise UserError(f"--output {output} is inside the model folder {owner}; write the stories elsewhere")
 
 
 def model_name(path: Path) -> str:
@@ -102,7 +120,8 @@ def run_batch(model: MiniGPT5, settings: Settings, jobs: list[Job], decoder: Dec
     for k in range(settings.steps):
         data = model.recipe.data
         prompts = [decoder.collator.prompt(Sample(history=history(s, data.tasks, data.history,
-                                                                  model.processor is not None)), data.max_length)
+                                                                  model.processor is not None)), data.max_length,
+                                            keep_end=True)  # a story too long loses its start, never its end
                    for s in jobs]
         seeds = [derive_seed(settings.seed, s.index, k) for s in jobs]
         budget = settings.max_new_tokens * len(jobs)
@@ -163,22 +182,43 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     if len(todo) < len(jobs):
         console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
     before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
+    new = _new_folders([out] + [folders[job.story.id] for job in todo])
     out.mkdir(parents=True, exist_ok=True)
     record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
               "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
                                              "device")}}
     progress = display.progress(console)
-    with progress:
-        task = progress.add_task("stories", total=len(todo))
-        for i in range(0, len(todo), settings.batch_size):
-            batch = todo[i:i + settings.batch_size]
-            run_batch(model, settings, batch, decoder, renderer, progress)
-            for job in batch:
-                write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
-                            before[job.story.id])
-                job.responses = []  # written: a long run holds only its batch's pictures
-            progress.advance(task, len(batch))
+    try:
+        with progress:
+            task = progress.add_task("stories", total=len(todo))
+            for i in range(0, len(todo), settings.batch_size):
+                batch = todo[i:i + settings.batch_size]
+                run_batch(model, settings, batch, decoder, renderer, progress)
+                for job in batch:
+                    write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
+                                before[job.story.id])
+                    job.responses = []  # written: a long run holds only its batch's pictures
+                progress.advance(task, len(batch))
+    except BaseException:
+        _remove_empty(new)
+        raise
     done = [folders[job.story.id] for job in jobs if finished(folders[job.story.id], job)]
     if nested:
         write_index(out, done)
     return done
+
+
+def _new_folders(folders: list[Path]) -> list[Path]:
+    """The folders among `folders` and their parents that do not exist yet, deepest first."""
+    new = {p for f in folders for p in (f, *f.parents) if not p.exists()}
+    return sorted(new, key=lambda p: len(p.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run made that are still empty (a run that failed before writing in them);
+    a folder holding anything is kept."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

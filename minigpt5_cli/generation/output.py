@@ -95,11 +95,11 @@ def read_record(folder: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = files.loads(files.read_text(path))
         ok = isinstance(doc, dict) and isinstance(doc.get("id"), str) and isinstance(doc.get("input"), list) and \
             isinstance(doc.get("generated"), list) and all(isinstance(s, dict) for s in doc["input"]) and \
             all(isinstance(g, dict) and isinstance(g.get("images"), list) for g in doc["generated"])
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # unreadable, too large, not JSON: not ours
         ok = False
     return doc if ok else {}
 
@@ -136,18 +136,31 @@ def _markdown(doc: dict) -> str:
     e = _md_text
     lines = [f"# {e(doc['id'])}", ""]
     for step in doc["input"]:
-        lines += [e(step["text"]), ""] + ([f"![input]({step['image']})", ""] if step["image"] else [])
+        lines += [e(step["text"]), ""] + ([_md_image("input", step["image"]), ""] if step["image"] else [])
     for step in doc["generated"]:
         lines += ["---", ""]
         for seg in step["segments"]:
-            lines += [f"![generated]({seg['image']})" if "image" in seg else e(seg["text"]), ""]
+            lines += [_md_image("generated", seg["image"]) if "image" in seg else e(seg["text"]), ""]
     return "\n".join(lines)
 
 
+# Markdown's punctuation (links, images, emphasis, code, headings, lists, tables), and the dots and the
+# colon of "://" that GitHub's Markdown turns into links when they spell a bare URL.
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~]|:(?=//))")
+
+
 def _md_text(text: str) -> str:
-    """Text as Markdown shows it, never as markup: Markdown passes raw HTML through, so it is escaped
-    as in story.html."""
-    return html.escape(text, quote=False)
+    """Text as Markdown shows it, never as markup: raw HTML is escaped as in story.html, and every
+    character with a meaning in Markdown is backslash-escaped, so that no link, image or autolink
+    in a story's text (the model's or the input's) becomes live."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(text, quote=False))
+
+
+def _md_image(alt: str, name: str) -> str:
+    """An image of the story: only a file this run wrote beside story.md."""
+    if not _OURS.fullmatch(name):
+        raise ValueError(f"not an image of the story: {name!r}")
+    return f"![{alt}]({name})"
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:40em;margin:0 auto;padding:1em;line-height:1.5}

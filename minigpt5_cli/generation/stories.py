@@ -3,8 +3,9 @@
 A JSON file holding one story, a JSONL file holding one story per line, a dataset folder written by
 `prepare-data` (its rows' steps; a continuation set's targets stay out), or plain text. A story is
 `{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training sequence form) or
-just the list of steps; image paths are relative to the file. Plain text is one step. Images are
-decoded only when a story's batch is worked on.
+just the list of steps; image paths are relative to the file and stay inside its folder (unless
+`outside` allows any path). Plain text is one step. Images are decoded only when a story's batch is
+worked on.
 """
 
 from __future__ import annotations
@@ -42,8 +43,12 @@ def is_collection(arg: str) -> bool:
     return arg.lower().endswith(".jsonl") or (path is not None and path.is_dir())
 
 
-def read_stories(arg: str) -> list[Story]:
-    """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text."""
+OUTSIDE_HINT = "keep images under the story file's folder, or pass --allow-outside-paths"
+
+
+def read_stories(arg: str, outside: bool = False) -> list[Story]:
+    """Parse `--story`: a .json file, a .jsonl file, a prepared dataset folder, or plain text. `outside`:
+    image paths may lead out of the story file's folder."""
     if not arg.strip():  # before it is read as a path: Path("") is the current folder
         raise UserError("the story is empty: give some text, or a .json / .jsonl story file")
     path = _as_path(arg)
@@ -53,12 +58,13 @@ def read_stories(arg: str) -> list[Story]:
         if not path.is_file():
             raise UserError(f"story file not found: {path}")
         if path.suffix.lower() == ".jsonl":
-            stories = [_story(rec, where, path.parent, str(i)) for i, (_, where, rec) in enumerate(json_lines(path))]
+            stories = [_story(rec, where, path.parent, str(i), outside)
+                       for i, (_, where, rec) in enumerate(json_lines(path))]
             if not stories:
                 raise UserError(f"story file {path} holds no stories")
             _check_ids(stories, path)
             return stories
-        return [_story(read_json(path), str(path), path.parent, path.stem)]
+        return [_story(read_json(path), str(path), path.parent, path.stem, outside)]
     return [Story(id="story", steps=[Step(text=arg.strip())])]
 
 
@@ -80,11 +86,11 @@ def _dataset_stories(folder: Path) -> list[Story]:
     return stories
 
 
-def _story(rec, where: str, root: Path, default_id: str) -> Story:
+def _story(rec, where: str, root: Path, default_id: str, outside: bool = False) -> Story:
     steps = rec.get("steps") if isinstance(rec, dict) else rec
     if not isinstance(steps, list):
         raise UserError(f'{where}: a story is {{"id": ..., "steps": [...]}} or a list of steps')
-    out = [step_from_json(step, root, where, k + 1) for k, step in enumerate(steps)]
+    out = [step_from_json(step, root, where, k + 1, outside, OUTSIDE_HINT) for k, step in enumerate(steps)]
     for step in out:
         step.text = step.text.strip()
     if not any(s.text or s.image for s in out):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,6 +34,17 @@ class LLM:
         return self.model.get_input_embeddings().embedding_dim
 
 
+def remote_code(folder: Path, asks: bool, trusted: bool, llm: str) -> bool:
+    """Whether the LLM of the model folder `folder` (a checkpoint, run or bundle) may run code of its
+    own: only when its recipe asks for it (`asks`) and the person running the command passed
+    --trust-remote-code (`trusted`). A folder from elsewhere never switches it on by itself: asking
+    without the flag is refused."""
+    if asks and not trusted:
+        raise UserError(f"{folder}: its recipe asks to run the code in the LLM {llm!r}; pass --trust-remote-code "
+                        "if you trust it")
+    return asks
+
+
 def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: bool = False,
              empty: bool = False) -> LLM:
     """The LLM with its tokenizer and processor. `empty`: built from its config with fresh weights, none
@@ -45,7 +57,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
     path = tiny.resolve(name, shapes_only=empty)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise hub.load_error("LLM", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     multimodal = config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
     if not multimodal and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
@@ -58,7 +70,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
         processor = load_processor(path, name, trust_remote_code) if multimodal else None
         tokenizer = processor.tokenizer if processor is not None else AutoTokenizer.from_pretrained(
             path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise hub.load_error("LLM", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     if tokenizer.pad_token is None:  # the paper pads with eos
         tokenizer.pad_token = tokenizer.eos_token
@@ -95,7 +107,6 @@ def _missing_package(err: Exception) -> str | None:
 
 def _images_only(path: str, trust_remote_code: bool):
     import json
-    from pathlib import Path
 
     import transformers
     from transformers import AutoImageProcessor, AutoTokenizer

@@ -30,9 +30,16 @@ def default_model() -> Path:
 
 
 def beside(folder: Path, name: str) -> str:
-    """A backbone named by a relative path that exists inside `folder` (a bundle) is taken from there."""
-    inside = folder / name
-    return str(inside) if not Path(name).is_absolute() and ":" not in name and inside.is_dir() else name
+    """A backbone named by a relative path that exists inside `folder` (a bundle) is taken from there;
+    one that leads out of it from there (`..`, a symbolic link) is refused: a bundle's backbones are
+    its own folders."""
+    there = folder / name
+    if Path(name).is_absolute() or ":" in name or not there.exists():
+        return name
+    if not files.inside(there, folder):
+        raise UserError(f"{folder / 'recipe.yaml'} names the backbone {name!r}, which leads outside {folder}; "
+                        "a bundle's backbones are folders inside it")
+    return str(there) if there.is_dir() else name
 
 
 # What a bundle folder holds: `--overwrite` replaces a folder holding nothing else.
@@ -63,8 +70,31 @@ def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
             raise UserError(f"{out} is not a bundle minigpt5 wrote; --overwrite replaces only a bundle")
 
 
-def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False) -> Path:
-    from minigpt5_cli.modeling.backbones import load_llm
+def _verify(folder: Path, recipe: recipes.Recipe) -> None:
+    """Read the trained weights of checkpoint `folder` as generate reads them, checked against the model
+    its recipe builds from the backbones' configs alone (no backbone weights are read): a file that is
+    missing, damaged or made for other backbones ends here, before anything is written."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    from minigpt5_cli.modeling import checkpoint
+    from minigpt5_cli.modeling.model import build_model
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # its notes on casting networks without weights
+    try:
+        with init_empty_weights(), torch.random.fork_rng():
+            model = build_model(recipe, empty=True)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    checkpoint.read(model, folder)
+
+
+def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwrite: bool = False,
+           trust_remote_code: bool = False) -> Path:
+    """`trust_remote_code`: the user's --trust-remote-code, without which a checkpoint whose recipe asks to
+    run its LLM's code is refused."""
+    from minigpt5_cli.modeling.backbones import load_llm, remote_code
     from minigpt5_cli.modeling.generators import load_generator
     from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE, checkpoint_folder
 
@@ -75,6 +105,9 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     _check_output(out, folder, overwrite)
     recipe = recipes.load(folder / "recipe.yaml", [])
     m = recipe.model
+    trusted = remote_code(folder, m.trust_remote_code, trust_remote_code, m.llm)
+    _verify(folder, dataclasses.replace(recipe, model=dataclasses.replace(
+        m, llm=beside(folder, m.llm), generator=beside(folder, m.generator), trust_remote_code=trusted)))
     with files.staged(out, replace=overwrite) as tmp:
         # The trained weights as train wrote them (no optimizer state); the base backbones beside them,
         # without vokens or adapter: loading adds both again, as for any checkpoint.
@@ -85,7 +118,7 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
             elif src.is_file():
                 shutil.copy2(src, tmp / name)
         dtype = torch.float16 if half else torch.float32
-        llm = load_llm(beside(folder, m.llm), dtype=dtype, trust_remote_code=m.trust_remote_code)
+        llm = load_llm(beside(folder, m.llm), dtype=dtype, trust_remote_code=trusted)
         llm.model.save_pretrained(tmp / "llm")
         (llm.processor or llm.tokenizer).save_pretrained(tmp / "llm")
         load_generator(beside(folder, m.generator), dtype=dtype).pipeline().save_pretrained(tmp / "generator")

@@ -3,29 +3,40 @@
 A checkpoint holds `vokens.safetensors` (the voken rows), `mapper/` (`FeatureMapper.save_pretrained`),
 `adapter/` (the PEFT adapter, stage 2; prefix tuning also keeps `prefix_encoder.safetensors`),
 `minigpt5.json` (the backbones it fits) and `recipe.yaml`. Training adds optimizer and scheduler
-state for `--resume` (`training/state.py`) and `trainer_state.json`.
+state for `--resume` (`training/state.py`) and `trainer_state.json`. Every file is safetensors or
+JSON: reading a checkpoint runs no code that came with it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from safetensors import SafetensorError
 
+from minigpt5_cli import files
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.modeling.mapper import FeatureMapper
 
-# What loading a truncated or overwritten state file raises: torch's archive reader (RuntimeError),
-# pickle (EOFError, UnpicklingError), safetensors (SafetensorError), JSON (ValueError), the file system.
+# What reading a truncated or overwritten checkpoint file raises: safetensors (SafetensorError), JSON
+# (ValueError), the file system, torch's archive reader (RuntimeError) and its allow-list unpickler
+# (EOFError, UnpicklingError) for files of earlier versions.
 DAMAGED = (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, ValueError, OSError)
 META_FILE = "minigpt5.json"
 PREFIX_FILE = "prefix_encoder.safetensors"
 VOKENS_FILE = "vokens.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"  # in adapter/, as PEFT names it
+MAPPER_CONFIG, MAPPER_FILE = "config.json", "diffusion_pytorch_model.safetensors"  # in mapper/, as diffusers names them
 STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete
 _NAME = re.compile(r"checkpoint-(\d+)$")
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+class Malformed(ValueError):
+    """A checkpoint file that reads, but does not hold what it should (JSON of another shape)."""
 
 
 def checkpoints(output_dir: str | Path) -> list[Path]:
@@ -44,18 +55,60 @@ def checkpoint_folder(path: str | Path) -> Path:
     return found[-1] if found else folder
 
 
-def damaged(folder: Path, err: Exception) -> UserError:
-    """A one-line error naming the file of checkpoint `folder` that is missing or does not load, and
-    the checkpoint before it."""
-    if isinstance(err, FileNotFoundError) and err.filename:
-        what = f"{err.filename} is missing"
+def damaged(folder: Path, path: Path, err: Exception) -> UserError:
+    """A one-line error naming `path`, the file of checkpoint `folder` that is missing or does not load,
+    and the checkpoint before it."""
+    if isinstance(err, FileNotFoundError):
+        what = f"{path} is missing"
+    elif isinstance(err, UserError):  # files.read_text's, which names the file
+        what = str(err)
     else:
-        bad = next((f for f in sorted(folder.rglob("*")) if f.is_file() and not _loads(f)), None)
-        what = f"{bad} does not load" if bad else f"it does not load ({type(err).__name__})"
+        what = f"{path} does not load" + (f" ({err})" if isinstance(err, Malformed) else "")
     earlier = [c for c in checkpoints(folder.parent) if _step(c) < _step(folder)]
     advice = (f"use the checkpoint before it, {earlier[-1]} (remove {folder} to resume from there)" if earlier
               else "no earlier checkpoint is kept")
     return UserError(f"checkpoint {folder} is damaged: {what}; {advice}")
+
+
+@contextmanager
+def reading(folder: Path, path: Path):
+    """Within: reading `path`, a file of checkpoint `folder`. A missing, damaged or malformed file ends
+    in the one-line error of `damaged` naming it."""
+    try:
+        yield
+    except DAMAGED as e:
+        raise damaged(folder, path, e) from None
+
+
+@contextmanager
+def writing(path: Path):
+    """Within: writing `path` (a file, or a folder a library fills). safetensors reports a full disk as
+    its own error; it becomes the OSError it wraps, naming `path`, as the file system's own errors do."""
+    try:
+        yield
+    except SafetensorError as e:
+        found = _OS_ERROR.search(str(e))
+        if not found:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+    except OSError as e:
+        if e.errno is None or e.filename:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
+def read_json(folder: Path, path: Path) -> dict:
+    """The JSON object in `path`, a file of checkpoint `folder`; anything else there is damage."""
+    try:
+        text = files.read_text(path)
+    except UserError as e:  # unreadable, not UTF-8, too large
+        raise damaged(folder, path, e if path.exists() else FileNotFoundError()) from None
+    with reading(folder, path):
+        doc = files.loads(text)
+        if not isinstance(doc, dict):
+            raise Malformed(f"it holds {type(doc).__name__ if doc is not None else 'null'}, not an object")
+    return doc
 
 
 def is_checkpoint_name(folder: Path) -> bool:
@@ -66,23 +119,6 @@ def is_checkpoint_name(folder: Path) -> bool:
 def _step(folder: Path) -> int:
     found = _NAME.search(folder.name)
     return int(found.group(1)) if found else -1
-
-
-def _loads(path: Path) -> bool:
-    """Whether a checkpoint file reads back whole."""
-    import torch
-    from safetensors.torch import load_file
-
-    try:
-        if path.suffix == ".safetensors":
-            load_file(path)
-        elif path.suffix in (".bin", ".pt", ".pkl"):  # accelerate writes all three with torch.save
-            torch.load(path, map_location="cpu", weights_only=False)
-        elif path.suffix == ".json":
-            json.loads(path.read_text())
-    except DAMAGED:
-        return False
-    return True
 
 
 def describe(model) -> dict:
@@ -104,19 +140,24 @@ def save(model, folder: str | Path) -> None:
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in model.vokens.state_dict().items()}, folder / VOKENS_FILE)
-    model.mapper.save_pretrained(folder / "mapper")
+    with writing(folder / VOKENS_FILE):
+        save_file({k: v.detach().contiguous() for k, v in model.vokens.state_dict().items()}, folder / VOKENS_FILE)
+    with writing(folder / "mapper"):
+        model.mapper.save_pretrained(folder / "mapper")
     kind = model.recipe.adapter.kind
     if kind != "none":
         # Adapter weights only: PEFT would add the whole embedding and LM head of a resized vocabulary
         # (about 0.5 GB at 7B); the voken rows are in VOKENS_FILE, and the rest are the base model's.
-        model.llm.save_pretrained(folder / "adapter", save_embedding_layers=False)
+        with writing(folder / "adapter"):
+            model.llm.save_pretrained(folder / "adapter", save_embedding_layers=False)
     if kind == "prefix":
         # PEFT saves the prefix as its computed key/values, which is enough for inference but not
         # for training on: keep the projection's own weights beside it.
-        save_file({k: v.detach().contiguous() for k, v in model.llm.prompt_encoder.state_dict().items()},
-                  folder / PREFIX_FILE)
-    (folder / META_FILE).write_text(json.dumps(describe(model), indent=2))
+        with writing(folder / PREFIX_FILE):
+            save_file({k: v.detach().contiguous() for k, v in model.llm.prompt_encoder.state_dict().items()},
+                      folder / PREFIX_FILE)
+    with writing(folder / META_FILE):
+        (folder / META_FILE).write_text(json.dumps(describe(model), indent=2))
 
 
 def load(model, folder: str | Path, adapter: bool = True) -> None:
@@ -129,77 +170,77 @@ def load(model, folder: str | Path, adapter: bool = True) -> None:
 
 def read(model, folder: str | Path, adapter: bool = True) -> dict:
     """The tensors of checkpoint `folder`, checked against `model`, by the model's parameter names (so
-    a sharded model can load them with torch's distributed state-dict functions)."""
+    a sharded model can load them with torch's distributed state-dict functions). Only safetensors and
+    JSON are read; a file that is missing or does not load is named."""
     folder = Path(folder)
     meta_path = folder / META_FILE
     if not meta_path.is_file():
         raise UserError(f"{folder} is not a minigpt5 checkpoint (no {META_FILE})")
-    try:
-        check_compatible(json.loads(meta_path.read_text()), describe(model), folder, adapter)
-        return _read(model, folder, adapter)
-    except DAMAGED as e:
-        raise damaged(folder, e) from None
-
-
-def _read(model, folder: Path, adapter: bool) -> dict:
-    from safetensors.torch import load_file
-
-    state = _strict(model.vokens, load_file(folder / VOKENS_FILE), folder / VOKENS_FILE, "vokens.")
-    saved = _load_mapper(folder / "mapper")
-    diff = [f"{k} {saved.config.get(k)} there, {v} here" for k, v in model.mapper.config.items()
-            if not k.startswith("_") and saved.config.get(k) != v]
+    check_compatible(read_json(folder, meta_path), describe(model), folder, adapter)
+    state = _strict(model.vokens, tensors(folder, folder / VOKENS_FILE), folder / VOKENS_FILE, "vokens.")
+    # A setting the saved config lacks (one added since it was written) has the mapper's default.
+    config = {**_defaults(type(model.mapper)), **read_json(folder, folder / "mapper" / MAPPER_CONFIG)}
+    diff = [f"{k} {config.get(k)} there, {v} here" for k, v in model.mapper.config.items()
+            if not k.startswith("_") and config.get(k) != v]
     if diff:
         raise UserError(f"checkpoint {folder}: its mapper differs from the recipe's ({', '.join(diff)})")
-    state.update({f"mapper.{k}": v for k, v in saved.state_dict().items()})
+    path = folder / "mapper" / MAPPER_FILE
+    state.update(_strict(model.mapper, tensors(folder, path), path, "mapper."))
     kind = model.recipe.adapter.kind
     if adapter and kind == "prefix":
-        state.update(_strict(model.llm.prompt_encoder, load_file(folder / PREFIX_FILE), folder / PREFIX_FILE,
+        state.update(_strict(model.llm.prompt_encoder, tensors(folder, folder / PREFIX_FILE), folder / PREFIX_FILE,
                              "llm.prompt_encoder."))
     elif adapter and kind == "lora":
-        state.update(_read_adapter(model, folder / "adapter"))
+        state.update(_read_adapter(model, folder, folder / "adapter" / ADAPTER_FILE))
     return state
 
 
-def _load_mapper(folder: Path) -> FeatureMapper:
-    """The mapper in `folder`, read by `from_pretrained`; a weight file that lacks a tensor or holds an
-    extra one is refused rather than filled with random weights."""
-    import diffusers
+def _defaults(cls) -> dict:
+    """The default of each keyword of `cls`'s constructor."""
+    import inspect
 
-    level = diffusers.utils.logging.get_verbosity()
-    diffusers.utils.logging.set_verbosity_error()  # its warnings would repeat the error below
-    try:
-        mapper, info = FeatureMapper.from_pretrained(folder, output_loading_info=True)
-    finally:
-        diffusers.utils.logging.set_verbosity(level)
-    bad = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
-    if bad:
-        raise UserError(f"{folder} does not fit this model: " + "; ".join(
-            f"{k.replace('_keys', '')} {', '.join(map(str, v[:3]))}" for k, v in bad.items()))
-    return mapper
+    return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def tensors(folder: Path, path: Path) -> dict:
+    """The tensors of `path`, a safetensors file of checkpoint `folder`."""
+    from safetensors.torch import load_file
+
+    with reading(folder, path):
+        return load_file(path)
+
+
+def _misfit(wanted: dict, state: dict) -> str:
+    """What keeps `state` from being exactly the tensors `wanted` holds (same names and shapes), or ''."""
+    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
+    shapes = [f"{k} {list(state[k].shape)} there, {list(wanted[k].shape)} here"
+              for k in sorted(set(wanted) & set(state)) if tuple(state[k].shape) != tuple(wanted[k].shape)]
+    return "; ".join(f"{what} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+                     for what, keys in (("missing", missing), ("unexpected", unexpected), ("mismatched", shapes))
+                     if keys)
 
 
 def _strict(module, state: dict, where: Path, prefix: str) -> dict:
-    """`state` (the tensors of `module`) under the model's names, when its keys are exactly the module's."""
-    missing, unexpected = (sorted(set(module.state_dict()) - set(state)), sorted(set(state) - set(module.state_dict())))
-    if missing or unexpected:
-        raise UserError(f"{where} does not fit this model: " + "; ".join(
-            f"{what} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
-            for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys))
+    """`state` (the tensors of `module`) under the model's names, when its keys and shapes are exactly the
+    module's (a file missing a tensor is refused rather than leaving random weights)."""
+    bad = _misfit(module.state_dict(), state)
+    if bad:
+        raise UserError(f"{where} does not fit this model: {bad}")
     return {prefix + k: v for k, v in state.items()}
 
 
-def _read_adapter(model, folder: Path) -> dict:
-    """The PEFT adapter in `folder`, read with PEFT's own loader; every adapter tensor must be there. Its
-    keys are PEFT's: the LLM's parameter names without the adapter's name."""
-    from peft import get_peft_model_state_dict, load_peft_weights
+def _read_adapter(model, folder: Path, path: Path) -> dict:
+    """The PEFT adapter weights in `path` (as PEFT writes them; its config is not read: the recipe says
+    what adapter the model has); every adapter tensor must be there. Its keys are PEFT's: the LLM's
+    parameter names without the adapter's name."""
+    from peft import get_peft_model_state_dict
 
-    state = load_peft_weights(str(folder), device="cpu")
+    state = tensors(folder, path)
     wanted = get_peft_model_state_dict(model.llm, save_embedding_layers=False)  # as `save` writes it
-    missing, unexpected = sorted(set(wanted) - set(state)), sorted(set(state) - set(wanted))
-    if missing or unexpected:
-        keys = missing or unexpected
-        raise UserError(f"checkpoint {folder}: its adapter does not fit this model "
-                        f"({'missing' if missing else 'unexpected'} {', '.join(keys[:3])})")
+    bad = _misfit(wanted, state)
+    if bad:
+        raise UserError(f"checkpoint {folder}: its adapter does not fit this model ({bad})")
     name = f".{model.llm.active_adapter}."
     names = {n.replace(name, "."): f"llm.{n}" for n, _ in model.llm.named_parameters()}
     return {names[k]: v for k, v in state.items()}

@@ -325,7 +325,7 @@ def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = Fa
             safety = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in index else {}
             built = _from_configs(path, index, dtype, skip=safety) if empty else {}
             pipe = DiffusionPipeline.from_pretrained(path, dtype=dtype, **safety, **built)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: JSON nested too deeply
         raise hub.load_error("generator", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     cls = FAMILIES.get(type(pipe).__name__)
     if cls is None:

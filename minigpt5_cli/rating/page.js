@@ -1,7 +1,8 @@
 "use strict";
 // One rater's pass through the study. Every text reaches the page through textContent, never as
 // markup. Answers are kept in localStorage after each change, so a reload or a closed tab loses
-// nothing, and leave the browser only as the downloaded JSON file.
+// nothing, and leave the browser only as the downloaded JSON file. The story on screen is built
+// once; an answer only updates its buttons, so the page neither moves nor loses keyboard focus.
 (function () {
   const data = JSON.parse(document.getElementById("study-data").textContent);
   const KEY = "minigpt5-rating:" + data.study;
@@ -9,6 +10,7 @@
   const $ = (id) => document.getElementById(id);
   let state = load();
   let unsaved = false;  // this browser refused to store the answers
+  let built = null;  // the story on screen: {state, k}
 
   function now() { return new Date().toISOString(); }
 
@@ -79,6 +81,29 @@
     return img;
   }
 
+  function questionRows() {
+    return data.questions.map((q, i) => {
+      const row = el("div", null, "question");
+      const text = el("p", (i + 1) + ". " + q.text);
+      text.id = "question-" + i;
+      row.setAttribute("role", "group");
+      row.setAttribute("aria-labelledby", text.id);
+      row.dataset.question = q.key;
+      const choices = el("div", null, "choices");
+      for (const [value, label] of CHOICES) {
+        const b = el("button", label);
+        b.type = "button";
+        b.dataset.choice = value;
+        b.addEventListener("click", () => answer(i, value, false));
+        choices.append(b);
+      }
+      row.append(text, choices);
+      $("questions").append(row);
+      return row;
+    });
+  }
+  const rows = questionRows();
+
   function showSegments(target, responses) {
     target.replaceChildren();
     responses.forEach((segments, k) => {
@@ -91,6 +116,29 @@
 
   function answeredCount() {
     return state.answers.filter((a) => data.questions.every((q) => a[q.key])).length;
+  }
+
+  function showPair(k) {
+    const pair = data.pairs[state.order[k]];
+    $("pair-title").textContent = "Story " + (k + 1) + " of " + data.pairs.length;
+    const context = $("context");
+    context.replaceChildren();
+    for (const step of pair.context) {
+      const card = el("div", null, "step");
+      if (step.text) card.append(el("p", step.text));
+      if (step.image) card.append(image(step.image, "story image"));
+      context.append(card);
+    }
+    showSegments($("side-a"), pair.continuations[state.shown[k][0]]);
+    showSegments($("side-b"), pair.continuations[state.shown[k][1]]);
+    built = { state: state, k: k };
+  }
+
+  // Focus stays where the rater put it; when that control is gone (hidden, disabled), it goes to
+  // `fallback`, without scrolling.
+  function settle(fallback) {
+    const f = document.activeElement;
+    if (!f || f === document.body || f.disabled || !f.offsetParent) fallback.focus({ preventScroll: true });
   }
 
   function render() {
@@ -113,47 +161,28 @@
         ? "You answered every story. Download your answers and send the file to the study's organiser."
         : (n - done) + " of " + n + " stories still lack an answer; you can download what you have now.";
       $("done").hidden = false;
+      settle($("download"));
       return;
     }
-    const k = state.current, pair = data.pairs[state.order[k]];
+    const k = state.current;
     if (!state.first_shown[k]) {
       state.first_shown[k] = now();
       save();
     }
     $("pair").hidden = false;
-    $("pair-title").textContent = "Story " + (k + 1) + " of " + n;
-    const context = $("context");
-    context.replaceChildren();
-    for (const step of pair.context) {
-      if (step.text) context.append(el("p", step.text));
-      if (step.image) context.append(image(step.image, "story image"));
-    }
-    showSegments($("side-a"), pair.continuations[state.shown[k][0]]);
-    showSegments($("side-b"), pair.continuations[state.shown[k][1]]);
-    const box = $("questions");
-    box.replaceChildren();
-    data.questions.forEach((q, i) => {
-      const row = el("div", null, "question" + (i === state.question ? " active" : ""));
-      row.setAttribute("role", "group");
-      row.dataset.question = q.key;
-      row.append(el("p", (i + 1) + ". " + q.text));
-      const choices = el("div", null, "choices");
-      for (const [value, label] of CHOICES) {
-        const b = el("button", label);
-        b.type = "button";
-        b.dataset.choice = value;
-        b.setAttribute("aria-pressed", String(state.answers[k][q.key] === value));
-        b.addEventListener("click", () => answer(i, value));
-        choices.append(b);
+    if (!built || built.state !== state || built.k !== k) showPair(k);
+    rows.forEach((row, i) => {
+      row.classList.toggle("active", i === state.question);
+      for (const b of row.querySelectorAll("button")) {
+        b.setAttribute("aria-pressed", String(state.answers[k][data.questions[i].key] === b.dataset.choice));
       }
-      row.append(choices);
-      box.append(row);
     });
     $("prev").disabled = k === 0;
     $("next").textContent = k === n - 1 ? "Finish →" : "Next →";
+    settle($("pair-title"));
   }
 
-  function answer(i, value) {
+  function answer(i, value, byKey) {
     const k = state.current;
     state.answers[k][data.questions[i].key] = value;
     state.answered[k] = now();
@@ -161,6 +190,7 @@
     state.question = open >= 0 ? open : i;
     save();
     render();
+    if (byKey) rows[state.question].scrollIntoView({ block: "nearest" });  // the highlighted question, in view
   }
 
   function go(step) {
@@ -174,11 +204,18 @@
       state.question = open >= 0 ? open : 0;
     }
     save();
-    render();
     window.scrollTo(0, 0);
+    render();
+  }
+
+  // The rater's id in the file name, every letter of it kept: only what a file system refuses goes.
+  function fileName(rater) {
+    const safe = Array.from(rater.replace(/[\u0000-\u001f\u007f<>:"\/\\|?*]+/g, "_")).slice(0, 60).join("");
+    return "answers-" + (safe.replace(/^[\s.]+|[\s.]+$/g, "") || "rater") + "-" + data.study + ".json";
   }
 
   function download() {
+    if (!state) return;
     const doc = {
       format: "minigpt5-rating", study: data.study, seed: data.seed, rater: state.rater,
       rater_seed: state.rater_seed, started: state.started, exported: now(),
@@ -191,7 +228,7 @@
     const blob = new Blob([JSON.stringify(doc, null, 2)], { type: "application/json" });
     const link = el("a");
     link.href = URL.createObjectURL(blob);
-    link.download = "answers-" + state.rater.replace(/[^\w.-]+/g, "_").slice(0, 60) + "-" + data.study + ".json";
+    link.download = fileName(state.rater);
     document.body.append(link);
     link.click();
     link.remove();
@@ -212,6 +249,7 @@
     const open = state.answers.findIndex((a) => !data.questions.every((q) => a[q.key]));
     state.current = open >= 0 ? open : 0;
     save();
+    window.scrollTo(0, 0);
     render();
   });
   $("restart").addEventListener("click", () => {
@@ -220,16 +258,18 @@
     state = null;
     render();
   });
+  // The arrow keys up and down, page keys and space are left to the browser: they scroll.
   document.addEventListener("keydown", (event) => {
     if (!state || state.finished || event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.target instanceof HTMLInputElement) return;
-    const key = event.key.toLowerCase(), count = data.questions.length;
+    const key = event.key.toLowerCase(), number = Number(key);
     const choice = { a: "A", b: "B", t: "tie" }[key];
-    if (choice) answer(state.question, choice);
-    else if (key === "arrowdown" || key === "arrowup") {
-      state.question = (state.question + (key === "arrowdown" ? 1 : count - 1)) % count;
+    if (choice) answer(state.question, choice, true);
+    else if (Number.isInteger(number) && number >= 1 && number <= data.questions.length) {
+      state.question = number - 1;
       save();
       render();
+      rows[state.question].scrollIntoView({ block: "nearest" });
     } else if (key === "arrowright") go(1);
     else if (key === "arrowleft") go(-1);
     else return;

@@ -3,7 +3,9 @@
 Per question: the share of judgements preferring each model and ties, with 95% Wilson intervals,
 and a sign test of one model's wins against the other's. Agreement: Fleiss' kappa over the pairs
 every rater answered, and per rater the share of their judgements that match another rater's on
-the same pair. Writes `results.json` and `preferences.png`.
+the same pair. Writes `results.json` and `preferences.png`. The models are named as the key names
+them (their output folders), never A or B: those are the page's sides, which change from pair to
+pair and from rater to rater.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import io
 import json
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import read_json, writable_folder, write_atomic
 from minigpt5_cli.rating import stats
-from minigpt5_cli.rating.build import PLOT, RESULTS, read_study
+from minigpt5_cli.rating.build import PLOT, RESULTS, read_key
 
 EXPORT_FORMAT = "minigpt5-rating"  # what the study page writes
 FORMAT = "minigpt5-results"
@@ -29,9 +32,9 @@ def read_answers(path: Path, key: dict) -> dict:
     doc = read_json(path)
     if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT:
         raise UserError(f"{path} is not a rating export (the answers file the study page downloads)")
-    if doc.get("study") != key["study"] or doc.get("seed") != key["seed"]:
+    if doc.get("study") != key["study"] or doc.get("seed") != key["page_seed"]:
         raise UserError(f"{path} is from another study (study {doc.get('study')!r}, seed {doc.get('seed')!r}); "
-                        f"this study is {key['study']!r}, seed {key['seed']}")
+                        f"this study is {key['study']!r}, seed {key['page_seed']}")
     rater, pairs = doc.get("rater"), doc.get("pairs")
     if not isinstance(rater, str) or not rater.strip() or not isinstance(pairs, list):
         raise UserError(f"{path} is a damaged rating export (no rater id or no pairs)")
@@ -40,7 +43,7 @@ def read_answers(path: Path, key: dict) -> dict:
     answers: dict[str, dict[str, str]] = {}
     for k, pair in enumerate(pairs, start=1):
         where = f"{path}: pair {k}"
-        if not isinstance(pair, dict) or pair.get("id") not in slots:
+        if not isinstance(pair, dict) or not isinstance(pair.get("id"), str) or pair["id"] not in slots:
             raise UserError(f"{where} is not one of this study's stories")
         if pair["id"] in answers:
             raise UserError(f"{where}: story {pair['id']!r} appears twice")
@@ -58,22 +61,29 @@ def read_answers(path: Path, key: dict) -> dict:
 def aggregate(key: dict, raters: list[dict]) -> dict:
     """results.json's content from the unblinded answers of every rater."""
     ids = [p["id"] for p in key["pairs"]]
-    out = {"format": FORMAT, "study": key["study"], "seed": key["seed"], "models": key["models"],
-           "questions": {}, "agreement": {"fleiss_kappa": {}, "pairs": {}}, "raters": []}
+    names = {m: key["models"][m]["name"] for m in "ab"}
+    out = {"format": FORMAT, "study": key["study"], "seed": key.get("seed"),
+           "models": [key["models"]["a"], key["models"]["b"]],
+           "questions": {}, "agreement": {"fleiss_kappa": {}, "pairs": {}, "undefined": {}}, "raters": []}
     for q in key["questions"]:
         votes = [r["answers"][sid][q["key"]] for r in raters for sid in ids if q["key"] in r["answers"].get(sid, {})]
         n = len(votes)
-        row = {"label": q["label"], "text": q["text"], "n": n}
+        row = {"label": q["label"], "text": q["text"], "n": n, "preferences": {}}
         for side in ("a", "b", "tie"):
             count = votes.count(side)
-            row[side] = {"count": count, "share": count / n if n else None, "ci95": list(stats.wilson(count, n))}
-        row["sign_test_p"] = stats.sign_test(row["a"]["count"], row["b"]["count"])
+            row["preferences"][names.get(side, side)] = {"count": count, "share": count / n if n else None,
+                                                         "ci95": list(stats.wilson(count, n))}
+        row["sign_test_p"] = stats.sign_test(votes.count("a"), votes.count("b"))
         out["questions"][q["key"]] = row
         # Fleiss' kappa needs every pair rated by everyone: the pairs some rater skipped are left out.
         items = [[r["answers"][sid][q["key"]] for r in raters] for sid in ids
                  if all(q["key"] in r["answers"].get(sid, {}) for r in raters)]
-        out["agreement"]["fleiss_kappa"][q["key"]] = stats.fleiss_kappa(items) if len(raters) > 1 else None
+        kappa = stats.fleiss_kappa(items) if len(raters) > 1 else None
+        out["agreement"]["fleiss_kappa"][q["key"]] = kappa
         out["agreement"]["pairs"][q["key"]] = len(items) if len(raters) > 1 else 0
+        if kappa is None:
+            out["agreement"]["undefined"][q["key"]] = "one rater" if len(raters) < 2 else \
+                "no story answered by every rater" if not items else "every judgement the same"
     for r in raters:
         same = total = 0
         for sid, given in r["answers"].items():
@@ -94,8 +104,8 @@ def results(study: Path, files: list[Path], output: Path | None = None) -> tuple
         import matplotlib  # noqa: F401
     except ImportError:
         raise UserError("rate results draws its plot with matplotlib: pip install 'minigpt5[rate]'") from None
-    key = read_study(study)
-    output = output or study
+    key, folder = read_key(study)
+    output = output or folder
     writable_folder(output, "--output")
     _check_outputs(output)
     raters = [read_answers(path, key) for path in files]
@@ -120,8 +130,8 @@ def _check_outputs(output: Path) -> None:
     ours = False
     if (output / RESULTS).exists():
         try:
-            ours = json.loads((output / RESULTS).read_text(encoding="utf-8")).get("format") == FORMAT
-        except (OSError, ValueError, AttributeError):
+            ours = read_json(output / RESULTS, check_text=False).get("format") == FORMAT
+        except (UserError, AttributeError):  # unreadable, too large, not JSON, not an object: not ours
             ours = False
         if not ours:
             raise UserError(f"{output / RESULTS} was not written by rate results; pick another --output")
@@ -131,25 +141,39 @@ def _check_outputs(output: Path) -> None:
 
 def _pct(side: dict) -> str:
     if side["share"] is None:
-        return "-"
+        return "n/a (no judgements)"
     low, high = side["ci95"]
     return f"{side['share']:.1%} [{100 * low:.1f}, {100 * high:.1f}]"
+
+
+# Why a kappa is undefined, short enough for a cell.
+WHY = {"one rater": "one rater", "no story answered by every rater": "no overlap",
+       "every judgement the same": "all alike"}
+
+
+def _model(m: dict) -> str:
+    what = ", ".join(f"{k} {m[k]}" for k in ("mode", "model") if m.get(k))
+    return escape(f"{m['name']}: {m['option']} {m['path']}" + (f" ({what})" if what else ""))
 
 
 def table(report: dict) -> Table:
     """One column per question: each model's share and the ties', then the tests."""
     n = len(report["raters"])
     questions = report["questions"]
-    t = Table(title=f"study {report['study']}: {n} rater{'s' * (n != 1)}; share of judgements (95% Wilson interval)")
-    t.add_column("")
+    # Names, ids and labels are the user's text, printed as it is: never read as rich markup.
+    t = Table(title=escape(f"study {report['study']}: {n} rater{'s' * (n != 1)}; share of judgements "
+                           "(95% Wilson interval)"),
+              caption="\n".join(_model(m) for m in report["models"]))
+    t.add_column("preferred")
     for row in questions.values():
-        t.add_column(row["label"], justify="right")
-    for side in ("a", "b", "tie"):
-        t.add_row(report["models"][side]["label"] if side != "tie" else "tie", *(_pct(r[side]) for r in questions.values()))
+        t.add_column(escape(row["label"]), justify="right")
+    for name in [m["name"] for m in report["models"]] + ["tie"]:
+        t.add_row(escape(name), *(_pct(r["preferences"][name]) for r in questions.values()))
     t.add_row("judgements", *(str(r["n"]) for r in questions.values()))
     t.add_row("sign test p", *(f"{r['sign_test_p']:.3g}" for r in questions.values()))
-    kappa = report["agreement"]["fleiss_kappa"]
-    t.add_row("Fleiss' kappa", *("-" if kappa[q] is None else f"{kappa[q]:.2f}" for q in questions))
+    kappa, undefined = report["agreement"]["fleiss_kappa"], report["agreement"]["undefined"]
+    t.add_row("Fleiss' kappa", *(f"n/a ({WHY[undefined[q]]})" if kappa[q] is None else f"{kappa[q]:.2f}"
+                                 for q in questions))
     return t
 
 
@@ -157,9 +181,17 @@ def rater_table(report: dict) -> Table:
     t = Table()  # agreement: the share of a rater's judgements that match another rater's on the same pair
     for column in ("rater", "judgements", "agrees with others"):
         t.add_column(column, justify="left" if column == "rater" else "right")
+    alone = len(report["raters"]) < 2
     for r in report["raters"]:
-        t.add_row(r["rater"], str(r["judgements"]), "-" if r["agreement"] is None else f"{r['agreement']:.1%}")
+        agreement = f"{r['agreement']:.1%}" if r["agreement"] is not None else \
+            "n/a (one rater)" if alone else "n/a (no overlap)"
+        t.add_row(escape(r["rater"]), str(r["judgements"]), agreement)
     return t
+
+
+def _plain(text: str) -> str:
+    """Text drawn as it is: a $ would start matplotlib's math, which can fail to parse."""
+    return text.replace("$", r"\$")
 
 
 def plot(report: dict) -> bytes:
@@ -167,26 +199,27 @@ def plot(report: dict) -> bytes:
     from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
 
     rows = list(report["questions"].values())
-    sides = [("a", report["models"]["a"]["label"], "#3366cc"), ("b", report["models"]["b"]["label"], "#dc7633"),
-             ("tie", "tie", "#999999")]
+    sides = [(m["name"], m["name"], colour) for m, colour in zip(report["models"], ("#3366cc", "#dc7633"))] + \
+        [("tie", "tie", "#999999")]
     fig = Figure(figsize=(7, 4), layout="constrained")
     ax = fig.add_subplot()
     height = 0.26
     for j, (side, name, colour) in enumerate(sides):
         y = [i + (j - 1) * height for i in range(len(rows))]
-        share = [100 * (r[side]["share"] or 0) for r in rows]
-        low, high = [100 * r[side]["ci95"][0] for r in rows], [100 * r[side]["ci95"][1] for r in rows]
+        share = [100 * (r["preferences"][side]["share"] or 0) for r in rows]
+        low = [100 * r["preferences"][side]["ci95"][0] for r in rows]
+        high = [100 * r["preferences"][side]["ci95"][1] for r in rows]
         err = [[s - lo for s, lo in zip(share, low)], [hi - s for s, hi in zip(share, high)]]
-        ax.barh(y, share, height, xerr=err, color=colour, label=name, capsize=3, error_kw={"elinewidth": 1})
+        ax.barh(y, share, height, xerr=err, color=colour, label=_plain(name), capsize=3, error_kw={"elinewidth": 1})
         for yy, s, hi in zip(y, share, high):
             ax.text(hi + 1.5, yy, f"{s:.1f}%", va="center", fontsize=8)
-    ax.set_yticks(range(len(rows)), [r["label"] for r in rows])
+    ax.set_yticks(range(len(rows)), [_plain(r["label"]) for r in rows])
     ax.invert_yaxis()
     ax.set_xlim(0, 112)  # room for the labels beyond a whisker at 100
     ax.set_xticks(range(0, 101, 20))
     ax.set_xlabel("judgements preferring (%), with 95% Wilson intervals")
     n = len(report["raters"])
-    ax.set_title(f"study {report['study']}: {n} rater{'s' * (n != 1)}", fontsize=10)
+    ax.set_title(_plain(f"study {report['study']}: {n} rater{'s' * (n != 1)}"), fontsize=10)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, fontsize=8, frameon=False)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=150)

@@ -13,8 +13,8 @@ and stage-2 recipes name as `model.llm` or `model.generator` like any local back
 
 Both honour `train.max_steps` (or `train.epochs` when it is 0), `train.batch_size` and
 `train.grad_accum`; they run in one process in float32 (the recipe must say
-`train.mixed_precision: "no"`), without `--resume`: an interrupted run saves what it has to
-`output_dir` and says so.
+`train.mixed_precision: "no"`), without `--resume`: a run interrupted (Ctrl-C, SIGTERM) saves
+what it has to `output_dir` and says so.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from minigpt5_cli import display
+from minigpt5_cli import display, files
 from minigpt5_cli import images as imaging
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.collate import TARGETS, Collator
@@ -38,6 +38,7 @@ from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.families import quirks
 
 STATE_FILE = "scratch_state.json"
+CONFIGS = ("config.json", "model_index.json")  # what from_pretrained reads first, of a model and of a pipeline
 KL_WEIGHT = 1e-6  # VAE: the KL term only keeps the posterior from collapsing; reconstruction dominates
 VAE_WARMUP = 20  # VAE: warm up over 1/20 of its steps
 ENCODE_BATCH = 256  # images per VAE call when measuring the latents
@@ -47,6 +48,8 @@ REPORT = Console()  # what a stage reports goes to stdout; warnings and progress
 
 
 def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
+    from minigpt5_cli.training.train import IN_USE
+
     console = console or Console(stderr=True)
     t = recipe.train
     if resume:
@@ -54,12 +57,20 @@ def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Consol
     if not recipe.data.train:
         raise UserError("no training data: set data.train")
     out = Path(t.output_dir)
-    if out.exists() and any(out.iterdir()):
+    _check_empty(out)
+    with files.run_lock(out, IN_USE.format(out)):
+        _check_empty(out)  # again: a run that held the lock until now may have filled it
+        torch.manual_seed(t.seed)
+        source = load_sources([recipe.data.train, *recipe.data.extra], 1 if t.stage == "generator" else 2,
+                              recipe.data.allow_outside_paths)
+        run = _train_generator if t.stage == "generator" else _train_llm
+        return run(recipe, source, out, console)
+
+
+def _check_empty(out: Path) -> None:
+    """Refuse an output_dir that holds anything but the lock file (which a run that failed leaves)."""
+    if out.exists() and any(p.name != files.LOCK_FILE for p in out.iterdir()):
         raise UserError(f"{out} is not empty; pick another train.output_dir")
-    torch.manual_seed(t.seed)
-    source = load_sources([recipe.data.train, *recipe.data.extra], 1 if t.stage == "generator" else 2)
-    run = _train_generator if t.stage == "generator" else _train_llm
-    return run(recipe, source, out, console)
 
 
 def _schedule(optimizer, warmup: int, total: int):
@@ -69,14 +80,20 @@ def _schedule(optimizer, warmup: int, total: int):
 
 
 def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
-    """Write beside the target and rename, so `output_dir` holds a whole backbone or nothing."""
+    """Write beside `output_dir`, then move what was written into it, each file and folder by a rename.
+    `output_dir` holds nothing else (the run checked, and holds it), and its lock file stays in place,
+    held: were it replaced, another run could lock the new one while this one still writes. The
+    configs move last: a folder an interruption left half-filled does not load as a backbone."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    recipes.save(recipe, tmp / "recipe.yaml")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    try:
+        write(tmp)
+        recipes.save(recipe, tmp / "recipe.yaml")
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        for entry in sorted(tmp.iterdir(), key=lambda p: p.name in CONFIGS):
+            entry.rename(out / entry.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

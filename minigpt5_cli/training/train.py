@@ -4,7 +4,10 @@ and generator (backbones from scratch) are in `toyworld/scratch.py`.
 
 Checkpoints are `OUTPUT/checkpoint-STEP/` folders holding only the trained weights (vokens as
 safetensors, the mapper via `save_pretrained`, the PEFT adapter folder), `recipe.yaml`, and the
-optimizer and scheduler state for `--resume` (`state.py`), alike under DDP and FSDP.
+optimizer and scheduler state for `--resume` (`state.py`), alike under DDP and FSDP. Ctrl-C or
+SIGTERM (a cluster's preemption) saves the last finished step first; one run at a time holds
+OUTPUT (the lock on `OUTPUT/.lock`), and `--resume` refuses a recipe that differs from its
+checkpoint's but in RESUMABLE keys.
 """
 
 from __future__ import annotations
@@ -14,7 +17,9 @@ import json
 import math
 import os
 import shutil
-from contextlib import nullcontext
+import signal
+import threading
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -44,11 +49,50 @@ def _step_seed(seed: int, batch: int) -> int:
     return (seed * SEED_STRIDE + batch * MICRO_STRIDE) % (2**63)
 
 
+IN_USE = "{} is in use by another train run; wait for it to end, or pick another train.output_dir"
+# What a resumed run may change: how it saves, logs, loads data and samples afterwards; not what it computes.
+RESUMABLE = ("train.output_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.tracker",
+             "data.num_workers", "sample.")
+# What to do instead, where the general advice does not say why.
+INSTEAD = dict.fromkeys(("train.max_steps", "train.epochs"), "the learning rate's schedule, restored with the run, "
+                        "spans its steps as they were set; to train for more or fewer steps, start a new "
+                        "train.output_dir")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a cluster preempting the job, `kill`) during training: it stops as Ctrl-C stops it,
+    saving the last finished step."""
+
+
+@contextmanager
+def sigterm_interrupts():
+    """For the block, SIGTERM raises Terminated as Ctrl-C raises KeyboardInterrupt; a repeat while that
+    is handled (a launcher passing the signal on) is ignored, so the save runs to its end. The previous
+    handler is back afterwards. Python handles signals in the main thread only: elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
 def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
     """Train one stage; return the last checkpoint folder."""
+    with sigterm_interrupts():
+        return _train(recipe, resume, console)
+
+
+def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Path:
     from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.utils import DataLoaderConfiguration, DistributedType, set_seed
-    from transformers import get_linear_schedule_with_warmup
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
 
     console = console or Console(stderr=True)  # warnings and progress; the report goes to stdout
     report = Console()
@@ -58,22 +102,20 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         from minigpt5_cli.toyworld.scratch import train_backbone
 
         return train_backbone(recipe, resume, console)
-    if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+    # What runs; the recipe saved (and compared on --resume) stays as given, so a run resumes on a
+    # machine with or without a GPU alike.
+    precision = t.mixed_precision
+    if precision == "fp16" and not torch.cuda.is_available():
         console.print("[yellow]warning:[/] fp16 needs a GPU; training in fp32 (bf16 works on CPUs)")
-        recipe = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision="no"))
-        t = recipe.train
+        precision = "no"
     if t.stage == 2 and not t.init_from:
         raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from (or none, to start "
                         "the vokens and the mapper fresh)")
     if not recipe.data.train:
         raise UserError("no training data: set data.train")
     out = Path(t.output_dir)
-    existing = checkpoints(out)
-    if existing and not resume:
-        raise UserError(f"{out} already holds checkpoints; pass --resume to continue, or pick another output_dir")
-
     accelerator = Accelerator(
-        mixed_precision=t.mixed_precision,
+        mixed_precision=precision,
         log_with=None if t.tracker == "none" else t.tracker,
         project_dir=str(out),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=t.seed),
@@ -90,12 +132,49 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
         raise UserError(f"accelerate started {started} processes, but they did not join one process group "
                         f"({accelerator.distributed_type}): the accelerate config does not fit this machine; "
                         "on CPUs set ACCELERATE_USE_CPU=true, or launch one process")
+    with ExitStack() as held:
+        _lock(accelerator, out, held)
+        return _run(recipe, precision, accelerator, resume, console, report)
+
+
+def _lock(accelerator, out: Path, held: ExitStack) -> None:
+    """The main process holds the folder's lock for the run's lifetime (`held`): a second run is refused
+    before it reads or writes anything there, on every one of its processes alike, with the main one's
+    error. Collective."""
+    from accelerate.utils import broadcast_object_list
+
+    error = None
+    if accelerator.is_main_process:
+        try:
+            held.enter_context(files.run_lock(out, IN_USE.format(out)))
+        except (UserError, OSError) as e:
+            error = e
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise error
+
+
+def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, console: Console,
+         report: Console) -> Path:
+    """Train as `recipe` says (saved with each checkpoint), in `precision` (the recipe's, but fp32 for
+    fp16 without a GPU)."""
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import get_linear_schedule_with_warmup
+
+    t, out = recipe.train, Path(recipe.train.output_dir)
+    existing = checkpoints(out)
+    if existing and not resume:
+        raise UserError(f"{out} already holds checkpoints; pass --resume to continue, or pick another output_dir")
+    if existing and resume:
+        _check_resumed(recipe, existing[-1])
     main = accelerator.is_main_process
     set_seed(t.seed)
-    source = load_sources([recipe.data.train, *recipe.data.extra], t.stage)
+    source = load_sources([recipe.data.train, *recipe.data.extra], t.stage, recipe.data.allow_outside_paths)
     _check_cache(source, recipe)
     fresh = t.stage == 1 or t.init_from == "none"
-    model = build_model(recipe, init_from=None if fresh else checkpoint_folder(t.init_from))
+    running = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision=precision))
+    model = build_model(running, init_from=None if fresh else checkpoint_folder(t.init_from))
     if main:
         report.print(table(model, recipe))
         if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
@@ -118,11 +197,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
 
     step = 0
     if resume and existing:
-        state.load(accelerator, model, optimizer, scheduler, existing[-1])
-        try:
-            step = json.loads((existing[-1] / STATE_FILE).read_text())["step"]
-        except checkpoint.DAMAGED as e:
-            raise checkpoint.damaged(existing[-1], e) from None
+        step = state.load(accelerator, model, optimizer, scheduler, existing[-1])
         if main:
             report.print(f"resumed from {existing[-1]} at step {step}")
     elif resume and main:
@@ -161,7 +236,7 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
                 logs = {k: accelerator.reduce(v / t.grad_accum, "mean").item() for k, v in sums.items()}
                 sums = {}
                 norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                _check_finite(logs, norm if t.mixed_precision != "fp16" else None, step + 1, last)
+                _check_finite(logs, norm if precision != "fp16" else None, step + 1, last)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -183,6 +258,29 @@ def train(recipe: recipes.Recipe, resume: bool = False, console: Console | None 
     if main:
         report.print(f"done: {last}")
     return last
+
+
+def _check_resumed(recipe: recipes.Recipe, folder: Path) -> None:
+    """Refuse a resumed run whose recipe differs from the one its checkpoint was trained with, but for
+    the RESUMABLE keys: the restored optimizer and scheduler would keep the old values anyway (a new
+    learning rate), or the run would change halfway (data, model), while its checkpoints claimed otherwise."""
+    path = folder / "recipe.yaml"
+    try:
+        saved = _leaves(recipes.to_dict(recipes.load(path)))
+    except UserError as e:  # e.g. a key an earlier version had; most messages name the file already
+        raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
+    for key, value in _leaves(recipes.to_dict(recipe)).items():
+        if not key.startswith(RESUMABLE) and saved[key] != value:
+            instead = INSTEAD.get(key, "start a new train.output_dir to change it")
+            raise UserError(f"--resume continues the run as saved in {path}: {key} is {recipes._show(value)} here, "
+                            f"{recipes._show(saved[key])} there; {instead}")
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    leaves = {}
+    for key, value in tree.items():
+        leaves.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return leaves
 
 
 def make_optimizer(model: MiniGPT5, recipe: recipes.Recipe) -> torch.optim.AdamW:
@@ -220,7 +318,8 @@ def _check_cache(source, recipe: recipes.Recipe) -> None:
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: recipes.Recipe, step: int) -> Path:
     """Write `checkpoint-STEP` beside a temporary name and rename, then rotate old ones out. A failed
-    write (a full disk) leaves the earlier checkpoints as they were, and no partial folder."""
+    write (a full disk: an OSError naming the file, whatever library wrote it) leaves the earlier
+    checkpoints as they were, and no partial folder."""
     out = Path(recipe.train.output_dir)
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     if accelerator.is_main_process:
@@ -231,8 +330,10 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: recipes.Re
         state.save(accelerator, model, optimizer, scheduler, tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            recipes.save(recipe, tmp / "recipe.yaml")
-            (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+            with checkpoint.writing(tmp / "recipe.yaml"):
+                recipes.save(recipe, tmp / "recipe.yaml")
+            with checkpoint.writing(tmp / STATE_FILE):
+                (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
     except BaseException:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,68 @@
+import json
+
+import pytest
+
+from minigpt5_cli import files
+from minigpt5_cli.errors import UserError
+
+
+def _error(fn, *args) -> str:
+    with pytest.raises(UserError) as e:
+        fn(*args)
+    return str(e.value)
+
+
+def test_json_nested_too_deeply_or_with_too_long_a_number(tmp_path):
+    path = tmp_path / "s.json"
+    path.write_text("[" * 100_000)
+    assert _error(files.read_json, path) == f"{path}: not valid JSON (nested too deeply at line 1 column 1)"
+    path.write_text('{"a": [1, ' + "9" * 5000 + "]}")
+    assert _error(files.read_json, path) == f"{path}: not valid JSON (a number of more than 4300 digits at line 1 " \
+        "column 11)"
+    lines = tmp_path / "s.jsonl"
+    lines.write_text('{"a": 1}\n' + "[" * 100_000 + "\n")
+    assert _error(list, files.json_lines(lines)) == f"{lines} line 2: not valid JSON (nested too deeply)"
+
+
+def test_large_json_is_refused_unread(tmp_path):
+    path = tmp_path / "s.json"
+    with path.open("wb") as f:
+        f.truncate(2 * files.MAX_DOCUMENT)  # sparse: no disk used
+    assert _error(files.read_json, path) == f"{path} is too large (512 MiB; at most 256 MiB is read)"
+
+
+def test_json_lines_reads_a_line_at_a_time(tmp_path, monkeypatch):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": 1}\n' + b" " * 2**20 + b'\n\xff\n')
+    lines = files.json_lines(path)
+    assert next(lines) == (1, f"{path} line 1", {"a": 1})  # read before the rest of the file
+    assert _error(next, lines) == f"{path} is not UTF-8 text"
+
+    monkeypatch.setattr(files, "MAX_LINE", 16)
+    path.write_text('{"a": 1}\n{"a": "0123456789"}\n')
+    assert _error(list, files.json_lines(path)) == \
+        f"{path} line 2 is too long (over 16 characters); a line holds one record"
+    path.write_text('{"a": "01234"}\n')  # 14 characters, then the end of the line
+    assert list(files.json_lines(path)) == [(1, f"{path} line 1", {"a": "01234"})]
+    path.write_text('{"a": "\u00e9\u00e9\u00e9\u00e9\u00e9"}\n', encoding="utf-8")  # 14 characters, 19 bytes
+    assert list(files.json_lines(path)) == [(1, f"{path} line 1", {"a": "\u00e9" * 5})]
+
+
+def test_json_lines_end_only_at_line_breaks(tmp_path):
+    """JSON strings may hold U+2028 and U+0085 as they are: they do not end a line; CRLF does."""
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps({"text": "a\u2028b\x85c"}, ensure_ascii=False).encode() + b"\r\n\r\n{}\r\n")
+    assert [(n, r) for n, _, r in files.json_lines(path)] == [(1, {"text": "a\u2028b\x85c"}), (3, {})]
+
+
+def test_locks_open_without_o_nofollow(tmp_path, monkeypatch):
+    """Windows has no O_NOFOLLOW: locking an output folder and clearing stale partial folders still work."""
+    monkeypatch.delattr(files.os, "O_NOFOLLOW", raising=False)
+    with files.run_lock(tmp_path / "run", "in use"):
+        pass
+    stale = tmp_path / ".out.partial-x"
+    stale.mkdir()
+    (stale / files.LOCK_FILE).touch()  # no process holds it: a killed run's
+    with files.staged(tmp_path / "out", replace=False) as tmp:
+        (tmp / "data").write_text("x")
+    assert not stale.exists() and (tmp_path / "out" / "data").read_text() == "x"
