@@ -11,6 +11,7 @@ import typer
 
 from minigpt5_cli.demo.cli import DEMO_HELP
 from minigpt5_cli.demo.cli import demo as demo_command
+from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import WRITE_ERRORS, writable_file, writable_folder
 from minigpt5_cli.rating.cli import rate_app
@@ -38,14 +39,16 @@ Examples:
 PREPARE_HELP = """Turn CC3M, VIST or MMDialog, as found on disk, into one Hugging Face dataset that train
 reads directly. Bad records are skipped, counted in DIR/summary.json and listed in DIR/rejects.jsonl.
 
-\b
-CC3M: a TSV (official caption<TAB>url with --images named by row number; MiniGPT-5's
-caption<TAB>image_path; GILL's caption<TAB>image) or img2dataset output (webdataset .tar shards,
+CC3M: a TSV (official caption<TAB>url with --images named by row number; MiniGPT-5's \
+caption<TAB>image_path; GILL's caption<TAB>image) or img2dataset output (webdataset .tar shards, \
 the files layout, or parquet with image bytes).
-VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or the derived
+
+VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or the derived \
 {story_id: [{caption, image_id, sequence_index}]} form with --image-mapping.
+
 MMDialog: conversations as JSON Lines or one JSON array; images are <media_key>.jpg beside it.
-toy: the shapes world, generated (no --input): DIR/pairs, DIR/stories, DIR/stories_test (held
+
+toy: the shapes world, generated (no --input): DIR/pairs, DIR/stories, DIR/stories_test (held \
 out, steps 1-4 in, step 5 out) and DIR/dialogs.
 
 \b
@@ -55,17 +58,19 @@ Examples:
   minigpt5 prepare-data vist --input vist/ --split test --continuation --output data/vist_test
   minigpt5 prepare-data mmdialog --input mmdialog/train/conversations.json --output data/mmdialog
   minigpt5 prepare-data toy --output data/toy --seed 0
-  minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --cache-latents --generator stabilityai/stable-diffusion-2-1-base
+  minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --cache-latents \\
+      --generator stabilityai/stable-diffusion-2-1-base
 """
 
 
-@app.command("prepare-data", help=PREPARE_HELP)
+@app.command("prepare-data", help=PREPARE_HELP, short_help="CC3M, VIST or MMDialog into one dataset that train "
+             "reads; toy generates the shapes world.")
 def prepare_data(
     fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist, mmdialog, or toy (the shapes world)."),
     input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="The raw data: a file or a folder."),
     output: Path = typer.Option(..., "--output", "-o", help="The dataset folder to write."),
-    split: Optional[str] = typer.Option(None, help="VIST: the split, when --input is the VIST root "
-                                        "[default: the root's only split].", show_default=False),
+    split: Optional[str] = typer.Option(None, help="VIST: the split, when --input is the VIST root.",
+                                        show_default="the root's only split"),
     images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
     image_mapping: Optional[Path] = typer.Option(None, help="VIST derived form: {image_id: path} JSON."),
     clean_captions: bool = typer.Option(True, help="CC3M: lower-case and strip punctuation as the original."),
@@ -111,7 +116,8 @@ def prepare_data(
     typer.echo(f"{summary['kept']} kept, rejected: {rejected}; written to {output}")
 
 
-@app.command(help=TRAIN_HELP)
+@app.command(help=TRAIN_HELP, short_help="Train stage 1 or 2, or a shapes-world backbone from scratch, from a "
+             "YAML recipe.")
 def train(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe under recipes/."),
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides.", show_default=False),
@@ -152,6 +158,9 @@ a dataset folder from prepare-data, or plain text. Writes story.json, story.md, 
 to OUTPUT (one folder per story and an index.html for many). Stories already finished under OUTPUT
 are kept.
 
+The shipped model knows the shapes world's words only; it reads others as unknown (a warning names them):
+{vocabulary}
+
 \b
 Examples:
   minigpt5 generate --story "Draw a red circle at the top left." --output out/shapes   # shipped model
@@ -162,9 +171,24 @@ Examples:
 """
 
 
-@app.command(help=GENERATE_HELP)
+class GenerateCommand(typer.core.TyperCommand):
+    """generate's help lists the shapes world's words, read from the world only when the help is shown (it
+    loads numpy: every other command starts without it)."""
+
+    def format_help(self, ctx, formatter):
+        from minigpt5_cli.generation.stories import EXAMPLES, shapes_vocabulary
+
+        lines = [f"  {kind}: {', '.join(words)}" for kind, words in shapes_vocabulary().items()]
+        lines.append("  requests: " + ", then ".join(f'"{e}"' for e in EXAMPLES))
+        self.help = GENERATE_HELP.replace("{vocabulary}", "\b\n" + "\n".join(lines))
+        return super().format_help(ctx, formatter)
+
+
+@app.command(help=GENERATE_HELP, cls=GenerateCommand, short_help="Continue stories with interleaved text and "
+             "images.")
 def generate(
-    story: str = typer.Option(..., "--story", "-s", help="A .json / .jsonl story file, or plain text."),
+    story: str = typer.Option(..., "--story", "-s", help="A .json / .jsonl story file, a dataset folder, or "
+                              "plain text (a missing path is refused, not read as text)."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Checkpoint, run or bundle folder, or a "
                                          "recipe (base backbones, untrained vokens). Default: the shapes-world "
                                          "model that ships with minigpt5.", show_default=False),
@@ -172,19 +196,20 @@ def generate(
     mode: str = typer.Option("vokens", help="vokens (MiniGPT-5) or two-stage (text, then text-to-image)."),
     batch_size: int = typer.Option(1, "--batch-size", "-b", help="Stories generated together."),
     steps: int = typer.Option(1, help="Responses per story, each appended to the story before the next."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per response, voken groups included "
-                                                 "[default: the model recipe's sample section; paper: 256]."),
-    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling [default: recipe's; paper: 0.9]."),
-    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 decodes greedily "
-                                                "[default: recipe's; paper: 1.0]."),
-    repetition_penalty: Optional[float] = typer.Option(None, help="HF-style repetition penalty; 1 turns it off "
-                                                       "[default: recipe's; paper: 2.0]."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens per response, voken groups included.",
+                                                 show_default="the model recipe's sample section; paper: 256"),
+    top_p: Optional[float] = typer.Option(None, help="Nucleus sampling: the share of probability mass sampled "
+                                          "from.", show_default="the recipe's; paper: 0.9"),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature; 0 decodes greedily.",
+                                                show_default="the recipe's; paper: 1.0"),
+    repetition_penalty: Optional[float] = typer.Option(None, help="HF-style repetition penalty; 1 turns it off.",
+                                                       show_default="the recipe's; paper: 2.0"),
     min_images: int = typer.Option(1, help="A response that ends with fewer images gets a voken group "
                                    "at its end; 0 lets the model decide alone."),
-    diffusion_steps: Optional[int] = typer.Option(None, help="Denoising steps per image [default: recipe's; "
-                                                  "paper: 50]."),
-    guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance; 1 turns it off "
-                                                   "[default: recipe's; paper: 7.5]."),
+    diffusion_steps: Optional[int] = typer.Option(None, help="Denoising steps per image.",
+                                                  show_default="the recipe's; paper: 50"),
+    guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance; 1 turns it off.",
+                                                   show_default="the recipe's; paper: 7.5"),
     image_size: int = typer.Option(0, help="Image side in pixels; 0 uses the generator's resolution."),
     seed: int = typer.Option(0, help="Base seed; each story and image derives its own from it."),
     precision: Optional[str] = typer.Option(None, help="no, bf16 or fp16; default: the recipe's."),
@@ -215,7 +240,7 @@ def generate(
     net, info = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
     done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
     page = output / ("index.html" if is_collection(story) else "story.html")
-    typer.echo(f"{len(done)} stories in {output}; open {page}")
+    typer.echo(f"{plural(len(done), 'story', 'stories')} in {output}; open {page}")
 
 
 BUNDLE_HELP = """Make one self-contained folder from a checkpoint: its trained weights, both
@@ -228,7 +253,7 @@ Example:
 """
 
 
-@app.command(help=BUNDLE_HELP)
+@app.command(help=BUNDLE_HELP, short_help="One self-contained, shippable folder from a checkpoint.")
 def bundle(
     checkpoint: Path = typer.Argument(..., help="Checkpoint or run folder written by train."),
     output: Path = typer.Argument(..., help="The folder to write."),
@@ -249,7 +274,8 @@ EVALUATE_HELP = """Score predictions against references with the paper's metrics
 output folder (a story's prediction is its first generated response) or a JSONL file of
 {"id", "text", "images"} lines; REFERENCES is a prepared dataset split or a JSONL file; both are
 matched by id. Metrics: clip_i, clip_t, fid, is, bleu1, bleu2, rouge_l, meteor, sbert, mm_relevance,
-mm_relevance_minigpt5, or a preset: vist, mmdialog, cc3m, all. Writes OUTPUT (metrics.json) and
+mm_relevance_minigpt5, toy_colour, toy_shape, toy_position, toy_text, or a preset: vist, mmdialog, cc3m,
+toy (the shapes world's), all. Writes OUTPUT (metrics.json) and
 a per-sample CSV beside it, and prints a table. --compare prints two metrics.json side by side.
 
 \b
@@ -258,11 +284,12 @@ Examples:
   minigpt5 evaluate -p out/many -r recipes/debug/data/sequences.jsonl -m all --skip-unavailable \\
       -o out/many/metrics.json
   minigpt5 evaluate -p out/dialog -r data/mmdialog_test -m mmdialog --compat minigpt5 -o m.json
+  minigpt5 evaluate -p out/stories -r data/toy/stories_test -m toy -o out/stories/metrics.json
   minigpt5 evaluate --compare out/baseline/metrics.json out/vist/metrics.json
 """
 
 
-@app.command(help=EVALUATE_HELP)
+@app.command(help=EVALUATE_HELP, short_help="Score predictions against references with the paper's metrics.")
 def evaluate(
     predictions: Optional[Path] = typer.Option(None, "--predictions", "-p", help="generate output folder or JSONL."),
     references: Optional[Path] = typer.Option(None, "--references", "-r", help="Prepared dataset split or JSONL."),

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import sys
 import tempfile
 from contextlib import contextmanager
@@ -179,6 +180,7 @@ def write_atomic(writers: dict[Path, object]) -> None:
     try:
         for path, write in writers.items():
             fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+            _chmod(fd, temps[path], _mode(path, 0o666))  # mkstemp's 0600 would hide the file from other users
             if isinstance(write, bytes):
                 with os.fdopen(fd, "wb") as f:
                     f.write(write)
@@ -191,6 +193,28 @@ def write_atomic(writers: dict[Path, object]) -> None:
         for tmp in temps.values():
             if os.path.exists(tmp):
                 os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o077)  # reading the umask means setting it
+    os.umask(mask)
+    return mask
+
+
+def _mode(path: Path, plain: int) -> int:
+    """The mode a plain write of `path` gives: the existing file's, or `plain` less the umask."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        st = None
+    return st.st_mode & 0o777 if st is not None and stat.S_ISREG(st.st_mode) else plain & ~_umask()
+
+
+def _chmod(fd: int, path: str, mode: int) -> None:
+    if os.chmod in os.supports_fd:
+        os.chmod(fd, mode)
+    else:
+        os.chmod(path, mode)
 
 
 @contextmanager
@@ -216,6 +240,7 @@ def staged(out: Path, replace: bool):
             old, old_lock = _partial(out)  # locked too: a kill while it is removed leaves a stale partial
             os.replace(out, old / "x")
         (tmp / LOCK_FILE).unlink(missing_ok=True)  # not part of the result; the open file keeps the lock until the end
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from other users
         try:
             os.rename(tmp, out)  # fails when another run put a folder there since the check
         except OSError:

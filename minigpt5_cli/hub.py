@@ -23,6 +23,24 @@ class _DropTorchvisionFallback(logging.Filter):
         return "requires torchvision (not installed); falling back to" not in record.getMessage()
 
 
+class _DropSafetyNotice(logging.Filter):
+    """diffusers warns whenever a Stable Diffusion pipeline is built without its safety checker, which
+    minigpt5 never loads: it is not part of the conditioning, and its outputs are its research results."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "You have disabled the safety checker" not in record.getMessage()
+
+
+# Where diffusers warns of it: the pipelines minigpt5 builds without a safety checker.
+SAFETY_LOGGERS = ("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion",)
+
+
+def _filter(name: str, cls: type[logging.Filter]) -> None:
+    logger = logging.getLogger(name)
+    if not any(isinstance(f, cls) for f in logger.filters):
+        logger.addFilter(cls())
+
+
 def quiet(errors_only: bool = False) -> None:
     """Per-file loading bars from transformers and diffusers drown our own progress display."""
     import diffusers
@@ -30,9 +48,9 @@ def quiet(errors_only: bool = False) -> None:
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropTorchvisionFallback) for f in logger.filters):
-        logger.addFilter(_DropTorchvisionFallback())
+    _filter("transformers.utils.import_utils", _DropTorchvisionFallback)
+    for name in SAFETY_LOGGERS:
+        _filter(name, _DropSafetyNotice)
     if errors_only:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()

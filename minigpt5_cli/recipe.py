@@ -1,7 +1,8 @@
 """The recipe schema: one tree of dataclasses, loaded from YAML, overridden with `key.sub=value`.
 
 Every field is typed; loading checks types and rejects unknown keys with a "did you mean" hint.
-The resolved recipe is written into every checkpoint folder as `recipe.yaml`.
+The resolved recipe is written into every checkpoint folder as `recipe.yaml`, local backbones named
+relative to that folder (`anchored`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -395,3 +397,39 @@ def dump(recipe: Recipe) -> str:
 
 def save(recipe: Recipe, path: str | Path) -> None:
     Path(path).write_text(dump(recipe))
+
+
+BACKBONES = ("llm", "generator")  # the keys of `model` that name a backbone
+
+
+def local(name: str) -> bool:
+    """Whether backbone `name` can only be a local path: it starts with '.', '/' or '~', or holds a backslash
+    or more than one '/'. A hub id is `name` or `org/name`; `tiny:`-style names hold ':'."""
+    return ":" not in name and (name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1)
+
+
+def anchored(recipe: Recipe, folder: str | Path) -> Recipe:
+    """`recipe` as saved in `folder`: a backbone given as a relative path that exists (from the current
+    folder) is named relative to `folder`, so that the folder finds it from anywhere, and after moving
+    together with it (`bundle.beside` reads it back); it starts with '.' (`./`, `../`), so it never reads as
+    a hub id. Hub ids, `tiny:`-style names and absolute paths stay as given; so do the data paths and
+    `train.init_from`, which only `train --resume` reads, from the folder the run started in."""
+    def relative(name: str) -> str:
+        if not name or ":" in name or Path(name).is_absolute() or not Path(name).exists():
+            return name
+        path = os.path.relpath(Path(name).resolve(), Path(folder).resolve())
+        return path if path.startswith(".") else f"./{path}"
+
+    m = recipe.model
+    return dataclasses.replace(recipe, model=dataclasses.replace(m, **{k: relative(getattr(m, k)) for k in BACKBONES}))
+
+
+def check_found(recipe: Recipe, keys: tuple[str, ...] = BACKBONES, where: str | Path | None = None) -> None:
+    """Refuse a backbone (of `keys`) named by a local path that does not exist, read from the current
+    folder: otherwise the hub's libraries take it for a malformed hub id. `where`: the recipe file."""
+    for key in keys:
+        name = getattr(recipe.model, key)
+        if local(name) and not Path(name).exists():
+            raise UserError(f"{f'{where}: ' if where else ''}recipe key 'model.{key}' names {_show(name)}, which is "
+                            f"not found (no folder {_cut(str(Path(name).absolute()), 200)}); a relative path is read "
+                            "from the current folder")

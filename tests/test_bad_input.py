@@ -564,6 +564,31 @@ def resume_with_recipe(c: Ctx, text: str) -> list[str]:
     return train_args(c) + ["--resume"]
 
 
+def generate_mistyped_jsonl(c: Ctx) -> list[str]:
+    """A bare .jsonl name, no folder in it: a path all the same, never the story's text."""
+    c.monkeypatch.chdir(c.tmp)
+    return generate_args(c, "stories_tst.jsonl")
+
+
+def backbones_left_behind(c: Ctx, command: str) -> list[str]:
+    """A copy of the stage-2 run whose recipe names its LLM beside the run, where it is not: the run was
+    moved without it. From the case's folder, so the current folder holds no such path either."""
+    c.monkeypatch.chdir(c.tmp)
+    run = c.copy("s2")
+    with_model(run / "checkpoint-4", llm="../../llm")
+    if command == "bundle":
+        return ["bundle", str(run), str(c.tmp / "b")]
+    return generate_args(c, "a circle.", model=run)
+
+
+def recipe_naming_missing(c: Ctx, command: str) -> list[str]:
+    c.monkeypatch.chdir(c.tmp)
+    if command == "train":
+        return train_args(c, f"data.train={PAIRS}", "model.llm=missing/toy/llm")
+    recipe = c.file("r.yaml", "model: {llm: missing/toy/llm, generator: tiny:sd}\n")
+    return generate_args(c, "a circle.", model=recipe)
+
+
 @dataclass
 class Case:
     id: str
@@ -590,6 +615,9 @@ CASES = [
          "OUTPUT {tmp}/\\xff is not a UTF-8 name"),
     Case("bundle-remote-code", bundle_remote_code,
          "{tmp}/s2/checkpoint-4: its recipe asks to run the code in the LLM 'tiny:llava'; pass --trust-remote-code"),
+    Case("bundle-backbone-not-found", lambda c: backbones_left_behind(c, "bundle"),
+         "{tmp}/s2/checkpoint-4/recipe.yaml names the backbone '../../llm', which is not found relative to "
+         "{tmp}/s2/checkpoint-4, nor to the current folder"),
     # train: garbage settings refused before any work
     Case("train-image-outside", lambda c: train_args(c, "data.train=" + str(c.file("d/d.jsonl", json.dumps(
         {"caption": "x", "image": str(IMAGES / "red_circle.png")})))),
@@ -598,6 +626,8 @@ CASES = [
     Case("train-backbone-config-too-deep", lambda c: train_args(c, f"model.llm={c.file('llm/config.json', '[' * 100_000).parent}"),
          "cannot load the LLM '{tmp}/llm'"),
     Case("train-lr-nan", lambda c: train_args(c, "train.lr=nan"), "recipe key 'train.lr' must be a finite number"),
+    Case("train-backbone-not-found", lambda c: recipe_naming_missing(c, "train"),
+         "recipe key 'model.llm' names 'missing/toy/llm', which is not found (no folder {tmp}/missing/toy/llm)"),
     Case("train-lr-inf", lambda c: train_args(c, "train.lr=.inf"), "recipe key 'train.lr' must be a finite number"),
     Case("train-lr-negative", lambda c: train_args(c, "train.lr=-1e-3"), "recipe key 'train.lr' must be above 0"),
     Case("train-mapper-lr-nan", lambda c: train_args(c, "train.mapper_lr_scale=nan"),
@@ -780,6 +810,10 @@ CASES = [
     Case("generate-another-story-there", generate_over_another, "{tmp}/out holds another story ('circle')"),
     Case("generate-raced", generate_raced, "{tmp}/out/story.json was written by another run meanwhile"),
     Case("generate-disk-full", generate_disk_full, "No space left on device"),
+    Case("generate-story-mistyped-folder", lambda c: generate_args(c, c.tmp / "data" / "stories_tst"),
+         "--story {tmp}/data/stories_tst: no such file or folder; to use it as text"),
+    Case("generate-story-mistyped-jsonl", generate_mistyped_jsonl,
+         "--story stories_tst.jsonl: no such file or folder; to use it as text"),
     Case("generate-temperature-nan", lambda c: generate_args(c, "x", "--temperature", "nan"),
          "--temperature must be a finite number"),
     Case("generate-guidance-nan", lambda c: generate_args(c, "x", "--guidance-scale", "nan"),
@@ -794,6 +828,15 @@ CASES = [
          "{tmp}/bundle: its recipe asks to run the code in the LLM 'llm'; pass --trust-remote-code if you trust it"),
     Case("generate-backbone-outside-bundle", bundle_leading_out,
          "{tmp}/m/bundle/recipe.yaml names the backbone '../../elsewhere', which leads outside {tmp}/m/bundle"),
+    Case("generate-backbone-not-found", lambda c: backbones_left_behind(c, "generate"),
+         "{tmp}/s2/checkpoint-4/recipe.yaml names the backbone '../../llm', which is not found relative to "
+         "{tmp}/s2/checkpoint-4, nor to the current folder"),
+    Case("generate-bundle-backbone-not-found", lambda c: generate_args(c, "a circle.", model=with_model(
+        c.copy("bundle"), llm="./gone")), "{tmp}/bundle/recipe.yaml names the backbone './gone', which is not found "
+         "in {tmp}/bundle"),
+    Case("generate-recipe-backbone-not-found", lambda c: recipe_naming_missing(c, "generate"),
+         "{tmp}/r.yaml: recipe key 'model.llm' names 'missing/toy/llm', which is not found (no folder "
+         "{tmp}/missing/toy/llm)"),
     Case("generate-image-outside-story", image_outside_story,
          "{tmp}/s/story.json: the image '../a.png' of step 1 is outside {tmp}/s"),
     Case("generate-output-in-model", output_in_model,

@@ -131,3 +131,19 @@ def test_a_refused_setting_is_told_on_the_page_without_a_traceback(model, tmp_pa
     with pytest.raises(gr.Error, match="--seed") as refused:
         submit({"text": "Draw a red circle.", "files": []}, [], [], "vokens", 16, 1.0, 0.9, 1.0, 1, 2, 7.5, 2**64)
     assert refused.value.print_exception is False
+
+
+def test_the_page_lists_the_words_a_shapes_model_knows(model, tmp_path):
+    import gradio as gr
+    from transformers import AutoTokenizer
+
+    from minigpt5_cli.demo.app import build_app, vocabulary
+    from minigpt5_cli.toyworld import tiny, world
+
+    net, info = model
+    intro = [b.value for b in build_app(net, info, tmp_path).blocks.values() if isinstance(b, gr.Markdown)][0]
+    for words in [*world.PALETTE, *world.SHAPES, *world.PLACES.values(), "Now make it a square."]:
+        assert words in intro
+    other = type("Net", (), {"tokenizer": AutoTokenizer.from_pretrained(tiny.resolve("tiny:llava"))})
+    assert vocabulary(other) == ""  # another world's model: no shapes to list
+

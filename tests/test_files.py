@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -66,3 +67,23 @@ def test_locks_open_without_o_nofollow(tmp_path, monkeypatch):
     with files.staged(tmp_path / "out", replace=False) as tmp:
         (tmp / "data").write_text("x")
     assert not stale.exists() and (tmp_path / "out" / "data").read_text() == "x"
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_outputs_get_the_modes_of_a_plain_write(tmp_path, umask_022):
+    """A study or story folder served by a web server must be readable by others, as plain writes are."""
+    files.write_atomic({tmp_path / "index.html": lambda f: f.write("x"), tmp_path / "key.bin": b"k"})
+    assert (tmp_path / "index.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "key.bin").stat().st_mode & 0o777 == 0o644
+    (tmp_path / "index.html").chmod(0o640)  # a plain write keeps an existing file's mode
+    files.write_atomic({tmp_path / "index.html": b"y"})
+    assert (tmp_path / "index.html").stat().st_mode & 0o777 == 0o640
+    with files.staged(tmp_path / "out", replace=False) as tmp:
+        (tmp / "data").write_text("x")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

@@ -1,4 +1,6 @@
 import json
+import logging
+import re
 import shutil
 import sys
 
@@ -197,6 +199,90 @@ def test_jsonl_gives_folders_and_index_and_keeps_finished_stories(runs, tmp_path
     assert (out / "s2" / "story.json").stat().st_mtime_ns != before
 
 
+def test_off_a_terminal_generate_prints_plain_progress_lines(runs, tmp_path, monkeypatch, capsys):
+    """A log file gets `stories DONE/TOTAL (RATE/s)` lines; here every update, not every 30 s."""
+    from minigpt5_cli import display
+
+    monkeypatch.setattr(display, "PLAIN_EVERY", 0)
+    path = tmp_path / "stories.jsonl"
+    path.write_text('{"id": "s1", "steps": [{"text": "a circle."}]}\n{"id": "s2", "steps": [{"text": "b"}]}\n')
+    assert run_cli("generate", "--story", str(path), "--model", str(runs / "lora"), "--output", str(tmp_path / "out"),
+                   *FAST) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("stories ")]
+    assert any(line.startswith("stories 1/2 (") for line in lines), lines
+    assert lines[-1].startswith("stories 2/2 (") and lines[-1].endswith("/s)"), lines
+
+
+def test_index_lists_prompts_with_small_thumbnails(runs, tmp_path, capsys):
+    path = tmp_path / "stories.jsonl"
+    path.write_text('{"id": "s1", "steps": [{"text": "there is a red circle in the middle of the picture."}]}\n')
+    out = tmp_path / "out"
+    assert run_cli("generate", "--story", str(path), "--model", str(runs / "lora"), "--output", str(out), *FAST) == 0
+    assert f"1 story in {out}" in capsys.readouterr().out
+    index = (out / "index.html").read_text()
+    assert '<a href="s1/story.html">there is a red circle in the middle of the picture.</a>' in index
+    assert '<img class="thumb"' in index and "img.thumb{width:6em;min-width:0" in index  # beats img's min-width
+
+
+def test_help_texts_read_whole(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "240")
+    helps = {}
+    for command in ([], ["prepare-data"], ["train"], ["generate"], ["bundle"], ["evaluate"]):
+        run_cli(*command, "--help")
+        helps[" ".join(command)] = capsys.readouterr().out
+    for command, text in helps.items():
+        assert not re.search(r"\w \.(\s|$)", text), command  # "Nucleus sampling .": a default eaten as markup
+    rows = [line.split()[1] for line in helps[""].splitlines() if line.startswith("│ ")]
+    assert rows == ["--help", "prepare-data", "train", "generate", "bundle", "evaluate", "demo", "rate"], rows
+    assert "MiniGPT-5's caption<TAB>image_path" in helps["prepare-data"]  # a paragraph is not cut mid-sentence
+    assert "cc3m, toy" in " ".join(helps["evaluate"].split())
+
+
+class Records(logging.Handler):
+    """What the loggers of diffusers and transformers would print."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def library_log():
+    handler, loggers = Records(), [logging.getLogger("diffusers"), logging.getLogger("transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+    yield handler.lines
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def test_two_stage_says_once_how_many_captions_clip_cut(runs, library_log, capsys):
+    from rich.console import Console
+
+    from minigpt5_cli import display
+
+    model, _ = G.load(str(runs / "lora"))
+    renderer = G.Renderer(model, G.Settings(mode="two-stage", diffusion_steps=1))
+    limit = model.generator.tokenizer.model_max_length
+    with display.progress(Console(stderr=True)):
+        for _ in range(2):
+            renderer([1, 2], captions=["a circle " * limit, "a circle."])
+    assert not [line for line in library_log if "truncated" in line or "longer than" in line]
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and f"2 captions were cut to CLIP's {limit} tokens" in err, err
+
+
+def test_a_pipeline_without_safety_checker_says_nothing_of_it(library_log):
+    from minigpt5_cli.modeling.generators import load_generator
+
+    gen = load_generator("tiny:sd")
+    type(gen.pipe)(**gen.pipe.components)  # as the generator stage builds the pipeline it saves
+    assert not [line for line in library_log if "safety checker" in line]
+
+
 def test_text_only_llm_drops_story_images_with_a_warning(tmp_path, story_file, capsys):
     recipe = yaml.safe_load((DEBUG / "stage1.yaml").read_text())
     recipe["model"]["llm"] = "tiny:llama"
@@ -237,7 +323,7 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, story_file, capsys):
     bad.write_text('{"steps": [{"text": ""}]}')
     assert "empty" in gen(bad)
     assert "empty" in gen(" ")
-    assert "story file not found" in gen(tmp_path / "none.jsonl")
+    assert "no such file or folder" in gen(tmp_path / "none.jsonl")
     lines = tmp_path / "bad.jsonl"
     lines.write_text('{"steps": [{"text": "a"}]}\n{"steps": 3}\n')
     assert "line 2" in gen(lines)
@@ -447,3 +533,57 @@ def test_a_failed_generate_leaves_no_folder_it_made(tmp_path, capsys):
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: image does not decode")
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+
+
+def test_words_the_shipped_model_does_not_know_are_named_in_one_line(tmp_path, capsys):
+    """A request outside the shapes world still runs, but the user is told which words the model cannot read."""
+    capsys.readouterr()
+    assert run_cli("generate", "-s", "Draw a pink star in the corner.", "-o", str(tmp_path / "out"), *FAST) == 0
+    told = [line for line in capsys.readouterr().err.splitlines() if "does not know" in line]
+    assert told == ["warning: the model does not know the words 'pink', 'star', 'corner'; they are read as unknown"]
+
+
+def test_unknown_words_are_what_the_tokenizer_cannot_hold():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from minigpt5_cli.generation.stories import EXAMPLES, unknown_words
+    from minigpt5_cli.modeling.bundle import default_model
+    from minigpt5_cli.toyworld import tiny
+
+    # The shipped byte-level tokenizer holds each shapes-world word whole: anything else comes in letters.
+    shipped = AutoTokenizer.from_pretrained(default_model() / "llm")
+    assert unknown_words(shipped, ["Draw a pink star in the corner.", "A pink moon."]) == \
+        ["pink", "star", "corner", "A", "moon"]
+    assert unknown_words(shipped, EXAMPLES) == []  # what the help and the demo suggest
+    # A word-level tokenizer: the words it maps to its unknown token.
+    vocab = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "circle": 2, ".": 3}, unk_token="<unk>"))
+    vocab.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert unknown_words(PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="<unk>"),
+                         ["a pink circle."]) == ["pink"]
+    # An open byte-level vocabulary never yields its unknown token: nothing to tell.
+    assert unknown_words(AutoTokenizer.from_pretrained(tiny.resolve("tiny:llava")), ["Draw a pink star."]) == []
+
+
+def test_generate_help_lists_the_shapes_words_and_requests(capsys):
+    from minigpt5_cli.generation.stories import EXAMPLES
+    from minigpt5_cli.toyworld import world
+
+    capsys.readouterr()
+    assert run_cli("generate", "--help") == 0
+    text = " ".join(capsys.readouterr().out.split())  # as wrapped to any width
+    for words in [*world.PALETTE, *world.SHAPES, *world.PLACES.values(), *EXAMPLES]:
+        assert words in text
+
+
+def test_a_missing_path_is_refused_not_read_as_text(tmp_path, monkeypatch):
+    from minigpt5_cli.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    for arg in ("data/toy/stories_tst", "stories.jsonl", "story.json", "./story"):
+        with pytest.raises(UserError, match=f"^--story {arg}: no such file or folder; to use it as text"):
+            read_stories(arg)
+    # Text stays text: a slash among words, a sentence, a word with no separator.
+    for text in ("a red/blue circle.", "Draw a red circle.", "circle"):
+        assert [s.text for s in read_stories(text)[0].steps] == [text]
+

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -178,6 +179,20 @@ def test_bundle_runs_from_anywhere_like_its_checkpoint(tmp_path, monkeypatch):
     assert read_stories(str(tmp_path / "story.json"))[0].id == "s"
 
 
+def test_a_scratch_stage_names_its_local_backbone_relative_to_its_folder(tmp_path, monkeypatch):
+    """As train does: the recipe saved with the trained backbone names the one it started from relative to
+    itself, so the two move together."""
+    from minigpt5_cli.toyworld import scratch
+
+    (tmp_path / "runs" / "toy" / "llm_vision").mkdir(parents=True)
+    (tmp_path / "runs" / "toy" / "llm").mkdir()
+    monkeypatch.chdir(tmp_path)
+    recipe = _recipe(DEBUG.parent / "toy" / "llm.yaml")
+    assert recipe.model.llm == "runs/toy/llm_vision"
+    scratch._save(Path("runs/toy/llm"), lambda folder: folder.mkdir(), recipe, {})
+    assert recipes.load(tmp_path / "runs/toy/llm/recipe.yaml").model.llm == "../llm_vision"
+
+
 def test_tiny_names_resolve_to_distinct_folders():
     assert len({tiny.resolve(n) for n in tiny.TINY_NAMES}) == len(tiny.TINY_NAMES)
 
@@ -209,7 +224,7 @@ def test_quick_chain_runs_from_nothing(tmp_path):
     assert {m: metrics[m]["n"] for m in ("toy_colour", "toy_shape", "toy_position", "toy_text")} == \
         dict.fromkeys(("toy_colour", "toy_shape", "toy_position", "toy_text"), 6)
     assert recipes.load(tmp_path / "runs/toy/bundle/recipe.yaml").model.llm == "llm"
-    assert recipes.load(tmp_path / "runs/toy/stage1/checkpoint-2/recipe.yaml").model.llm == "runs/toy/llm"
+    assert recipes.load(tmp_path / "runs/toy/stage1/checkpoint-2/recipe.yaml").model.llm == "../../llm"
 
 
 def test_default_model_continues_held_out_stories_offline(tmp_path):

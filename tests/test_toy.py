@@ -122,3 +122,67 @@ def test_story_and_dialog_steps_carry_their_image_caption():
             for step, attrs in zip(rec["steps"], rec["attributes"]):
                 assert step["caption"] == (toy.caption(*attrs) if attrs else None)
                 assert step["caption"] is None or step["caption"] not in step["text"] or kind == "dialogs"
+
+
+# The shipped model on a sample of the grid: requests ("Draw ...") and follow-ups ("Now make it a ..."),
+# each read back by the checker. Its VAE decodes a circle in the middle as a square (the cell's centre
+# falls on a latent boundary), so those cells fail until the generator is retrained.
+MIDDLE_CIRCLE = pytest.mark.xfail(strict=True, reason="the shipped generator's VAE draws a circle in the middle "
+                                                      "as a square")
+GRID = [
+    pytest.param(("yellow", "circle", (1, 1)), None, marks=MIDDLE_CIRCLE, id="yellow-circle-middle"),
+    pytest.param(("red", "circle", (1, 1)), None, marks=MIDDLE_CIRCLE, id="red-circle-middle"),
+    pytest.param(("yellow", "square", (1, 1)), None, id="yellow-square-middle"),
+    pytest.param(("blue", "triangle", (1, 1)), None, id="blue-triangle-middle"),
+    pytest.param(("green", "circle", (0, 0)), None, id="green-circle-top-left"),
+    pytest.param(("orange", "circle", (2, 2)), None, id="orange-circle-bottom-right"),
+    pytest.param(("purple", "square", (1, 0)), None, id="purple-square-left"),
+    pytest.param(("red", "triangle", (2, 1)), None, id="red-triangle-bottom"),
+    pytest.param(("blue", "square", (0, 2)), None, id="blue-square-top-right"),
+    pytest.param(("green", "triangle", (1, 2)), None, id="green-triangle-right"),
+    pytest.param(("orange", "square", (1, 1)), "circle", marks=MIDDLE_CIRCLE, id="orange-square-middle-to-circle"),
+    pytest.param(("purple", "circle", (0, 0)), "triangle", id="purple-circle-top-left-to-triangle"),
+]
+
+
+def grid_steps(cell, other):
+    """The prompt as the dialogues phrase it: a request, or the first reply with its picture and a change."""
+    import io
+
+    from minigpt5_cli.story import Picture, Step
+
+    request = Step(f"Draw {toy.caption(*cell)}.")
+    if other is None:
+        return [request]
+    buf = io.BytesIO()
+    toy.render(*cell).save(buf, format="PNG")
+    return [request, Step(f"Here is {toy.caption(*cell)}.", Picture("start", data=buf.getvalue())),
+                  Step(f"Now make it a {other}.")]
+
+
+@pytest.fixture(scope="module")
+def grid_pictures():
+    """What the shipped model draws for every GRID cell, in one batch, with its own sampling defaults."""
+    import torch
+
+    from minigpt5_cli.generation.decoder import Decoder
+    from minigpt5_cli.generation.generate import load, run_batch
+    from minigpt5_cli.generation.renderer import Renderer
+    from minigpt5_cli.generation.settings import Settings
+    from minigpt5_cli.generation.stories import Job
+    from minigpt5_cli.modeling.bundle import default_model
+    from minigpt5_cli.story import Story
+
+    net, _ = load(str(default_model()), device="cpu")
+    settings = Settings(batch_size=len(GRID)).resolve(net.recipe.sample)
+    jobs = [Job(Story(id=p.id, steps=grid_steps(*p.values)), i) for i, p in enumerate(GRID)]
+    with torch.inference_mode():
+        run_batch(net, settings, jobs, Decoder(net, settings), Renderer(net, settings))
+    return {job.story.id: next(seg["image"] for seg in job.responses[0] if "image" in seg) for job in jobs}
+
+
+@pytest.mark.parametrize("cell, other", GRID)
+def test_shipped_model_draws_the_grid(grid_pictures, request, cell, other):
+    colour, shape, place = cell
+    want = (colour, other or shape, place)
+    assert toy.read_attributes(grid_pictures[request.node.callspec.id]) == want

@@ -281,6 +281,68 @@ def test_resume_may_change_how_the_run_saves_and_its_checkpoints_say_so(tmp_path
     assert (saved.save_every, saved.keep_checkpoints) == (1, 5)
 
 
+def test_a_run_finds_its_local_backbones_from_anywhere_and_after_moving(tmp_path, monkeypatch):
+    """Backbones given as folders relative to the working folder are saved relative to the run (its
+    recipe and each checkpoint's): generate finds them from another working folder, and after the run
+    and its backbones move together; --resume still sees the same backbones."""
+    from minigpt5_cli.toyworld import tiny
+
+    root, story = tmp_path / "root", tmp_path / "story.json"
+    story.write_text(json.dumps({"id": "s", "steps": [{"text": "a red circle.", "image": None}]}))
+    for name, folder in (("tiny:llava", "llm"), ("tiny:sd", "generator")):
+        shutil.copytree(tiny.resolve(name), root / "backbones" / folder)
+    models = ("model.llm=backbones/llm", "model.generator=backbones/generator", "train.max_steps=2")
+    monkeypatch.chdir(root)
+    assert run_cli(*stage1_args("runs/s1", *models)) == 0
+    assert run_cli(*stage2_args("runs/s2", "runs/s1", "lora", *models)) == 0
+    assert R.load(root / "runs/s2/recipe.yaml").model.llm == "../../backbones/llm"
+    saved = R.load(root / "runs/s2/checkpoint-2/recipe.yaml")
+    assert (saved.model.llm, saved.model.generator) == ("../../../backbones/llm", "../../../backbones/generator")
+    assert (saved.train.init_from, saved.train.output_dir) == ("runs/s1", "runs/s2")  # as given
+
+    args = ["generate", "-s", str(story), "--diffusion-steps", "2", "--max-new-tokens", "12"]
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(*args, "-m", "root/runs/s2", "-o", "a") == 0
+    moved = tmp_path / "elsewhere" / "root"
+    moved.parent.mkdir()
+    root.rename(moved)
+    monkeypatch.chdir(moved / "runs")
+    assert run_cli(*args, "-m", "s2", "-o", str(tmp_path / "b")) == 0
+    a, b = (json.loads((tmp_path / d / "story.json").read_text()) for d in "ab")
+    assert a["generated"] == b["generated"]
+    assert (tmp_path / "a" / "image-1.png").read_bytes() == (tmp_path / "b" / "image-1.png").read_bytes()
+    assert json.loads((tmp_path / "b" / "story.json").read_text())["model"]["llm"] == str(moved / "backbones/llm")
+    monkeypatch.chdir(moved)
+    assert run_cli(*stage2_args("runs/s2", "runs/s1", "lora", *models), "--resume") == 0
+
+
+def test_a_checkpoint_may_name_backbones_beside_its_run_a_bundle_only_inside_itself(tmp_path, monkeypatch):
+    """A run's checkpoint names the user's own backbones, wherever they lie; one of an earlier version
+    named them from the working folder, which is still read. A bundle's stay inside it. A local path
+    found nowhere is our error, never a hub id."""
+    from minigpt5_cli.errors import UserError
+    from minigpt5_cli.modeling.bundle import located
+
+    (tmp_path / "llm").mkdir()
+    run, bundle = tmp_path / "runs" / "s2" / "checkpoint-2", tmp_path / "bundle"
+    run.mkdir(parents=True)
+    (run / checkpoint.STATE_FILE).write_text("{}")
+    bundle.mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def found(folder, llm):
+        return located(folder, R.load(None, [f"model.llm={llm}", "model.generator=tiny:sd"]))
+
+    assert found(run, "../../../llm").model.llm == str(tmp_path / "llm")
+    assert found(run, "llm").model.llm == str(tmp_path / "llm")  # as an earlier version saved it
+    assert found(run, "org/model").model.llm == "org/model" and found(run, "tiny:llava").model.generator == "tiny:sd"
+    with pytest.raises(UserError, match="leads outside"):
+        found(bundle, "../llm")
+    for folder, name in ((run, "../../../gone"), (run, "runs/toy/llm"), (bundle, "./llm")):
+        with pytest.raises(UserError, match=f"recipe.yaml names the backbone '{name}', which is not found"):
+            found(folder, name)
+
+
 def test_a_checkpoint_of_an_earlier_version_resumes(tmp_path):
     """Checkpoints written by 0.x (torch.save'd optimizer.bin keyed by position, as torch's own
     `optimizer.state_dict()`, and scheduler.bin) resume to the same weights, read with torch's
@@ -506,6 +568,16 @@ def test_tensorboard_tracker_writes_events(tmp_path):
     out = tmp_path / "tb"
     assert run_cli(*stage1_args(out, "train.tracker=tensorboard", "train.max_steps=1")) == 0
     assert list(out.rglob("events.out.tfevents.*"))
+
+
+def test_off_a_terminal_training_prints_plain_progress_lines(tmp_path, monkeypatch, capsys):
+    """A log file gets a line with the step, the rate and the loss; here every update, not every 30 s."""
+    from minigpt5_cli import display
+
+    monkeypatch.setattr(display, "PLAIN_EVERY", 0)
+    assert run_cli(*stage1_args(tmp_path / "run", "train.max_steps=2")) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")]
+    assert lines and lines[-1].startswith("train 2/2 (") and " steps/s) loss " in lines[-1], lines
 
 
 def test_module_entry_point_lists_commands():

@@ -25,6 +25,18 @@ HOW = ("Write a step of a story, attach an image if you like, and the model cont
 CUT = "The start of the story was dropped to fit the model's {} tokens: the response follows on from its end."
 
 
+def vocabulary(net) -> str:
+    """A line for under the intro: the words a shapes-world model knows, and requests to try; empty for any
+    other model."""
+    from minigpt5_cli.generation.stories import EXAMPLES, shapes_only, shapes_vocabulary
+
+    if not shapes_only(net.tokenizer):
+        return ""
+    kinds = "; ".join(f"{kind}: {', '.join(words)}" for kind, words in shapes_vocabulary().items())
+    tries = ", then ".join(f"*{e}*" for e in EXAMPLES)
+    return f"This model knows the shapes world's words only ({kinds}); it reads others as unknown. Try {tries}"
+
+
 def check_port(host: str, port: int) -> None:
     """Refuse a port another program listens on, before the model is loaded."""
     try:
@@ -113,7 +125,7 @@ def build_app(net, info, workdir: Path):
         return None, chat, steps, gr.Markdown(CUT.format(net.recipe.data.max_length), visible=cut)
 
     with gr.Blocks(title="MiniGPT-5", analytics_enabled=False) as app:
-        gr.Markdown(f"## MiniGPT-5 · {html.escape(info['name'])}\n{HOW}")
+        gr.Markdown(f"## MiniGPT-5 · {html.escape(info['name'])}\n{HOW}\n\n{vocabulary(net)}")
         chat = gr.Chatbot(label="Story", height=480, render_markdown=False, sanitize_html=True, allow_tags=False,
                           feedback_options=None, buttons=[], elem_id="story")
         box = gr.MultimodalTextbox(placeholder="The next step of the story; attach an image if you like",

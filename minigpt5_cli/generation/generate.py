@@ -16,6 +16,7 @@ import dataclasses
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress
 
 from minigpt5_cli import display, files
@@ -28,7 +29,7 @@ from minigpt5_cli.generation.output import (INDEX, clashes, finished, folder_nam
                                             write_index, write_story)
 from minigpt5_cli.generation.renderer import Renderer
 from minigpt5_cli.generation.settings import Settings, derive_seed
-from minigpt5_cli.generation.stories import Job
+from minigpt5_cli.generation.stories import Job, unknown_words
 from minigpt5_cli.hub import pick_device
 from minigpt5_cli.modeling import checkpoint
 from minigpt5_cli.modeling.model import MiniGPT5, build_model
@@ -42,7 +43,7 @@ def load(model: str, precision: str | None = None, device: str | None = None,
     LLM runs code of its own only with `trust_remote_code` (the user's --trust-remote-code); a recipe
     file is the user's own, and says so itself."""
     from minigpt5_cli.modeling.backbones import remote_code
-    from minigpt5_cli.modeling.bundle import beside
+    from minigpt5_cli.modeling.bundle import located
 
     console = console or Console(stderr=True)
     path = Path(model)
@@ -54,12 +55,13 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         if not (folder / "recipe.yaml").is_file():
             raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml)")
         recipe = recipes.load(folder / "recipe.yaml", [])
-        m = recipe.model  # a bundle names its backbones as folders inside it
+        m = recipe.model
         trusted = remote_code(folder, m.trust_remote_code, trust_remote_code, m.llm)
-        recipe = dataclasses.replace(recipe, model=dataclasses.replace(
-            m, llm=beside(folder, m.llm), generator=beside(folder, m.generator), trust_remote_code=trusted))
+        m = located(folder, recipe).model  # local backbones are named relative to the folder
+        recipe = dataclasses.replace(recipe, model=dataclasses.replace(m, trust_remote_code=trusted))
     else:
         recipe = recipes.load(path, [])
+        recipes.check_found(recipe, where=path)  # the user's own recipe: paths from the current folder
     device = pick_device(device)
     precision = precision or recipe.train.mixed_precision
     if precision == "fp16" and not device.startswith("cuda"):
@@ -181,6 +183,7 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
                             "replace it, or pick another --output")
     if len(todo) < len(jobs):
         console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
+    _warn_unknown(model, [job.story for job in todo], console)  # after the refusals: an error stays one line
     before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
     new = _new_folders([out] + [folders[job.story.id] for job in todo])
     out.mkdir(parents=True, exist_ok=True)
@@ -206,6 +209,18 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
     if nested:
         write_index(out, done)
     return done
+
+
+def _warn_unknown(model: MiniGPT5, stories: list[Story], console: Console) -> None:
+    """One line naming the stories' words the LLM cannot read: the run goes on, but the user learns why the
+    pictures may miss what was asked."""
+    unknown = unknown_words(model.tokenizer, [s.text for st in stories for s in st.steps])
+    if not unknown:
+        return
+    named = ", ".join(repr(w) for w in unknown[:10]) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+    many = len(unknown) > 1
+    console.print(f"[yellow]warning:[/] the model does not know the word{'s' if many else ''} {escape(named)}; "
+                  f"{'they are' if many else 'it is'} read as unknown", soft_wrap=True)
 
 
 def _new_folders(folders: list[Path]) -> list[Path]:

@@ -166,6 +166,7 @@ def _md_image(alt: str, name: str) -> str:
 _STYLE = """body{font-family:system-ui,sans-serif;max-width:40em;margin:0 auto;padding:1em;line-height:1.5}
 img{max-width:100%;height:auto;border-radius:4px;image-rendering:pixelated;min-width:40%}
 .input{color:#555}.generated{border-left:3px solid #36c;padding-left:.8em}
+img.thumb{width:6em;min-width:0;vertical-align:middle}.id{color:#888;font-size:.8em}
 footer{color:#888;font-size:.8em;margin-top:2em}"""
 
 
@@ -212,8 +213,17 @@ def write_index(out: Path, folders: list[Path]) -> None:
     for folder in folders:
         doc = read_record(folder)
         first = next((img for step in doc["generated"] for img in step["images"]), None)
-        thumb = f'<img src="{e(folder.name)}/{e(first)}" alt="" style="width:6em">' if first else ""
+        thumb = f'<img class="thumb" src="{e(folder.name)}/{e(first)}" alt="">' if first else ""
         text = " ".join(step["text"] for step in doc["generated"])[:200]
-        items.append(f'<li><a href="{e(folder.name)}/story.html">{e(doc["id"])}</a> {thumb}<br>{e(text)}</li>')
+        prompt = _first_words(" ".join(str(step.get("text") or "") for step in doc["input"])) or doc["id"]
+        items.append(f'<li><a href="{e(folder.name)}/story.html">{e(prompt)}</a> <span class="id">{e(doc["id"])}'
+                     f'</span> {thumb}<br>{e(text)}</li>')
     page = _page("stories", f"{_INDEX_TITLE}\n<ul>\n" + "\n".join(items) + "\n</ul>")
     files.write_atomic({out / INDEX: lambda f: f.write(page)})
+
+
+def _first_words(text: str, n: int = 12) -> str:
+    """The start of a story's input text, as the index lists it."""
+    words = text.split()
+    return " ".join(words[:n]) + (" …" if len(words) > n else "")
+

@@ -4,12 +4,15 @@ A JSON file holding one story, a JSONL file holding one story per line, a datase
 `prepare-data` (its rows' steps; a continuation set's targets stay out), or plain text. A story is
 `{"id": "s1", "steps": [{"text": "...", "image": "a.png"}, ...]}` (the training sequence form) or
 just the list of steps; image paths are relative to the file and stay inside its folder (unless
-`outside` allows any path). Plain text is one step. Images are decoded only when a story's batch is
-worked on.
+`outside` allows any path). Plain text is one step; a value that looks like a path (one word with a
+separator in it, or a .json / .jsonl name) is one, and must exist. Images are decoded only when a story's
+batch is worked on.
 """
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,9 +57,12 @@ def read_stories(arg: str, outside: bool = False) -> list[Story]:
     path = _as_path(arg)
     if path is not None and path.is_dir():
         return _dataset_stories(path)
-    if path is not None and (path.suffix.lower() in (".json", ".jsonl") or path.is_file()):
+    if _looks_like_path(arg) or (path is not None and path.is_file()):
+        if path is None or not path.exists():  # a mistyped path: never the story's text
+            raise UserError(f"--story {arg}: no such file or folder; to use it as text, write it in a .json story "
+                            'file: [{"text": ...}]')
         if not path.is_file():
-            raise UserError(f"story file not found: {path}")
+            raise UserError(f"--story {arg} is neither a file nor a folder")
         if path.suffix.lower() == ".jsonl":
             stories = [_story(rec, where, path.parent, str(i), outside)
                        for i, (_, where, rec) in enumerate(json_lines(path))]
@@ -66,6 +72,13 @@ def read_stories(arg: str, outside: bool = False) -> list[Story]:
             return stories
         return [_story(read_json(path), str(path), path.parent, path.stem, outside)]
     return [Story(id="story", steps=[Step(text=arg.strip())])]
+
+
+def _looks_like_path(arg: str) -> bool:
+    """A path rather than text: one word with a path separator in it, or a .json / .jsonl name."""
+    seps = {"/", os.sep, os.altsep} - {None}
+    one_word = not any(c.isspace() for c in arg.strip())
+    return (one_word and any(sep in arg for sep in seps)) or arg.strip().lower().endswith((".json", ".jsonl"))
 
 
 def _dataset_stories(folder: Path) -> list[Story]:
@@ -105,3 +118,58 @@ def _check_ids(stories: list[Story], path: Path) -> None:
         if s.id in seen:
             raise UserError(f"{path}: story id {s.id!r} appears twice")
         seen.add(s.id)
+
+
+# -- words the model knows -----------------------------------------------------------------------------
+
+# A tokenizer learnt from the shapes world's text alone is small; a real LLM's holds tens of thousands of tokens.
+SMALL_VOCABULARY = 4096
+# Requests the shipped model answers, the second one after the first (as in the demo).
+EXAMPLES = ("Draw a red circle at the top left.", "Now make it a square.")
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text)
+
+
+def _whole(tokenizer, word: str) -> bool:
+    """Whether `word` is one token after a space (within a sentence) or alone (at its start); a single
+    character alone is one token of any byte-level vocabulary, learnt or not."""
+    def one(text: str) -> bool:
+        return len(tokenizer.encode(text, add_special_tokens=False)) == 1
+
+    return one(" " + word) or (len(word) > 1 and one(word))
+
+
+def shapes_only(tokenizer) -> bool:
+    """Whether `tokenizer` was learnt from the shapes world's text alone: small, and holding each of its
+    words whole (the toy backbones' byte-level BPE learns every merge of that text, and nothing else)."""
+    from minigpt5_cli.toyworld import world
+
+    if len(tokenizer) > SMALL_VOCABULARY:
+        return False
+    return all(_whole(tokenizer, w) for w in sorted({w for line in world.corpus() for w in _words(line)}))
+
+
+def unknown_words(tokenizer, texts) -> list[str]:
+    """The words of `texts` (in order, each once) the LLM cannot read: those its tokenizer maps to its unknown
+    token, and, for a shapes-world tokenizer, those it does not hold whole (it reads them as letters it never
+    saw make a word). A real LLM's byte-level tokenizer never yields its unknown token: none then."""
+    closed = shapes_only(tokenizer)
+    unk = tokenizer.unk_token_id
+    found: dict[str, None] = {}
+    for text in texts:
+        for word in _words(text):
+            if word in found:
+                continue
+            ids = tokenizer.encode(word, add_special_tokens=False)
+            if (unk is not None and unk in ids) or (closed and not _whole(tokenizer, word)):
+                found[word] = None
+    return list(found)
+
+
+def shapes_vocabulary() -> dict[str, list[str]]:
+    """The shapes world's words, from the world itself: what its models understand."""
+    from minigpt5_cli.toyworld import world
+
+    return {"colours": list(world.PALETTE), "shapes": list(world.SHAPES), "places": list(world.PLACES.values())}

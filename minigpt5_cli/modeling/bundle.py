@@ -29,17 +29,45 @@ def default_model() -> Path:
     return DEFAULT
 
 
-def beside(folder: Path, name: str) -> str:
-    """A backbone named by a relative path that exists inside `folder` (a bundle) is taken from there;
-    one that leads out of it from there (`..`, a symbolic link) is refused: a bundle's backbones are
-    its own folders."""
-    there = folder / name
-    if Path(name).is_absolute() or ":" in name or not there.exists():
+def beside(folder: Path, name: str, inside: bool = True) -> str:
+    """Where the backbone `name`, named by the recipe.yaml of model folder `folder`, lies. `train` names a
+    local backbone relative to the folder it saves the recipe in, so a relative path is read against
+    `folder`: a run or a bundle works from any folder, and after moving together with its backbones.
+    `inside` (a bundle, shipped to others): the backbone must lie inside `folder`; one that leads out of
+    it (`..`, a symbolic link) is refused. Otherwise (a run's checkpoint, whose recipe names the user's
+    own backbones) it may lie anywhere, and a path that is not found there is read from the current
+    folder, as recipes of earlier versions were. A local path found nowhere is refused; hub ids and
+    `tiny:`-style names pass through."""
+    recipe = folder / "recipe.yaml"
+    if ":" in name:
         return name
-    if not files.inside(there, folder):
-        raise UserError(f"{folder / 'recipe.yaml'} names the backbone {name!r}, which leads outside {folder}; "
-                        "a bundle's backbones are folders inside it")
-    return str(there) if there.is_dir() else name
+    there = folder / name  # an absolute name stays itself
+    if there.exists():
+        if files.inside(there, folder):
+            return str(there)
+        if inside and not Path(name).is_absolute():
+            raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which leads outside {folder}; "
+                            "a bundle's backbones are folders inside it")
+        return str(there.resolve())
+    if not inside and Path(name).exists():
+        return str(Path(name).resolve())
+    if recipes.local(name) or Path(name).is_absolute():
+        where = ("" if Path(name).is_absolute() else f" in {folder}" if inside else
+                 f" relative to {folder}, nor to the current folder")
+        raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which is not found{where}")
+    return name
+
+
+def located(folder: Path, recipe: recipes.Recipe) -> recipes.Recipe:
+    """`recipe`, read from model folder `folder`, with its backbones found (`beside`): a run's checkpoint
+    (`checkpoint-STEP`, as train writes it) may name them anywhere, any other folder (a bundle) only
+    inside itself."""
+    from minigpt5_cli.modeling.checkpoint import STATE_FILE, is_checkpoint_name
+
+    run = is_checkpoint_name(folder) and (folder / STATE_FILE).is_file()
+    m = recipe.model
+    return dataclasses.replace(recipe, model=dataclasses.replace(
+        m, **{key: beside(folder, getattr(m, key), inside=not run) for key in recipes.BACKBONES}))
 
 
 # What a bundle folder holds: `--overwrite` replaces a folder holding nothing else.
@@ -106,8 +134,8 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     recipe = recipes.load(folder / "recipe.yaml", [])
     m = recipe.model
     trusted = remote_code(folder, m.trust_remote_code, trust_remote_code, m.llm)
-    _verify(folder, dataclasses.replace(recipe, model=dataclasses.replace(
-        m, llm=beside(folder, m.llm), generator=beside(folder, m.generator), trust_remote_code=trusted)))
+    found = located(folder, recipe).model
+    _verify(folder, dataclasses.replace(recipe, model=dataclasses.replace(found, trust_remote_code=trusted)))
     with files.staged(out, replace=overwrite) as tmp:
         # The trained weights as train wrote them (no optimizer state); the base backbones beside them,
         # without vokens or adapter: loading adds both again, as for any checkpoint.
@@ -118,10 +146,10 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
             elif src.is_file():
                 shutil.copy2(src, tmp / name)
         dtype = torch.float16 if half else torch.float32
-        llm = load_llm(beside(folder, m.llm), dtype=dtype, trust_remote_code=trusted)
+        llm = load_llm(found.llm, dtype=dtype, trust_remote_code=trusted)
         llm.model.save_pretrained(tmp / "llm")
         (llm.processor or llm.tokenizer).save_pretrained(tmp / "llm")
-        load_generator(beside(folder, m.generator), dtype=dtype).pipeline().save_pretrained(tmp / "generator")
+        load_generator(found.generator, dtype=dtype).pipeline().save_pretrained(tmp / "generator")
         final = dataclasses.replace(
             recipe, model=dataclasses.replace(m, llm="llm", generator="generator"),
             train=dataclasses.replace(recipe.train, init_from="", output_dir=""))

@@ -88,7 +88,7 @@ def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         write(tmp)
-        recipes.save(recipe, tmp / "recipe.yaml")
+        recipes.save(recipes.anchored(recipe, out), tmp / "recipe.yaml")  # backbones relative to `out`
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
         for entry in sorted(tmp.iterdir(), key=lambda p: p.name in CONFIGS):
             entry.rename(out / entry.name)
@@ -129,7 +129,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
     step, batches = 0, _forever(loader)
     try:
         with display.progress(console) as progress:
-            task = progress.add_task("llm", total=total, info="")
+            task = progress.add_task("llm", total=total, info="", unit="steps")
             while step < total:
                 losses = []
                 for _ in range(t.grad_accum):
@@ -216,7 +216,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
             vae = pipe.vae.float().train().requires_grad_(True)
             opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
             sched = _schedule(opt, max(1, s.vae_steps // VAE_WARMUP), s.vae_steps)
-            task = progress.add_task("vae", total=s.vae_steps, info="")
+            task = progress.add_task("vae", total=s.vae_steps, info="", unit="steps")
             for step in range(s.vae_steps):
                 losses = []
                 for _ in range(t.grad_accum):
@@ -258,7 +258,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
             if s.ema > 0:
                 ema = (EMAModel(unet.parameters(), decay=s.ema), EMAModel(text_encoder.parameters(), decay=s.ema))
             scale = vae.config.scaling_factor
-            task = progress.add_task("unet", total=total, info="")
+            task = progress.add_task("unet", total=total, info="", unit="steps")
             for step in range(total):
                 losses = []
                 for _ in range(t.grad_accum):

@@ -98,6 +98,7 @@ def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Pat
     report = Console()
     t = recipe.train
     files.writable_folder(Path(t.output_dir), "train.output_dir")
+    recipes.check_found(recipe, (t.stage,) if t.stage in ("llm", "generator") else recipes.BACKBONES)
     if t.stage in ("llm", "generator"):
         from minigpt5_cli.toyworld.scratch import train_backbone
 
@@ -204,7 +205,7 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
         report.print(f"no checkpoint in {out}; starting fresh")
     if main and not (resume and existing):  # a resumed run keeps the recipe it started with
         out.mkdir(parents=True, exist_ok=True)
-        recipes.save(recipe, out / "recipe.yaml")
+        recipes.save(recipes.anchored(recipe, out), out / "recipe.yaml")
     accelerator.init_trackers("minigpt5", config=_flat(recipes.to_dict(recipe)))
 
     trainable = raw.trainable_parameters()
@@ -214,7 +215,7 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
     iterator, epoch = None, -1
     try:
         with progress:
-            task = progress.add_task("train", total=total, completed=step, info="")
+            task = progress.add_task("train", total=total, completed=step, info="", unit="steps")
             sums: dict[str, torch.Tensor] = {}  # loss parts summed over the accumulated micro-batches
             for micro in range(step * t.grad_accum, total * t.grad_accum):
                 if micro // per_epoch != epoch or iterator is None:
@@ -264,12 +265,14 @@ def _check_resumed(recipe: recipes.Recipe, folder: Path) -> None:
     """Refuse a resumed run whose recipe differs from the one its checkpoint was trained with, but for
     the RESUMABLE keys: the restored optimizer and scheduler would keep the old values anyway (a new
     learning rate), or the run would change halfway (data, model), while its checkpoints claimed otherwise."""
+    from minigpt5_cli.modeling.bundle import located
+
     path = folder / "recipe.yaml"
-    try:
-        saved = _leaves(recipes.to_dict(recipes.load(path)))
+    try:  # backbones compared where they lie: the checkpoint names them relative to itself
+        saved = _leaves(recipes.to_dict(located(folder, recipes.load(path))))
     except UserError as e:  # e.g. a key an earlier version had; most messages name the file already
         raise UserError(str(e) if str(path) in str(e) else f"{path}: {e}") from None
-    for key, value in _leaves(recipes.to_dict(recipe)).items():
+    for key, value in _leaves(recipes.to_dict(located(folder, recipes.anchored(recipe, folder)))).items():
         if not key.startswith(RESUMABLE) and saved[key] != value:
             instead = INSTEAD.get(key, "start a new train.output_dir to change it")
             raise UserError(f"--resume continues the run as saved in {path}: {key} is {recipes._show(value)} here, "
@@ -330,8 +333,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: recipes.Re
         state.save(accelerator, model, optimizer, scheduler, tmp)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            with checkpoint.writing(tmp / "recipe.yaml"):
-                recipes.save(recipe, tmp / "recipe.yaml")
+            with checkpoint.writing(tmp / "recipe.yaml"):  # backbones relative to `final`, which `tmp` becomes
+                recipes.save(recipes.anchored(recipe, final), tmp / "recipe.yaml")
             with checkpoint.writing(tmp / STATE_FILE):
                 (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
     except BaseException:

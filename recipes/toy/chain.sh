@@ -2,11 +2,13 @@
 # The shapes world from nothing: data, both backbones trained from scratch, MiniGPT-5 stages 1 and
 # 2, a bundle, and the held-out stories generated and scored.
 #
-#   bash recipes/toy/chain.sh [ROOT]          # about 30 minutes on 2 CPU cores
+#   bash recipes/toy/chain.sh [ROOT]          # about 26 minutes on 2 CPU cores
 #   QUICK=1 bash recipes/toy/chain.sh ROOT    # tiny step counts: checks the plumbing in minutes
 #
-# Everything is written under ROOT (default: the current directory): ROOT/data/toy, ROOT/runs/toy
-# (generator, llm_vision, llm, stage1, stage2_lora), ROOT/runs/toy/bundle and ROOT/runs/toy/test (metrics.json).
+# Everything is written under ROOT (default: the current directory), laid out as the recipes name it:
+# ROOT/data/toy, ROOT/runs/toy (generator, llm_vision, llm, stage1, stage2_lora), ROOT/runs/toy/bundle and
+# ROOT/runs/toy/test (metrics.json). So `chain.sh shapes` gives shapes/runs/toy; a ROOT under runs/ would
+# give runs/NAME/runs/toy.
 set -euo pipefail
 # The minigpt5 program, as `python3 -m minigpt5_cli` (no need for the `minigpt5` script on PATH);
 # PYTHON picks another interpreter, e.g. PYTHON=.venv/bin/python.
