@@ -42,7 +42,7 @@ class _Info(ProgressColumn):
 
 class _Progress(Progress):
     """A rich progress display that, off a terminal (where a live display is one stale snapshot), says
-    instead every `every` seconds one plain line about its first task: `stories 40/200 (1.3/s)`, the
+    instead every `every` seconds one plain line about its first unfinished task: `stories 40/200 (1.3/s)`, the
     rate counted from the task's start, then its `info`. A task's `unit` field names what it counts."""
 
     def __init__(self, *columns, every: float | None, **kwargs):
@@ -58,7 +58,8 @@ class _Progress(Progress):
     def __exit__(self, exc_type, exc_val, exc_tb) -> None:
         super().__exit__(exc_type, exc_val, exc_tb)
         notices = _TALLIES.pop()
-        if exc_type is None:  # a run that fails ends with its one error line
+        # A run that fails ends with its one error line; an interrupted one still says what it saw.
+        if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
             for n, say in notices.values():
                 self.console.print(say(n))
 
@@ -85,7 +86,8 @@ class _Progress(Progress):
         if self.every is None or now - self._said < self.every or not self.tasks:
             return
         self._said = now
-        task = self.tasks[0]
+        # The first task still running (a stage's second phase once its first is done), else the first.
+        task = next((t for t in self.tasks if t.visible and not t.finished), self.tasks[0])
         since, before = self._starts.get(task.id, (now, task.completed))
         rate = (task.completed - before) / (now - since) if now > since else 0.0
         count = _number(task.completed) + ("" if task.total is None else f"/{_number(task.total)}")

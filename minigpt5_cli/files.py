@@ -172,15 +172,16 @@ def _writable(path: Path) -> None:
         raise UserError(f"cannot write to {existing}: permission denied")
 
 
-def write_atomic(writers: dict[Path, object]) -> None:
+def write_atomic(writers: dict[Path, object], private: tuple[Path, ...] = ()) -> None:
     """Each `write(f)` (a UTF-8 text file), or bytes, into a temporary file beside its path; once all are
     written, each is moved onto its path. A failure (a full disk) leaves every old file whole, and no
-    temporary file."""
+    temporary file. Files get the mode a plain write gives, those in `private` (a secret) 0600."""
     temps = {}
     try:
         for path, write in writers.items():
             fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-            _chmod(fd, temps[path], _mode(path, 0o666))  # mkstemp's 0600 would hide the file from other users
+            if path not in private:  # mkstemp's 0600 would hide the file from other users
+                _chmod(fd, temps[path], _mode(path, 0o666))
             if isinstance(write, bytes):
                 with os.fdopen(fd, "wb") as f:
                     f.write(write)
@@ -211,10 +212,21 @@ def _mode(path: Path, plain: int) -> int:
 
 
 def _chmod(fd: int, path: str, mode: int) -> None:
-    if os.chmod in os.supports_fd:
-        os.chmod(fd, mode)
-    else:
-        os.chmod(path, mode)
+    try:
+        if os.chmod in os.supports_fd:
+            os.chmod(fd, mode)
+        else:
+            os.chmod(path, mode)
+    except OSError:  # a file system without modes (vfat, some network mounts): its own default stays
+        pass
+
+
+def _chmod_folder(path: Path) -> None:
+    """mkdtemp's 0700 would hide a folder from other users: the mode a plain mkdir gives."""
+    try:
+        os.chmod(path, 0o777 & ~_umask())
+    except OSError:
+        pass
 
 
 @contextmanager
@@ -240,7 +252,7 @@ def staged(out: Path, replace: bool):
             old, old_lock = _partial(out)  # locked too: a kill while it is removed leaves a stale partial
             os.replace(out, old / "x")
         (tmp / LOCK_FILE).unlink(missing_ok=True)  # not part of the result; the open file keeps the lock until the end
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from other users
+        _chmod_folder(tmp)
         try:
             os.rename(tmp, out)  # fails when another run put a folder there since the check
         except OSError:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from minigpt5_cli import images
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import inside
 
@@ -36,6 +35,8 @@ class Picture:
     def open(self, size: int | None = None):
         """The decoded RGB image (a one-line error when it does not decode or is too large); `size`, the
         short side the caller will resize to, lets a large JPEG decode at a reduced scale."""
+        from minigpt5_cli import images  # loads torch: `generate --help` reads stories without it
+
         return images.decode(self.raw(), self.where, size)
 
 

@@ -617,7 +617,7 @@ CASES = [
          "{tmp}/s2/checkpoint-4: its recipe asks to run the code in the LLM 'tiny:llava'; pass --trust-remote-code"),
     Case("bundle-backbone-not-found", lambda c: backbones_left_behind(c, "bundle"),
          "{tmp}/s2/checkpoint-4/recipe.yaml names the backbone '../../llm', which is not found relative to "
-         "{tmp}/s2/checkpoint-4, nor to the current folder"),
+         "{tmp}/s2/checkpoint-4"),
     # train: garbage settings refused before any work
     Case("train-image-outside", lambda c: train_args(c, "data.train=" + str(c.file("d/d.jsonl", json.dumps(
         {"caption": "x", "image": str(IMAGES / "red_circle.png")})))),
@@ -830,10 +830,10 @@ CASES = [
          "{tmp}/m/bundle/recipe.yaml names the backbone '../../elsewhere', which leads outside {tmp}/m/bundle"),
     Case("generate-backbone-not-found", lambda c: backbones_left_behind(c, "generate"),
          "{tmp}/s2/checkpoint-4/recipe.yaml names the backbone '../../llm', which is not found relative to "
-         "{tmp}/s2/checkpoint-4, nor to the current folder"),
+         "{tmp}/s2/checkpoint-4"),
     Case("generate-bundle-backbone-not-found", lambda c: generate_args(c, "a circle.", model=with_model(
-        c.copy("bundle"), llm="./gone")), "{tmp}/bundle/recipe.yaml names the backbone './gone', which is not found "
-         "in {tmp}/bundle"),
+        c.copy("bundle"), llm="./gone")), "{tmp}/bundle/recipe.yaml names the backbone './gone', which is not in "
+         "{tmp}/bundle; a bundle's backbones are folders inside it"),
     Case("generate-recipe-backbone-not-found", lambda c: recipe_naming_missing(c, "generate"),
          "{tmp}/r.yaml: recipe key 'model.llm' names 'missing/toy/llm', which is not found (no folder "
          "{tmp}/missing/toy/llm)"),

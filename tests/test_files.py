@@ -87,3 +87,9 @@ def test_outputs_get_the_modes_of_a_plain_write(tmp_path, umask_022):
     with files.staged(tmp_path / "out", replace=False) as tmp:
         (tmp / "data").write_text("x")
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_private_file_stays_its_owners(tmp_path, umask_022):
+    files.write_atomic({tmp_path / "page": b"p", tmp_path / "secret": b"s"}, private=(tmp_path / "secret",))
+    assert (tmp_path / "page").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600

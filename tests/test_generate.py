@@ -576,14 +576,27 @@ def test_generate_help_lists_the_shapes_words_and_requests(capsys):
         assert words in text
 
 
+def test_help_starts_without_torch():
+    import subprocess
+
+    # A fresh process: torch takes over a second to import, and no help needs it.
+    script = ("import sys\nfrom minigpt5_cli.cli import main\nfor argv in ([], ['generate'], ['rate'], ['demo']):\n"
+              "    try:\n        main([*argv, '--help'])\n    except SystemExit:\n        pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'diffusers', 'gradio') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=DEBUG.parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]"
+
+
 def test_a_missing_path_is_refused_not_read_as_text(tmp_path, monkeypatch):
     from minigpt5_cli.errors import UserError
 
     monkeypatch.chdir(tmp_path)
-    for arg in ("data/toy/stories_tst", "stories.jsonl", "story.json", "./story"):
+    (tmp_path / "data").mkdir()
+    for arg in ("data/toy/stories_tst", "data/stories_tst", "stories.jsonl", "story.json", "./story"):
         with pytest.raises(UserError, match=f"^--story {arg}: no such file or folder; to use it as text"):
             read_stories(arg)
-    # Text stays text: a slash among words, a sentence, a word with no separator.
-    for text in ("a red/blue circle.", "Draw a red circle.", "circle"):
+    # Text stays text: a slash among words or in a word that names no folder, a sentence, a plain word.
+    for text in ("a red/blue circle.", "and/or", "red/blue", "Draw a red circle.", "circle"):
         assert [s.text for s in read_stories(text)[0].steps] == [text]
 

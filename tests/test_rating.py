@@ -478,3 +478,19 @@ def test_page_text_that_spells_a_placeholder_or_closes_the_script_stays_data():
     assert json.loads(block) == page
     assert "<title>__STYLE__ &lt;b&gt;study&lt;/b&gt;</title>" in html
     assert html.count("<script") == 2
+
+
+def test_the_page_is_readable_by_all_and_the_key_by_its_owner_alone(outputs, tmp_path):
+    """Served by a web server, the raters' folder must be readable; the key, beside it, must not be."""
+    import os
+
+    alpha, beta = outputs
+    old = os.umask(0o022)
+    try:
+        assert run_cli("rate", "build", "--a", str(alpha), "--b", str(beta), "-o", str(tmp_path / "s"), "--seed",
+                       "1") == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "s" / "raters" / "index.html").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "s" / "raters").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "s" / "key.json").stat().st_mode & 0o777 == 0o600

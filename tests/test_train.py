@@ -336,9 +336,17 @@ def test_a_checkpoint_may_name_backbones_beside_its_run_a_bundle_only_inside_its
     assert found(run, "../../../llm").model.llm == str(tmp_path / "llm")
     assert found(run, "llm").model.llm == str(tmp_path / "llm")  # as an earlier version saved it
     assert found(run, "org/model").model.llm == "org/model" and found(run, "tiny:llava").model.generator == "tiny:sd"
-    with pytest.raises(UserError, match="leads outside"):
-        found(bundle, "../llm")
-    for folder, name in ((run, "../../../gone"), (run, "runs/toy/llm"), (bundle, "./llm")):
+    monkeypatch.chdir(run)
+    assert found(Path("."), "../../../llm").model.llm == str(tmp_path / "llm")  # `-m .` inside the checkpoint
+    monkeypatch.chdir(tmp_path)
+    for name in ("../llm", str(tmp_path / "llm")):  # `..` or an absolute path out of a bundle
+        with pytest.raises(UserError, match="leads outside"):
+            found(bundle, name)
+    for name in ("./llm", "llm"):  # a folder of the current one is never a bundle's backbone
+        with pytest.raises(UserError, match=f"recipe.yaml names the backbone '{name}', which is not in {bundle}"):
+            found(bundle, name)
+    # A name written relative to the run (it starts with '.') is never read from the current folder.
+    for folder, name in ((run, "../../../gone"), (run, "runs/toy/llm"), (run, "./llm")):
         with pytest.raises(UserError, match=f"recipe.yaml names the backbone '{name}', which is not found"):
             found(folder, name)
 
@@ -578,6 +586,26 @@ def test_off_a_terminal_training_prints_plain_progress_lines(tmp_path, monkeypat
     assert run_cli(*stage1_args(tmp_path / "run", "train.max_steps=2")) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("train ")]
     assert lines and lines[-1].startswith("train 2/2 (") and " steps/s) loss " in lines[-1], lines
+
+
+def test_plain_progress_follows_the_phase_that_runs():
+    """A stage of two phases (the generator's vae, then unet) reports the second once the first is done."""
+    import io
+
+    from rich.console import Console
+
+    from minigpt5_cli import display
+
+    log = io.StringIO()
+    progress = display.progress(Console(file=log, force_terminal=False))
+    progress.every = 0
+    with progress:
+        vae = progress.add_task("vae", total=2)
+        progress.advance(vae, 2)
+        unet = progress.add_task("unet", total=3)
+        progress.advance(unet)
+    lines = log.getvalue().splitlines()
+    assert lines[-1].startswith("unet 1/3 ("), lines
 
 
 def test_module_entry_point_lists_commands():

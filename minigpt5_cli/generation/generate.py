@@ -182,7 +182,9 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
             raise UserError(f"{folder} holds another story ({read_record(folder)['id']!r}); pass --overwrite to "
                             "replace it, or pick another --output")
     if len(todo) < len(jobs):
-        console.print(f"{len(jobs) - len(todo)} stories already under {out} are kept; --overwrite redoes them")
+        kept = display.plural(len(jobs) - len(todo), "story", "stories")
+        console.print(f"{kept} already under {out} {'is' if len(jobs) - len(todo) == 1 else 'are'} kept; "
+                      "--overwrite redoes them")
     _warn_unknown(model, [job.story for job in todo], console)  # after the refusals: an error stays one line
     before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
     new = _new_folders([out] + [folders[job.story.id] for job in todo])

@@ -75,10 +75,17 @@ def read_stories(arg: str, outside: bool = False) -> list[Story]:
 
 
 def _looks_like_path(arg: str) -> bool:
-    """A path rather than text: one word with a path separator in it, or a .json / .jsonl name."""
-    seps = {"/", os.sep, os.altsep} - {None}
-    one_word = not any(c.isspace() for c in arg.strip())
-    return (one_word and any(sep in arg for sep in seps)) or arg.strip().lower().endswith((".json", ".jsonl"))
+    """A path rather than text: one word that names a .json / .jsonl file, starts as a path does (`./`,
+    `../`, `/`, `~`), has two path separators (`data/toy/stories_tst`), or one and a parent folder that
+    exists. Text such as "and/or" stays text."""
+    word = arg.strip()
+    if not word or any(c.isspace() for c in word):
+        return False
+    seps = tuple({"/", os.sep, os.altsep} - {None})
+    if word.lower().endswith((".json", ".jsonl")) or word.startswith(("~", ".") + seps):
+        return True
+    n = sum(word.count(sep) for sep in seps)
+    return n > 1 or (n == 1 and Path(word).parent.is_dir())
 
 
 def _dataset_stories(folder: Path) -> list[Story]:
@@ -157,11 +164,15 @@ def unknown_words(tokenizer, texts) -> list[str]:
     saw make a word). A real LLM's byte-level tokenizer never yields its unknown token: none then."""
     closed = shapes_only(tokenizer)
     unk = tokenizer.unk_token_id
+    if unk is None and not closed:
+        return []
     found: dict[str, None] = {}
+    seen: set[str] = set()  # each word is looked up once
     for text in texts:
         for word in _words(text):
-            if word in found:
+            if word in seen:
                 continue
+            seen.add(word)
             ids = tokenizer.encode(word, add_special_tokens=False)
             if (unk is not None and unk in ids) or (closed and not _whole(tokenizer, word)):
                 found[word] = None

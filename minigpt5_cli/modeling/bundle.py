@@ -35,27 +35,36 @@ def beside(folder: Path, name: str, inside: bool = True) -> str:
     `folder`: a run or a bundle works from any folder, and after moving together with its backbones.
     `inside` (a bundle, shipped to others): the backbone must lie inside `folder`; one that leads out of
     it (`..`, a symbolic link) is refused. Otherwise (a run's checkpoint, whose recipe names the user's
-    own backbones) it may lie anywhere, and a path that is not found there is read from the current
-    folder, as recipes of earlier versions were. A local path found nowhere is refused; hub ids and
-    `tiny:`-style names pass through."""
+    own backbones) it may lie anywhere; a name of an earlier version's recipe (a relative path not
+    starting with '.') that is not found there is read from the current folder, as it was then. A local
+    path found nowhere is refused; hub ids and `tiny:`-style names pass through."""
     recipe = folder / "recipe.yaml"
-    if ":" in name:
+    if name.startswith(NAMED):
         return name
     there = folder / name  # an absolute name stays itself
     if there.exists():
         if files.inside(there, folder):
             return str(there)
-        if inside and not Path(name).is_absolute():
+        if inside:  # `..`, a link or an absolute path out of a bundle
             raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which leads outside {folder}; "
-                            "a bundle's backbones are folders inside it")
+                            "a bundle's backbones are folders inside it (only a run's checkpoint-STEP folder "
+                            "names others)")
         return str(there.resolve())
-    if not inside and Path(name).exists():
+    if inside:
+        # Not in the bundle: a hub id, never a folder of the current one (the hub's loaders look there first).
+        if recipes.local(name) or Path(name).is_absolute() or Path(name).exists():
+            raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which is not in {folder}; a "
+                            "bundle's backbones are folders inside it")
+        return name
+    if not name.startswith(".") and not Path(name).is_absolute() and Path(name).exists():
         return str(Path(name).resolve())
     if recipes.local(name) or Path(name).is_absolute():
-        where = ("" if Path(name).is_absolute() else f" in {folder}" if inside else
-                 f" relative to {folder}, nor to the current folder")
-        raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which is not found{where}")
+        raise UserError(f"{recipe} names the backbone {recipes._show(name)}, which is not found relative to "
+                        f"{folder}" + ("" if name.startswith(".") else ", nor to the current folder"))
     return name
+
+
+NAMED = ("tiny:", "toy:", "paper:")  # backbones built locally by name (toyworld/tiny.py)
 
 
 def located(folder: Path, recipe: recipes.Recipe) -> recipes.Recipe:
@@ -64,7 +73,7 @@ def located(folder: Path, recipe: recipes.Recipe) -> recipes.Recipe:
     inside itself."""
     from minigpt5_cli.modeling.checkpoint import STATE_FILE, is_checkpoint_name
 
-    run = is_checkpoint_name(folder) and (folder / STATE_FILE).is_file()
+    run = is_checkpoint_name(folder.resolve()) and (folder / STATE_FILE).is_file()  # resolved: `-m .` works
     m = recipe.model
     return dataclasses.replace(recipe, model=dataclasses.replace(
         m, **{key: beside(folder, getattr(m, key), inside=not run) for key in recipes.BACKBONES}))

@@ -222,8 +222,10 @@ def build(a: Path, b: Path, out: Path, seed: int | None = None, title: str = "",
                "questions": QUESTIONS,
                "models": {"a": _model(a, "--a", names[0], side_a), "b": _model(b, "--b", names[1], side_b)},
                "pairs": slots}
+        # The key unblinds the study: readable by its owner alone, whoever else can read the folder.
         write_atomic({raters / PAGE: lambda f: f.write(render(page)),
-                      tmp / KEY_FILE: lambda f: f.write(json.dumps(key, indent=2, ensure_ascii=False))})
+                      tmp / KEY_FILE: lambda f: f.write(json.dumps(key, indent=2, ensure_ascii=False))},
+                     private=(tmp / KEY_FILE,))
     return key
 
 
