@@ -181,7 +181,7 @@ def write_atomic(writers: dict[Path, object], private: tuple[Path, ...] = ()) ->
         for path, write in writers.items():
             fd, temps[path] = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
             if path not in private:  # mkstemp's 0600 would hide the file from other users
-                _chmod(fd, temps[path], _mode(path, 0o666))
+                _chmod(fd, _mode(path, 0o666))
             if isinstance(write, bytes):
                 with os.fdopen(fd, "wb") as f:
                     f.write(write)
@@ -211,21 +211,12 @@ def _mode(path: Path, plain: int) -> int:
     return st.st_mode & 0o777 if st is not None and stat.S_ISREG(st.st_mode) else plain & ~_umask()
 
 
-def _chmod(fd: int, path: str, mode: int) -> None:
+def _chmod(target: int | Path, mode: int) -> None:
+    """Set the mode of `target`, an open file or a path, where the file system keeps modes (vfat and some
+    network mounts do not: their own default stays)."""
     try:
-        if os.chmod in os.supports_fd:
-            os.chmod(fd, mode)
-        else:
-            os.chmod(path, mode)
-    except OSError:  # a file system without modes (vfat, some network mounts): its own default stays
-        pass
-
-
-def _chmod_folder(path: Path) -> None:
-    """mkdtemp's 0700 would hide a folder from other users: the mode a plain mkdir gives."""
-    try:
-        os.chmod(path, 0o777 & ~_umask())
-    except OSError:
+        os.chmod(target, mode)
+    except (OSError, NotImplementedError):  # NotImplementedError: no fchmod on this platform
         pass
 
 
@@ -252,7 +243,7 @@ def staged(out: Path, replace: bool):
             old, old_lock = _partial(out)  # locked too: a kill while it is removed leaves a stale partial
             os.replace(out, old / "x")
         (tmp / LOCK_FILE).unlink(missing_ok=True)  # not part of the result; the open file keeps the lock until the end
-        _chmod_folder(tmp)
+        _chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from other users
         try:
             os.rename(tmp, out)  # fails when another run put a folder there since the check
         except OSError:

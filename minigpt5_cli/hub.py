@@ -13,6 +13,8 @@ from minigpt5_cli.errors import UserError
 # exception is a bug and propagates.
 UNAVAILABLE = (OSError, ValueError)
 OFFLINE_HINT = "offline, pass a local folder made with save_pretrained"
+# Backbones named by scheme, built locally (toyworld/tiny.py, toyworld/paper.py): never a path or a hub id.
+NAMED = ("tiny:", "toy:", "paper:")
 
 
 class _DropTorchvisionFallback(logging.Filter):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from minigpt5_cli import files
+from minigpt5_cli import files, hub
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.errors import UserError
 
@@ -39,7 +39,7 @@ def beside(folder: Path, name: str, inside: bool = True) -> str:
     starting with '.') that is not found there is read from the current folder, as it was then. A local
     path found nowhere is refused; hub ids and `tiny:`-style names pass through."""
     recipe = folder / "recipe.yaml"
-    if name.startswith(NAMED):
+    if name.startswith(hub.NAMED):
         return name
     there = folder / name  # an absolute name stays itself
     if there.exists():
@@ -63,8 +63,6 @@ def beside(folder: Path, name: str, inside: bool = True) -> str:
                         f"{folder}" + ("" if name.startswith(".") else ", nor to the current folder"))
     return name
 
-
-NAMED = ("tiny:", "toy:", "paper:")  # backbones built locally by name (toyworld/tiny.py)
 
 
 def located(folder: Path, recipe: recipes.Recipe) -> recipes.Recipe:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from minigpt5_cli import hub
 from minigpt5_cli.errors import UserError
 
 TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava", "toy:sd")
@@ -45,7 +46,7 @@ def resolve(name: str, shapes_only: bool = False) -> str:
     not read."""
     from minigpt5_cli.toyworld import paper
 
-    if not name.startswith(("tiny:", "toy:", "paper:")):
+    if not name.startswith(hub.NAMED):
         return name
     if name.startswith("paper:") and name in paper.NAMES and not shapes_only:
         raise UserError(f"{name} describes the model's shapes, without weights: use it with train --plan")
