@@ -62,7 +62,8 @@ def main() -> None:
     from minigpt5_cli.generation.settings import Settings
     from minigpt5_cli.generation.stories import read_stories
 
-    model, info = G.load(args.recipe)
+    loaded = G.load(args.recipe)
+    model, info = loaded.net, loaded.info
     device = info["device"]
     quiet = Console(file=io.StringIO())
     tmp = Path(tempfile.mkdtemp(prefix="minigpt5-bench-"))
@@ -77,7 +78,7 @@ def main() -> None:
 
     def ours():
         fed.clear()
-        G.generate(read_stories(STORY), model, info, settings(1), tmp / "one", nested=False, overwrite=True,
+        G.generate(read_stories(STORY), loaded, settings(1), tmp / "one", nested=False, overwrite=True,
                    console=quiet)
 
     ours()
@@ -106,7 +107,7 @@ def main() -> None:
                                  for i in range(args.stories)))
 
     def batch(b: int):
-        return lambda: G.generate(read_stories(str(stories)), model, info, settings(b), tmp / f"b{b}", nested=True,
+        return lambda: G.generate(read_stories(str(stories)), loaded, settings(b), tmp / f"b{b}", nested=True,
                                   overwrite=True, console=quiet)
 
     bare()

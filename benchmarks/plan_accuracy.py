@@ -37,7 +37,7 @@ CONFIGS = {
 def llm(folder: Path, width: int, layers: int) -> str:
     import torch
 
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli.builders import tiny
 
     if not folder.exists():
         with torch.random.fork_rng():

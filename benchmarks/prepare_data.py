@@ -68,15 +68,14 @@ def throughput(work: Path, n: int, repeats: int) -> dict[int, float]:
 def sd_resolution_generator(folder: Path) -> Path:
     """The tiny SD pipeline with Stable Diffusion's own VAE (random weights) and a UNet sized for 512px."""
     import diffusers
+    import transformers
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 
-    from minigpt5_cli.toyworld import tiny
-
-    import transformers
+    from minigpt5_cli import hub
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    pipe = DiffusionPipeline.from_pretrained(tiny.resolve("tiny:sd"))
+    pipe = DiffusionPipeline.from_pretrained(hub.resolve("tiny:sd"))
     torch.manual_seed(0)
     pipe.vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
@@ -95,10 +94,10 @@ def sd_resolution_generator(folder: Path) -> Path:
 def step_times(work: Path, steps: int) -> dict[str, float]:
     from minigpt5_cli import recipe as R
     from minigpt5_cli.data.collate import Collator
+    from minigpt5_cli.data.prepare import Settings, prepare
     from minigpt5_cli.data.samples import TrainSet
     from minigpt5_cli.data.sources import load_source
-    from minigpt5_cli.modeling.model import build_model
-    from minigpt5_cli.data.prepare import Settings, prepare
+    from minigpt5_cli.training.train import model_for
 
     generator = sd_resolution_generator(work / "sd512")
     raw = fixture(work / "pairs", 4, size=(640, 512))
@@ -107,14 +106,14 @@ def step_times(work: Path, steps: int) -> dict[str, float]:
     prepare("cc3m", raw, work / "cached", Settings(cache_latents=True, generator=str(generator)), console=quiet)
     recipe = R.load(REPO / "recipes/debug/stage1.yaml", [f"model.generator={generator}", "data.instruction_prob=0"])
     torch.manual_seed(0)
-    model = build_model(recipe)
-    collate = Collator.for_model(model)
+    model = model_for(recipe)
+    collate = Collator.for_model(model, recipe.data)
     groups = model.trainable_groups()
     opt = torch.optim.AdamW([{"params": groups["vokens"]}, {"params": groups["mapper"]}], lr=1e-5)
     model.train()
 
     def step_for(folder):
-        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.generator.resolution, history=0, seed=0,
+        ds = TrainSet(load_source(folder, "1"), stage="1", resolution=model.generator.resolution, history=0, seed=0,
                       instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
 
         def step():

@@ -28,6 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from minigpt5_cli.recipe import PRECISIONS  # noqa: E402
+
 RECIPES = {1: REPO / "recipes" / "cc3m_stage1.yaml", 2: REPO / "recipes" / "vist_stage2_lora.yaml"}
 
 
@@ -38,12 +40,12 @@ def backbones(cache: Path, layers: int) -> tuple[str, str]:
     from diffusers import DiffusionPipeline
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli import hub
 
     llm, sd = cache / f"llava-1.5-7b-{layers}-layers", cache / "sd-2.1-base"
     set_seed(0)
     if not (llm / "config.json").is_file() or not list(llm.glob("*.safetensors")):
-        shapes = tiny.resolve("paper:llava-1.5-7b", shapes_only=True)
+        shapes = hub.resolve("paper:llava-1.5-7b", shapes_only=True)
         config = AutoConfig.from_pretrained(shapes)
         config.text_config.num_hidden_layers = layers
         AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).save_pretrained(llm)
@@ -51,7 +53,7 @@ def backbones(cache: Path, layers: int) -> tuple[str, str]:
     if not (sd / "model_index.json").is_file() or not list(sd.glob("unet/*.safetensors")):
         from minigpt5_cli.modeling.generators import _from_configs
 
-        shapes = tiny.resolve("paper:sd-2.1-base", shapes_only=True)
+        shapes = hub.resolve("paper:sd-2.1-base", shapes_only=True)
         index = DiffusionPipeline.load_config(shapes)
         skip = {"safety_checker": None, "requires_safety_checker": False}
         parts = _from_configs(shapes, index, torch.bfloat16, skip)
@@ -83,15 +85,15 @@ def cached(model, batch: dict) -> dict:
 
 def timing(stage: int, llm: str, sd: str, args) -> dict:
     """Child process: median step times of ours and bare, interleaved."""
-    from minigpt5_cli.modeling.model import build_model
-    from minigpt5_cli.training.plan import forward_autocast, plan_batch
     from train_overhead import interleaved  # beside this file
-    from minigpt5_cli.training.train import make_optimizer
+
+    from minigpt5_cli.training.plan import forward_autocast, plan_batch
+    from minigpt5_cli.training.train import make_optimizer, model_for
 
     recipe = load_recipe(stage, llm, sd, args)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = build_model(recipe).to(device)
+    model = model_for(recipe).to(device)
     model.train()
     batch = {k: v.to(device) if torch.is_tensor(v) else v
              for k, v in cached(model, plan_batch(model, recipe, recipe.train.batch_size)).items()}
@@ -144,7 +146,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2, help="LLM decoder layers, of 32")
     parser.add_argument("--length", type=int, default=256, help="data.max_length")
     parser.add_argument("--batch", type=int, default=2, help="micro-batch")
-    parser.add_argument("--precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--precision", default="no", choices=PRECISIONS)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--stages", default="1,2")

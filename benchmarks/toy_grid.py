@@ -73,7 +73,7 @@ def follow_ups() -> list[dict]:
     return out
 
 
-def run(net, cases: list[dict], batch_size: int, seed: int = 0) -> None:
+def run(loaded, cases: list[dict], batch_size: int, seed: int = 0) -> None:
     """Generate one response per case (through generate's own batch loop) and score it in place."""
     import torch
 
@@ -84,12 +84,12 @@ def run(net, cases: list[dict], batch_size: int, seed: int = 0) -> None:
     from minigpt5_cli.generation.stories import Job
     from minigpt5_cli.story import Story
 
-    settings = Settings(batch_size=batch_size, seed=seed).resolve(net.recipe.sample)
-    decoder, renderer = Decoder(net, settings), Renderer(net, settings)
+    settings = Settings(batch_size=batch_size, seed=seed).resolve(loaded.sample)
+    decoder, renderer = Decoder(loaded.net, loaded.data, settings), Renderer(loaded.net, settings)
     jobs = [Job(Story(id=str(i), steps=case["steps"]), i) for i, case in enumerate(cases)]
     with torch.inference_mode():
         for i in range(0, len(jobs), batch_size):
-            run_batch(net, settings, jobs[i:i + batch_size], decoder, renderer)
+            run_batch(settings, jobs[i:i + batch_size], decoder, renderer)
     for case, job in zip(cases, jobs):
         segments = job.responses[0]
         case["text"] = " ".join(seg["text"] for seg in segments if "text" in seg).strip()
@@ -164,16 +164,17 @@ def main() -> None:
     torch.manual_seed(args.seed)
     model = args.model or str(default_model())
     start = time.perf_counter()
-    net, info = load(model)
+    loaded = load(model)
+    info = loaded.info
     cases = requests()
     more = follow_ups()
     if args.follow_ups >= 0:
         pick = np.random.default_rng(args.seed).choice(len(more), min(args.follow_ups, len(more)), replace=False)
         more = [more[i] for i in sorted(pick)]
     cases += more
-    run(net, cases, args.batch_size, args.seed)
+    run(loaded, cases, args.batch_size, args.seed)
     took = time.perf_counter() - start
-    sample = net.recipe.sample
+    sample = loaded.sample
     print(f"model {info['name']} ({model}); sampling from its recipe: temperature {sample.temperature}, "
           f"{sample.diffusion_steps} diffusion steps, guidance {sample.guidance_scale}; seed {args.seed}; "
           f"{len(cases)} prompts in {took:.0f} s")

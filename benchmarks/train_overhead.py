@@ -36,17 +36,17 @@ def setup(overrides: list[str]):
     from minigpt5_cli.data.collate import Collator
     from minigpt5_cli.data.samples import TrainSet
     from minigpt5_cli.data.sources import read_jsonl
-    from minigpt5_cli.modeling.model import build_model
     from minigpt5_cli.training.plan import forward_autocast
+    from minigpt5_cli.training.train import model_for
 
     recipe = R.load(REPO / "recipes/debug/stage1.yaml",
                     [f"data.train={REPO}/recipes/debug/data/pairs.jsonl", "data.instruction_prob=0", *overrides])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = build_model(recipe).to(device)
-    ds = TrainSet(read_jsonl(recipe.data.train, 1), stage=1, resolution=model.generator.resolution, history=0,
+    model = model_for(recipe).to(device)
+    ds = TrainSet(read_jsonl(recipe.data.train, "1"), stage="1", resolution=model.generator.resolution, history=0,
                   seed=0, instruction_prob=0.0, images_in_prompt=model.llm_info.accepts_images)
-    collate = Collator.for_model(model)
+    collate = Collator.for_model(model, recipe.data)
     batch = {k: v.to(device) if torch.is_tensor(v) else v  # captions stay texts
              for k, v in collate([ds[i] for i in range(recipe.train.batch_size)]).items()}
     groups = model.trainable_groups()

@@ -13,7 +13,7 @@ from minigpt5_cli.demo.cli import DEMO_HELP
 from minigpt5_cli.demo.cli import demo as demo_command
 from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import WRITE_ERRORS, writable_file, writable_folder
+from minigpt5_cli.files import WRITE_ERRORS
 from minigpt5_cli.rating.cli import rate_app
 
 app = typer.Typer(
@@ -101,10 +101,6 @@ def prepare_data(
                                                    "dialogs": dialogs}, image_size, overwrite=overwrite)
         typer.echo(", ".join(f"{name} {s['kept']}" for name, s in summary.items()) + f"; written to {output}")
         return
-    if input_path is None:
-        raise UserError(f"prepare-data {fmt} needs --input, the raw data")
-    if cache_dtype not in ("float32", "float16"):
-        raise UserError(f"--cache-dtype must be float32 or float16, got {cache_dtype!r}")
     settings = stage.Settings(
         split=split or "", images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
         continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size or 512,
@@ -222,7 +218,7 @@ def generate(
                                            "code of its own, where its recipe asks to; only for a model you trust."),
 ) -> None:
     from minigpt5_cli.generation import generate as stage
-    from minigpt5_cli.generation.settings import Settings, check_precision
+    from minigpt5_cli.generation.settings import Settings
     from minigpt5_cli.generation.stories import is_collection, read_stories
     from minigpt5_cli.modeling.bundle import default_model
 
@@ -231,14 +227,11 @@ def generate(
                               min_images=min_images, diffusion_steps=diffusion_steps,
                               guidance_scale=guidance_scale, image_size=image_size, seed=seed,
                               batch_size=batch_size)
-    settings.check()
-    check_precision(precision)
-    writable_folder(output, "--output")
     model = model or default_model()
-    stage.check_output(output, model)
+    stage.check(settings, output, model, precision)
     stories = read_stories(story, outside=allow_outside_paths)
-    net, info = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
-    done = stage.generate(stories, net, info, settings, output, nested=is_collection(story), overwrite=overwrite)
+    loaded = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
+    done = stage.generate(stories, loaded, settings, output, nested=is_collection(story), overwrite=overwrite)
     page = output / ("index.html" if is_collection(story) else "story.html")
     typer.echo(f"{plural(len(done), 'story', 'stories')} in {output}; open {page}")
 
@@ -264,7 +257,6 @@ def bundle(
 ) -> None:
     from minigpt5_cli.modeling.bundle import bundle as run
 
-    writable_folder(output, "OUTPUT")
     out = run(checkpoint, output, half=not fp32, overwrite=overwrite, trust_remote_code=trust_remote_code)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     typer.echo(f"bundled {checkpoint} into {out} ({size / 2**20:.1f} MiB)")
@@ -325,17 +317,12 @@ def evaluate(
     from minigpt5_cli.evaluation import evaluate as stage
     from minigpt5_cli.evaluation.compare import compare as compare_runs
     from minigpt5_cli.hub import pick_device
-    from minigpt5_cli.recipe import in_range
 
     if compare:
         Console().print(compare_runs(*compare))
         return
     if predictions is None or references is None or output is None or not metrics:
         raise UserError("give --predictions, --references, --metrics and --output (or --compare RUN_A RUN_B)")
-    for option, value, high in (("--is-splits", is_splits, 1000), ("--batch-size", batch_size, 4096),
-                                ("--bootstrap", bootstrap, 100_000)):
-        in_range(option, value, (1, high, True, True))
-    writable_file(output, "--output")
     settings = stage.Settings(
         metrics=stage.resolve_metrics(metrics, compat), compat=compat,
         clip_model=clip_model or stage.default_clip_model(metrics), sbert_model=sbert_model,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from rich.console import Console
@@ -12,8 +13,17 @@ from rich.text import Text
 # Off a terminal (a log file, CI, nohup), seconds between two plain progress lines.
 PLAIN_EVERY = 30.0
 
-# The notices counted while a progress display runs, one dict per display in use (innermost last).
-_TALLIES: list[dict[str, list]] = []
+
+@dataclass
+class _Tally:
+    """A notice counted while a progress display runs, said once with its count when it ends."""
+
+    say: Callable[[int], str]
+    n: int = 0
+
+
+# The notices counted, one dict per progress display in use (innermost last).
+_TALLIES: list[dict[str, _Tally]] = []
 
 
 def plural(n: int, word: str, many: str | None = None) -> str:
@@ -29,8 +39,7 @@ def tally(key: str, n: int, say: Callable[[int], str]) -> None:
     if not _TALLIES:
         Console(stderr=True).print(say(n))
         return
-    count = _TALLIES[-1].setdefault(key, [0, say])
-    count[0] += n
+    _TALLIES[-1].setdefault(key, _Tally(say)).n += n
 
 
 class _Info(ProgressColumn):
@@ -60,8 +69,8 @@ class _Progress(Progress):
         notices = _TALLIES.pop()
         # A run that fails ends with its one error line; an interrupted one still says what it saw.
         if exc_type is None or issubclass(exc_type, KeyboardInterrupt):
-            for n, say in notices.values():
-                self.console.print(say(n))
+            for notice in notices.values():
+                self.console.print(notice.say(notice.n))
 
     def add_task(self, description: str, start: bool = True, total: float | None = 100.0, completed: int = 0,
                  visible: bool = True, **fields) -> TaskID:

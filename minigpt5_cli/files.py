@@ -221,36 +221,56 @@ def _chmod(target: int | Path, mode: int) -> None:
 
 
 @contextmanager
-def staged(out: Path, replace: bool):
-    """A new temporary folder beside `out` (its name unique to this run), moved into place when the
-    block ends without error, and removed otherwise. An existing `out` is replaced only when `replace`
-    says so, checked again at the move: a folder that appeared meanwhile (another run) is refused, not
-    replaced. The old folder is moved aside before the new one takes its place, and removed after.
+def staged(out: Path, replace: bool = False, *, keep: bool = False, into: bool = False, last: tuple[str, ...] = (),
+           tmp: Path | None = None):
+    """A new temporary folder beside `out`, moved into place when the block ends without error, and
+    removed otherwise. An `out` that exists by then is, as told:
+    - refused (another run put it there meanwhile), unless `replace` says so: then the old folder is
+      moved aside before the new one takes its place, and removed after;
+    - with `keep`, kept, and the new folder dropped: another process made the same, and may read it;
+    - with `into`, a folder this run holds (`run_lock`, whose file stays in place, held): the new
+      entries move into it one by one, those named in `last` (what a loader reads first) last, so a
+      folder an interruption left half-filled does not load.
 
-    Each temporary folder is locked while its run lives (the kernel drops the lock however the run
-    ends, kill -9 included): at start, those of earlier runs into `out` that no live run holds are
-    removed; those of runs still writing are left alone."""
+    The temporary folder's name is unique to this run, and it is locked while the run lives (the kernel
+    drops the lock however the run ends, kill -9 included): at start, those of earlier runs into `out`
+    that no live run holds are removed; those of runs still writing are left alone. `tmp`, instead: a
+    fixed name, which the processes of one run all write into, in a folder the run holds; one an
+    earlier run left is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out)
-    tmp, lock = _partial(out)
+    if tmp is None:
+        _remove_stale(out)
+        tmp, lock = _partial(out)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        lock = None
     old = old_lock = None
     try:
         yield tmp
+        (tmp / LOCK_FILE).unlink(missing_ok=True)  # not part of the result; the open file keeps the lock until the end
+        if into:
+            for entry in sorted(tmp.iterdir(), key=lambda p: p.name in last):
+                entry.rename(out / entry.name)
+            return
+        if out.exists() and keep:
+            return
+        appeared = UserError(f"{out} appeared while this run was writing it (another run?); "
+                             "pass --overwrite to replace it")
         if out.exists() and not replace:
-            raise UserError(f"{out} appeared while this run was writing it (another run?); "
-                            "pass --overwrite to replace it")
+            raise appeared
         if out.exists():
             old, old_lock = _partial(out)  # locked too: a kill while it is removed leaves a stale partial
             os.replace(out, old / "x")
-        (tmp / LOCK_FILE).unlink(missing_ok=True)  # not part of the result; the open file keeps the lock until the end
         _chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the folder from other users
         try:
             os.rename(tmp, out)  # fails when another run put a folder there since the check
         except OSError:
+            if keep and out.exists():
+                return
             if old is not None and not out.exists():
                 os.replace(old / "x", out)
-            raise UserError(f"{out} appeared while this run was writing it (another run?); "
-                            "pass --overwrite to replace it") from None
+            raise appeared from None
     finally:
         for folder, fd in ((tmp, lock), (old, old_lock)):
             if folder is not None:

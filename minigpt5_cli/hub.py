@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import torch
@@ -13,8 +14,10 @@ from minigpt5_cli.errors import UserError
 # exception is a bug and propagates.
 UNAVAILABLE = (OSError, ValueError)
 OFFLINE_HINT = "offline, pass a local folder made with save_pretrained"
-# Backbones named by scheme, built locally (toyworld/tiny.py, toyworld/paper.py): never a path or a hub id.
-NAMED = ("tiny:", "toy:", "paper:")
+# Backbones named by scheme, built locally by these modules (`builders/`): never a path or a hub id.
+BUILDERS = {"tiny:": "minigpt5_cli.builders.tiny", "toy:": "minigpt5_cli.builders.tiny",
+            "paper:": "minigpt5_cli.builders.paper"}
+NAMED = tuple(BUILDERS)
 
 
 class _DropTorchvisionFallback(logging.Filter):
@@ -59,6 +62,23 @@ def quiet(errors_only: bool = False) -> None:
         import huggingface_hub
 
         huggingface_hub.utils.logging.set_verbosity_error()  # "could not reach the Hub" when offline by choice
+
+
+def resolve(name: str, shapes_only: bool = False) -> str:
+    """A local folder for a backbone named by scheme, built into the cache the first time; any other
+    name (a hub id, a folder) as it is. Names of configs without weights (`paper:`) only where
+    `shapes_only` says no weights are read."""
+    if not name.startswith(NAMED):
+        return name
+    from minigpt5_cli.builders import common
+
+    builder = importlib.import_module(BUILDERS[name.split(":")[0] + ":"])
+    if name not in builder.NAMES:
+        known = [n for module in dict.fromkeys(BUILDERS.values()) for n in importlib.import_module(module).NAMES]
+        raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(known)}")
+    if not builder.WEIGHTS and not shapes_only:
+        raise UserError(f"{name} describes the model's shapes, without weights: use it with train --plan")
+    return common.cached(name, builder.build)
 
 
 def files_hint(name: str) -> str:

@@ -19,9 +19,9 @@ points to a local copy when the model is not available.
 
 from minigpt5_cli.evaluation.loaders import (CLIP, CLIP_DEFAULT, CLIP_MMDIALOG, default_sbert, load_clip,  # noqa: F401
                                               load_inception, load_sbert, sha256, weights_label)
-from minigpt5_cli.evaluation.metrics import (MISSING, SPURIOUS, bleu, bootstrap_ci, char_bleu, clip_i,  # noqa: F401
-                                              clip_t, cosine, element_score, feature_stats, fid, frechet_distance,
-                                              group_means, inception_features, inception_score, meteor,
-                                              minigpt5_clean, mm_relevance, mm_relevance_minigpt5, rouge_l,
-                                              rouge_l_minigpt5, sbert, tokens)
+from minigpt5_cli.evaluation.maths import (MISSING, SPURIOUS, bleu, bootstrap_ci, char_bleu, clip_i,  # noqa: F401
+                                            clip_t, cosine, element_score, feature_stats, fid, frechet_distance,
+                                            group_means, inception_features, inception_score, meteor, minigpt5_clean,
+                                            mm_relevance, mm_relevance_minigpt5, rouge_l, rouge_l_minigpt5, sbert,
+                                            tokens)
 from minigpt5_cli.evaluation.wordnet import load_wordnet  # noqa: F401

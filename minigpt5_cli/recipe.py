@@ -23,6 +23,9 @@ from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import MAX_RECIPE, read_text
 
 
+PRECISIONS = ("no", "bf16", "fp16")  # training's mixed precision, and generate's --precision
+
+
 @dataclass
 class MapperConfig:
     kind: Literal["paper", "compact"] = "paper"
@@ -94,7 +97,7 @@ class ScratchConfig:
 @dataclass
 class TrainConfig:
     # 1 and 2: MiniGPT-5's stages. llm and generator: train a backbone from scratch (see `scratch`).
-    stage: Literal[1, 2, "llm", "generator"] = 1
+    stage: Literal["1", "2", "llm", "generator"] = "1"
     init_from: str = ""  # stage 2: the stage-1 checkpoint folder; none starts the vokens and mapper fresh
     output_dir: str = "runs/minigpt5"
     lr: float = 2e-5
@@ -108,7 +111,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int = 0  # optimizer steps; 0 means `epochs` full passes
     warmup_steps: int = 1000
-    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    mixed_precision: Literal[PRECISIONS] = "bf16"
     # Recompute the LLM's layers and the denoiser's blocks in the backward pass: far less activation
     # memory (see `train --plan`) for about a third more compute; gradients are the same.
     gradient_checkpointing: bool = False
@@ -199,6 +202,8 @@ def _coerce(key: str, hint: Any, value: Any) -> Any:
         names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
         raise UserError(f"recipe key {key!r} must be {names}, got {_show(value)}")
     if origin is Literal:
+        if type(value) is int and str(value) in typing.get_args(hint):  # `stage: 1`: YAML reads a number
+            value = str(value)
         if value not in typing.get_args(hint):
             choices = ", ".join(map(str, typing.get_args(hint)))
             quote = " (quote it: YAML reads a bare no/yes as a bool)" if isinstance(value, bool) else ""
@@ -375,7 +380,7 @@ def check(recipe: Recipe) -> None:
                         f"'model.mapper.heads' ({m.mapper.heads})")
     if not recipe.data.tasks:
         raise UserError("recipe key 'data.tasks' needs at least one task")
-    if t.stage != 2 and recipe.adapter.kind != "none":
+    if t.stage != "2" and recipe.adapter.kind != "none":
         raise UserError(f"stage {t.stage} trains no adapter: set adapter.kind=none")
     if t.stage in ("llm", "generator") and t.mixed_precision != "no":
         raise UserError(f"stage {t.stage} trains in float32: set train.mixed_precision=no")
@@ -388,7 +393,11 @@ def check(recipe: Recipe) -> None:
 
 
 def to_dict(recipe: Recipe) -> dict:
-    return dataclasses.asdict(recipe)
+    """The recipe as plain data, as YAML writes it: stages 1 and 2 as numbers, as recipes give them."""
+    tree = dataclasses.asdict(recipe)
+    stage = tree["train"]["stage"]
+    tree["train"]["stage"] = int(stage) if stage.isdigit() else stage
+    return tree
 
 
 def dump(recipe: Recipe) -> str:

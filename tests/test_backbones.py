@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import pytest
 import torch
 
-from minigpt5_cli.toyworld import tiny
+from minigpt5_cli import hub
+from minigpt5_cli.builders import tiny
 from minigpt5_cli.modeling.backbones import load_llm
 from minigpt5_cli.modeling.generators import load_generator
 from minigpt5_cli.errors import UserError
@@ -32,10 +35,15 @@ def test_tiny_generator_conditioning_shape_comes_from_the_pipeline(tmp_path):
 
 
 def test_tiny_resolve_caches_once():
-    first = tiny.resolve("tiny:sd")
-    assert tiny.resolve("tiny:sd") == first
+    first = hub.resolve("tiny:sd")
+    assert hub.resolve("tiny:sd") == first
     with pytest.raises(UserError, match="unknown tiny backbone"):
-        tiny.resolve("tiny:gpt")
+        hub.resolve("tiny:gpt")
+
+
+def test_resolve_builds_named_backbones_and_passes_other_names_through():
+    assert hub.resolve("org/model") == "org/model" and hub.resolve("./tiny:sd") == "./tiny:sd"
+    assert (Path(hub.resolve("paper:sd-2.1-base", shapes_only=True)) / "model_index.json").is_file()
 
 
 def test_offline_hub_id_gives_clear_error():
@@ -59,7 +67,7 @@ def test_cold_and_warm_tiny_caches_give_a_run_the_same_initial_weights(tmp_path,
     """Building a tiny backbone must not touch the caller's RNG: the same seed gives the same mapper and
     LoRA weights whether the tiny backbones were just built (cold cache) or loaded (warm)."""
     from minigpt5_cli import recipe as R
-    from minigpt5_cli.modeling.model import build_model
+    from minigpt5_cli.training.train import model_for
 
     from conftest import DEBUG
 
@@ -67,7 +75,7 @@ def test_cold_and_warm_tiny_caches_give_a_run_the_same_initial_weights(tmp_path,
 
     def initial_weights():
         torch.manual_seed(7)
-        model = build_model(recipe)
+        model = model_for(recipe)
         return {f"{group}.{i}": p.detach().clone() for group, ps in model.trainable_groups().items()
                 for i, p in enumerate(ps)}
 

@@ -310,9 +310,9 @@ def inpainting_generator(c: Ctx, as_text_to_image: bool = False) -> list[str]:
     """An inpainting pipeline, or its 9-channel UNet saved as a text-to-image pipeline."""
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionPipeline, UNet2DConditionModel
 
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli import hub
 
-    sd = StableDiffusionPipeline.from_pretrained(tiny.resolve("tiny:sd"))
+    sd = StableDiffusionPipeline.from_pretrained(hub.resolve("tiny:sd"))
     unet = UNet2DConditionModel.from_config({**sd.unet.config, "in_channels": 9})  # latents, mask, masked image
     cls = StableDiffusionPipeline if as_text_to_image else StableDiffusionInpaintPipeline
     cls(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=unet, scheduler=sd.scheduler,
@@ -333,7 +333,7 @@ def pixart_generator(c: Ctx) -> list[str]:
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
-    from minigpt5_cli.toyworld.tiny import _t5_tokenizer, _vae
+    from minigpt5_cli.builders.tiny import _t5_tokenizer, _vae
 
     tok = _t5_tokenizer(16)
     text = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, d_kv=8, num_layers=1, num_heads=4))
@@ -1092,3 +1092,32 @@ def test_bad_input_is_one_line_and_exit_2(case, runs, tmp_path, capsys, monkeypa
     after = snapshot(tmp_path)
     assert {k: after.get(k) for k in before} == before, "files that were there before changed"
     assert not [p for p in after if any(m in p for m in (".partial", ".tmp", ".old-"))], "a temporary was left"
+
+
+def test_the_stages_refuse_what_the_command_line_refuses(runs, tmp_path):
+    """Each stage checks its own inputs: called from Python, it refuses as the command does."""
+    from minigpt5_cli.data import prepare
+    from minigpt5_cli.errors import UserError
+    from minigpt5_cli.evaluation import evaluate
+    from minigpt5_cli.generation import generate
+    from minigpt5_cli.generation.settings import Settings
+    from minigpt5_cli.modeling.bundle import bundle
+
+    (tmp_path / "a-file").write_text("x")
+    refusals = [
+        (lambda: prepare.prepare("cc3m", None, tmp_path / "out"), "needs --input"),
+        (lambda: prepare.prepare("cc3m", PAIRS, tmp_path / "out", prepare.Settings(cache_dtype="int8")),
+         "--cache-dtype must be float32 or float16"),
+        (lambda: evaluate.evaluate(PAIRS, PAIRS, evaluate.Settings(metrics=["bleu1"], is_splits=0),
+                                   tmp_path / "m.json"), "--is-splits"),
+        (lambda: evaluate.evaluate(PAIRS, PAIRS, evaluate.Settings(metrics=["bleu1"]),
+                                   tmp_path / "a-file" / "m.json"), "a-file: it is a file"),
+        (lambda: generate.load(str(runs / "s2"), precision="fp8"), "unknown precision 'fp8'"),
+        (lambda: generate.check(Settings(top_p=2.0), tmp_path / "out", runs / "s2"), "--top-p"),
+        (lambda: generate.check(Settings(), runs / "s2" / "out", runs / "s2"), "inside the model folder"),
+        (lambda: bundle(runs / "s2", tmp_path / "a-file" / "bundle"), "a-file: it is a file"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(UserError, match=message):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"], "nothing was written"

@@ -36,9 +36,9 @@ def model():
 
 def test_a_step_is_what_generate_writes_for_the_same_story(model, tmp_path):
     """The demo runs generate itself: its first response is generate's, text and pixels."""
-    net, info = model
+    loaded = model
     step = "Draw a red circle at the top left."
-    chat, steps, cut = turn(net, info, tmp_path, step, None, [], [], Settings(**FAST))
+    chat, steps, cut = turn(loaded, tmp_path, step, None, [], [], Settings(**FAST))
     assert chat[0] == {"role": "user", "content": step} and not cut
     shown = [m["content"]["path"] for m in chat if m["role"] == "assistant" and isinstance(m["content"], dict)]
     assert len(shown) == 1
@@ -54,11 +54,11 @@ def test_a_step_is_what_generate_writes_for_the_same_story(model, tmp_path):
 def test_the_story_so_far_goes_into_the_next_step(model, tmp_path):
     from minigpt5_cli.toyworld.world import render
 
-    net, info = model
-    chat, steps, _ = turn(net, info, tmp_path, "Draw a red circle at the top left.", None, [], [], Settings(**FAST))
+    loaded = model
+    chat, steps, _ = turn(loaded, tmp_path, "Draw a red circle at the top left.", None, [], [], Settings(**FAST))
     render("green", "triangle", (2, 2)).save(tmp_path / "mine.png")
     markup = "It moves. <script>alert(1)</script>"
-    chat, steps, _ = turn(net, info, tmp_path, markup, str(tmp_path / "mine.png"), chat, steps, Settings(**FAST))
+    chat, steps, _ = turn(loaded, tmp_path, markup, str(tmp_path / "mine.png"), chat, steps, Settings(**FAST))
     assert len(steps) == 4 and steps[2] == {"text": markup, "image": str(tmp_path / "mine.png")}
     # The second step's generate record: every earlier step, the first response included, as its input.
     folder = Path(steps[3]["image"]).parent
@@ -75,7 +75,7 @@ def test_a_step_longer_than_the_prompt_keeps_its_end(model, tmp_path, monkeypatc
     """Past data.max_length the story loses its start: the model reads its last words and the assistant's cue."""
     from minigpt5_cli.generation.decoder import Decoder
 
-    net, info = model
+    loaded = model
     fed, decode = [], Decoder.__call__
 
     def spy(self, prompts, *args, **kwargs):  # the model's inputs, as generate gives them
@@ -84,11 +84,11 @@ def test_a_step_longer_than_the_prompt_keeps_its_end(model, tmp_path, monkeypatc
 
     monkeypatch.setattr(Decoder, "__call__", spy)
     step = "Draw a blue square at the bottom right. " * 60 + "Then draw a red circle at the top left."
-    chat, steps, cut = turn(net, info, tmp_path, step, None, [], [], Settings(**FAST))
+    chat, steps, cut = turn(loaded, tmp_path, step, None, [], [], Settings(**FAST))
     assert cut and steps[0]["text"] == step and chat[0]["content"] == step  # the story keeps the whole step
     ids = fed[0]["input_ids"][0]
-    prompt = net.tokenizer.decode(ids, skip_special_tokens=True)
-    room = net.recipe.data.max_length
+    prompt = loaded.net.tokenizer.decode(ids, skip_special_tokens=True)
+    room = loaded.data.max_length
     assert len(ids) <= room and len(ids) > room - 16  # the end of the story, as much of it as fits
     assert prompt.startswith("###Human: ")
     assert prompt.endswith("at the bottom right. Then draw a red circle at the top left. ###Assistant: ")
@@ -99,8 +99,8 @@ def test_generation_cuts_a_story_from_its_start_and_training_drops_whole_steps(m
     from minigpt5_cli.data.samples import Sample
     from minigpt5_cli.toyworld.world import render
 
-    net, _ = model
-    collate = Collator.for_model(net)
+    net = model.net
+    collate = Collator.for_model(net, model.data)
 
     def text(enc):
         assert enc["input_ids"].shape[1] <= 40
@@ -125,8 +125,8 @@ def test_a_refused_setting_is_told_on_the_page_without_a_traceback(model, tmp_pa
 
     from minigpt5_cli.demo.app import build_app
 
-    net, info = model
-    app = build_app(net, info, tmp_path)
+    loaded = model
+    app = build_app(loaded, tmp_path)
     submit = next(f.fn for f in app.fns.values() if f.fn.__name__ == "submit")
     with pytest.raises(gr.Error, match="--seed") as refused:
         submit({"text": "Draw a red circle.", "files": []}, [], [], "vokens", 16, 1.0, 0.9, 1.0, 1, 2, 7.5, 2**64)
@@ -138,12 +138,13 @@ def test_the_page_lists_the_words_a_shapes_model_knows(model, tmp_path):
     from transformers import AutoTokenizer
 
     from minigpt5_cli.demo.app import build_app, vocabulary
-    from minigpt5_cli.toyworld import tiny, world
+    from minigpt5_cli import hub
+    from minigpt5_cli.toyworld import world
 
-    net, info = model
-    intro = [b.value for b in build_app(net, info, tmp_path).blocks.values() if isinstance(b, gr.Markdown)][0]
+    loaded = model
+    intro = [b.value for b in build_app(loaded, tmp_path).blocks.values() if isinstance(b, gr.Markdown)][0]
     for words in [*world.PALETTE, *world.SHAPES, *world.PLACES.values(), "Now make it a square."]:
         assert words in intro
-    other = type("Net", (), {"tokenizer": AutoTokenizer.from_pretrained(tiny.resolve("tiny:llava"))})
+    other = type("Net", (), {"tokenizer": AutoTokenizer.from_pretrained(hub.resolve("tiny:llava"))})
     assert vocabulary(other) == ""  # another world's model: no shapes to list
 

@@ -237,10 +237,10 @@ def tiny_clip(tmp_path_factory):
     """A tiny random CLIP saved with save_pretrained: `--clip-model` loads it like any local copy."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    from minigpt5_cli.toyworld.tiny import _clip_tokenizer
+    from minigpt5_cli.builders.common import clip_tokenizer
 
     torch.manual_seed(0)
-    tok = _clip_tokenizer(77)
+    tok = clip_tokenizer(77)
     ids = {"vocab_size": len(tok), "bos_token_id": tok.convert_tokens_to_ids("<|startoftext|>"),
            "eos_token_id": tok.convert_tokens_to_ids("<|endoftext|>"),
            "pad_token_id": tok.convert_tokens_to_ids("<|endoftext|>")}
@@ -541,7 +541,7 @@ def test_inception_score_never_splits_below_two_images(tmp_path, tiny_inception,
 @pytest.mark.parametrize("failing_call,name", [(1, "fid"), (2, "fid_per_story")])
 def test_a_fid_that_is_not_computable_keeps_the_other_metrics(tmp_path, tiny_inception, monkeypatch, failing_call,
                                                               name):
-    from minigpt5_cli.evaluation import metrics as maths
+    from minigpt5_cli.evaluation import maths
 
     names = ["red_circle", "red_square", "blue_circle", "blue_square"]
     _with_images(tmp_path, names)

@@ -64,15 +64,16 @@ def test_collated_batch_gives_the_logits_of_the_processor_output(family, prompt_
     from PIL import Image
 
     from minigpt5_cli import recipe as R
-    from minigpt5_cli.data.collate import TARGETS, Collator, image_marker
+    from minigpt5_cli.data.collate import Collator, image_marker
+    from minigpt5_cli.modeling.runner import TARGETS
     from minigpt5_cli.data.samples import Sample
-    from minigpt5_cli.modeling.model import build_model
+    from minigpt5_cli.training.train import model_for
 
     llm = F.build(family, tmp_path / family)
     recipe = R.load(DEBUG / "stage1.yaml", [f"model.llm={llm}", "data.max_length=512",
                                             f"data.prompt_format={prompt_format}"])
-    model = build_model(recipe).eval()
-    collate = Collator.for_model(model)
+    model = model_for(recipe).eval()
+    collate = Collator.for_model(model, recipe.data)
     images = [Image.open(IMAGES / f"{n}.png").convert("RGB") for n in ("red_circle", "blue_square")]
     sample = Sample(history=[("there is a circle.", images[0]), ("it turns into a square.", images[1])],
                     target="it stays.")
@@ -105,13 +106,13 @@ def test_decoded_voken_states_are_the_training_ones(family, adapter, tmp_path):
     from minigpt5_cli.data.samples import Sample
     from minigpt5_cli.generation.decoder import Decoder
     from minigpt5_cli.generation.settings import Settings
-    from minigpt5_cli.modeling.model import build_model
+    from minigpt5_cli.training.train import model_for
 
     llm = F.build(family, tmp_path / family)
     recipe = R.load(DEBUG / ("stage1.yaml" if adapter == "none" else "stage2_prefix.yaml"),
                     [f"model.llm={llm}", "data.max_length=512", "train.init_from=none"])
     torch.manual_seed(0)
-    model = build_model(recipe).eval()
+    model = model_for(recipe).eval()
     if adapter == "prefix":
         with torch.no_grad():  # a prefix that matters
             for p in model.llm.prompt_encoder.parameters():
@@ -120,18 +121,18 @@ def test_decoded_voken_states_are_the_training_ones(family, adapter, tmp_path):
     head = model.llm.get_output_embeddings()
     handle = head.register_forward_hook(lambda m, a, out: out.index_add(
         -1, torch.tensor([first]), torch.full((*out.shape[:-1], 1), 1e4, dtype=out.dtype)))
-    collate = Collator.for_model(model)
+    collate = Collator.for_model(model, recipe.data)
     images = [Image.open(IMAGES / f"{name}.png").convert("RGB") for name in ("red_circle", "blue_square")]
     samples = [Sample(history=[("there is a circle.", images[0]), ("it turns into a square.", images[1])]),
                Sample(history=[("a circle.", None)])]
     prompts = [collate.prompt(s, 512) for s in samples]
-    decoder = Decoder(model, Settings(max_new_tokens=n, min_images=0, temperature=0.0))
+    decoder = Decoder(model, recipe.data, Settings(max_new_tokens=n, min_images=0, temperature=0.0).resolve(recipe.sample))
     segments, states = decoder(prompts, [0, 1])
     handle.remove()
     assert [[seg["image"] for seg in segs] for segs in segments] == [[0], [1]]
     for row, prompt in enumerate(prompts):
         full = collate.merge([collate.extend(prompt, list(range(first, first + n)))])
         with torch.no_grad():
-            hidden = model.language_forward(full).hidden_states[-1]
+            hidden = model.runner(full).hidden_states[-1]
         expected = model.voken_states(hidden, full["input_ids"])
         torch.testing.assert_close(states[row], expected[0], atol=1e-4, rtol=1e-4)

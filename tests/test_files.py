@@ -93,3 +93,30 @@ def test_a_private_file_stays_its_owners(tmp_path, umask_022):
     files.write_atomic({tmp_path / "page": b"p", tmp_path / "secret": b"s"}, private=(tmp_path / "secret",))
     assert (tmp_path / "page").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_staged_keeps_the_folder_another_process_made_meanwhile(tmp_path):
+    """Two processes building the same folder (a cache): the first one's stays, the other's goes."""
+    out = tmp_path / "out"
+    with files.staged(out, keep=True) as tmp:
+        (tmp / "mine").write_text("x")
+        out.mkdir()
+        (out / "theirs").write_text("y")
+    assert [p.name for p in out.iterdir()] == ["theirs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_staged_into_a_held_folder_moves_its_entries_in_the_configs_last(tmp_path, monkeypatch):
+    """A run's own output folder: its lock file stays, held; what a loader reads first moves in last."""
+    out, moved = tmp_path / "out", []
+    rename = files.Path.rename
+    monkeypatch.setattr(files.Path, "rename", lambda self, target: moved.append(self.name) or rename(self, target))
+    with files.run_lock(out, "in use"):
+        with files.staged(out, into=True, last=("config.json",)) as tmp:
+            for name in ("config.json", "weights", "tokenizer.json"):
+                (tmp / name).write_text(name)
+        with pytest.raises(UserError, match="in use"), files.run_lock(out, "in use"):
+            pass
+    assert moved[-1] == "config.json" and sorted(moved) == ["config.json", "tokenizer.json", "weights"]
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "tokenizer.json", "weights"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

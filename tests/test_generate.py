@@ -91,17 +91,21 @@ def boost_img0(model):
 
 @pytest.mark.parametrize("run", ["s1", "lora", "prefix"])
 def test_voken_groups_are_forced_in_one_step_at_training_positions(runs, run):
-    model, _ = G.load(str(runs / run))
+    loaded = G.load(str(runs / run))
+    model = loaded.net
     n = model.vokens.n
     handle = boost_img0(model)
-    settings = G.Settings(max_new_tokens=2 * n, min_images=0)
-    decoder = G.Decoder(model, settings)
+    settings = G.Settings(max_new_tokens=2 * n, min_images=0).resolve(loaded.sample)
+    decoder = G.Decoder(model, loaded.data, settings)
     prompt = model.tokenizer("###Human: there is a circle. ###Assistant: ")["input_ids"]
+    calls = []  # tokens per forward call of the language model
+    count = model.llm.get_input_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape[1]))
     segments, states = decoder([tokens(prompt)], [0])
     handle.remove()
+    count.remove()
     # [IMG0] sampled twice; each time the whole group went in as one forward call of n tokens.
     assert segments == [[{"image": 0}, {"image": 1}]]
-    assert decoder.calls == [len(prompt), n, n]
+    assert calls == [len(prompt), n, n]
     # The kept states are the ones training takes from a full forward over the same tokens.
     ids = torch.tensor([prompt + list(range(model.first_voken, model.first_voken + n)) * 2])
     with torch.no_grad():
@@ -112,10 +116,10 @@ def test_voken_groups_are_forced_in_one_step_at_training_positions(runs, run):
 
 
 def test_two_voken_groups_give_two_images(runs, tmp_path):
-    model, info = G.load(str(runs / "lora"))
-    handle = boost_img0(model)
-    settings = G.Settings(max_new_tokens=2 * model.vokens.n, min_images=0, diffusion_steps=2)
-    G.generate(read_stories("it moves."), model, info, settings, tmp_path, nested=False)
+    loaded = G.load(str(runs / "lora"))
+    handle = boost_img0(loaded.net)
+    settings = G.Settings(max_new_tokens=2 * loaded.net.vokens.n, min_images=0, diffusion_steps=2)
+    G.generate(read_stories("it moves."), loaded, settings, tmp_path, nested=False)
     handle.remove()
     doc = json.loads((tmp_path / "story.json").read_text())
     assert doc["generated"][0]["images"] == ["image-1.png", "image-2.png"]
@@ -123,12 +127,13 @@ def test_two_voken_groups_give_two_images(runs, tmp_path):
 
 
 def test_min_images_zero_lets_the_model_decide(runs, tmp_path):
-    model, info = G.load(str(runs / "lora"))
+    loaded = G.load(str(runs / "lora"))
+    model = loaded.net
     head = model.llm.get_output_embeddings()
     ban = head.register_forward_hook(lambda m, a, out: out.index_fill(-1, torch.tensor([model.first_voken]), -1e4))
     for min_images, folder in ((0, tmp_path / "free"), (1, tmp_path / "forced")):
         settings = G.Settings(max_new_tokens=20, min_images=min_images, diffusion_steps=2)
-        G.generate(read_stories("it moves."), model, info, settings, folder, nested=False)
+        G.generate(read_stories("it moves."), loaded, settings, folder, nested=False)
     ban.remove()
     free = json.loads((tmp_path / "free" / "story.json").read_text())["generated"][0]
     forced = json.loads((tmp_path / "forced" / "story.json").read_text())["generated"][0]
@@ -137,7 +142,7 @@ def test_min_images_zero_lets_the_model_decide(runs, tmp_path):
 
 @pytest.mark.parametrize("run", ["lora", "prefix"])
 def test_batch_output_equals_one_by_one(runs, tmp_path, run):
-    model, info = G.load(str(runs / run))
+    loaded = G.load(str(runs / run))
     shutil.copy(IMAGES / "red_circle.png", tmp_path / "red_circle.png")
     lines = [
         {"id": "a", "steps": [{"text": "there is a circle.", "image": "red_circle.png"}]},
@@ -149,7 +154,7 @@ def test_batch_output_equals_one_by_one(runs, tmp_path, run):
     docs = {}
     for batch in (1, 3):
         settings = G.Settings(max_new_tokens=30, diffusion_steps=2, batch_size=batch, steps=2)
-        G.generate(read_stories(str(path)), model, info, settings, tmp_path / str(batch), nested=True)
+        G.generate(read_stories(str(path)), loaded, settings, tmp_path / str(batch), nested=True)
         docs[batch] = {sid: json.loads((tmp_path / str(batch) / sid / "story.json").read_text()) for sid in "abc"}
     for sid in "abc":
         one, many = docs[1][sid]["generated"], docs[3][sid]["generated"]
@@ -174,9 +179,11 @@ def test_two_stage_mode_from_checkpoint_and_from_recipe(runs, tmp_path):
 
 
 def test_two_stage_never_emits_vokens(runs):
-    model, _ = G.load(str(runs / "lora"))
+    loaded = G.load(str(runs / "lora"))
+    model = loaded.net
     handle = boost_img0(model)
-    segments, states = G.Decoder(model, G.Settings(mode="two-stage", max_new_tokens=12))(
+    settings = G.Settings(mode="two-stage", max_new_tokens=12).resolve(loaded.sample)
+    segments, states = G.Decoder(model, loaded.data, settings)(
         [tokens(model.tokenizer("###Human: hi ###Assistant: ")["input_ids"])], [0])
     handle.remove()
     assert states.shape[0] == 0 and all("image" not in seg for seg in segments[0])
@@ -264,8 +271,9 @@ def test_two_stage_says_once_how_many_captions_clip_cut(runs, library_log, capsy
 
     from minigpt5_cli import display
 
-    model, _ = G.load(str(runs / "lora"))
-    renderer = G.Renderer(model, G.Settings(mode="two-stage", diffusion_steps=1))
+    loaded = G.load(str(runs / "lora"))
+    model = loaded.net
+    renderer = G.Renderer(model, G.Settings(mode="two-stage", diffusion_steps=1).resolve(loaded.sample))
     limit = model.generator.tokenizer.model_max_length
     with display.progress(Console(stderr=True)):
         for _ in range(2):
@@ -483,8 +491,8 @@ def test_story_images_stay_in_the_story_folder(tmp_path, capsys):
         with pytest.raises(UserError, match="is outside"):
             read_stories(str(lines))
         with pytest.raises(UserError, match="is outside.*data.allow_outside_paths=true"):  # a training file alike
-            read_jsonl(lines, 2)
-        assert read_jsonl(lines, 2, outside=True)[0].steps[1].image.open().size == picture.open().size
+            read_jsonl(lines, "2")
+        assert read_jsonl(lines, "2", outside=True)[0].steps[1].image.open().size == picture.open().size
     assert not (tmp_path / "o").exists()
 
 
@@ -549,7 +557,7 @@ def test_unknown_words_are_what_the_tokenizer_cannot_hold():
 
     from minigpt5_cli.generation.stories import EXAMPLES, unknown_words
     from minigpt5_cli.modeling.bundle import default_model
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli import hub
 
     # The shipped byte-level tokenizer holds each shapes-world word whole: anything else comes in letters.
     shipped = AutoTokenizer.from_pretrained(default_model() / "llm")
@@ -562,7 +570,7 @@ def test_unknown_words_are_what_the_tokenizer_cannot_hold():
     assert unknown_words(PreTrainedTokenizerFast(tokenizer_object=vocab, unk_token="<unk>"),
                          ["a pink circle."]) == ["pink"]
     # An open byte-level vocabulary never yields its unknown token: nothing to tell.
-    assert unknown_words(AutoTokenizer.from_pretrained(tiny.resolve("tiny:llava")), ["Draw a pink star."]) == []
+    assert unknown_words(AutoTokenizer.from_pretrained(hub.resolve("tiny:llava")), ["Draw a pink star."]) == []
 
 
 def test_generate_help_lists_the_shapes_words_and_requests(capsys):

@@ -66,6 +66,27 @@ def test_rendering_a_conditioning_is_the_pipeline_on_its_prompt(generator):
     assert gen.describe()["family"] == FAMILIES[generator]
 
 
+def test_every_registered_family_is_tested_here_and_the_base_is_abstract():
+    from minigpt5_cli.modeling.generators import FAMILIES as REGISTERED, Generator
+
+    assert sorted(cls.family for cls in REGISTERED.values()) == sorted(FAMILIES.values())
+    with pytest.raises(TypeError, match="abstract"):
+        Generator(None, "none")
+
+
+@pytest.mark.parametrize("generator", list(FAMILIES))
+def test_fsdp_blocks_are_the_denoisers_own(generator):
+    """The blocks a family names for FSDP to wrap are classes of its denoiser that hold most of its
+    weights, and classes none of its other networks use (those run for some batches only)."""
+    gen = load_generator(generator)
+    blocks = gen.blocks()
+    assert blocks and blocks <= {type(m).__name__ for m in gen.denoiser.modules()}
+    wrapped = {id(p): p.numel() for m in gen.denoiser.modules() if type(m).__name__ in blocks for p in m.parameters()}
+    assert sum(wrapped.values()) > 0.5 * sum(p.numel() for p in gen.denoiser.parameters())
+    others = {type(m).__name__ for part in gen.parts().values() if part is not gen.denoiser for m in part.modules()}
+    assert not blocks & others, blocks & others
+
+
 class Oracle(torch.nn.Module):
     """A denoiser that predicts the true target from the noisy latents it is given and the clean ones it
     knows: a loss of zero is what a perfect model earns."""

@@ -104,10 +104,10 @@ def test_exif_orientation_is_applied_on_every_path(tmp_path):
     (tmp_path / "refs.jsonl").write_text(json.dumps({"id": "s", "text": "a", "images": ["a.jpg"]}) + "\n")
     (tmp_path / "pairs.tsv").write_text("caption\timage\na\ta.jpg\nb\tbig.jpg\n")
     prepare.prepare("cc3m", tmp_path / "pairs.tsv", tmp_path / "data", prepare.Settings(image_size=20))
-    prepared = load_source(tmp_path / "data", 1)
+    prepared = load_source(tmp_path / "data", "1")
     decoded = {
         "generate": read_stories(str(tmp_path / "story.json"))[0].steps[0].image.open(),
-        "training": read_jsonl(tmp_path / "pairs.jsonl", 1)[0].steps[0].image.open(),
+        "training": read_jsonl(tmp_path / "pairs.jsonl", "1")[0].steps[0].image.open(),
         "evaluate": read_references(tmp_path / "refs.jsonl")[0].images[0].open(),
         "prepare-data": prepared[0].steps[0].image.open(),  # the original bytes, tag and all
     }

@@ -7,8 +7,8 @@ from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import read_jsonl
 from minigpt5_cli.modeling import checkpoint
 from minigpt5_cli.modeling.mapper import FeatureMapper
-from minigpt5_cli.modeling.model import build_model
 from minigpt5_cli.modeling.params import paper_counts
+from minigpt5_cli.training.train import model_for
 
 from conftest import DEBUG
 
@@ -17,7 +17,7 @@ def make(stage=1, adapter="none", llm="tiny:llava", extra=()):
     name = "stage1.yaml" if stage == 1 else f"stage2_{adapter}.yaml"
     data = DEBUG / "data" / ("pairs.jsonl" if stage == 1 else "sequences.jsonl")
     recipe = R.load(DEBUG / name, [f"model.llm={llm}", f"data.train={data}", *extra])
-    return recipe, build_model(recipe)
+    return recipe, model_for(recipe)
 
 
 def batch_for(model, recipe, size=4):
@@ -25,7 +25,7 @@ def batch_for(model, recipe, size=4):
     ds = TrainSet(records, stage=recipe.train.stage, resolution=model.generator.resolution,
                   history=recipe.data.history, seed=0, instruction_prob=recipe.data.instruction_prob,
                   images_in_prompt=model.llm_info.accepts_images)
-    return Collator.for_model(model)([ds[i] for i in range(min(size, len(ds)))])
+    return Collator.for_model(model, recipe.data)([ds[i] for i in range(min(size, len(ds)))])
 
 
 @pytest.mark.parametrize("llm", ["tiny:llava", "tiny:llama"])

@@ -41,13 +41,13 @@ def test_paper_shapes_have_the_published_parameter_counts():
 def test_plan_of_the_paper_recipe_offline_from_the_hub_cache(tmp_path):
     """The command the README gives, with the two models' files (no weights) in the hub cache, as
     `hf download ... --exclude '*.safetensors' ...` leaves them, and the hub out of reach."""
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli import hub
 
     cache = tmp_path / "hub"
     for repo, name in (("llava-hf/llava-1.5-7b-hf", "paper:llava-1.5-7b"),
                        ("stabilityai/stable-diffusion-2-1-base", "paper:sd-2.1-base")):
         root = cache / ("models--" + repo.replace("/", "--"))
-        shutil.copytree(tiny.resolve(name, shapes_only=True), root / "snapshots" / ("0" * 40))
+        shutil.copytree(hub.resolve(name, shapes_only=True), root / "snapshots" / ("0" * 40))
         (root / "refs").mkdir()
         (root / "refs" / "main").write_text("0" * 40)
     out = subprocess.run([sys.executable, "-m", "minigpt5_cli", "train", "--recipe", "recipes/vist_stage2_lora.yaml",
@@ -65,7 +65,7 @@ def test_plan_of_the_paper_recipe_offline_from_the_hub_cache(tmp_path):
 
 
 def _small_llm(folder: Path) -> str:
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli.builders import tiny
 
     with torch.random.fork_rng():
         torch.manual_seed(0)

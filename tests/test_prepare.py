@@ -17,8 +17,8 @@ from minigpt5_cli import recipe as R
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_source
-from minigpt5_cli.modeling.model import build_model
 from minigpt5_cli.data.readers import clean_caption
+from minigpt5_cli.training.train import model_for
 
 from conftest import DEBUG, run_cli
 
@@ -466,16 +466,16 @@ def test_a_dataset_image_stored_as_a_path_stays_inside_the_dataset(tmp_path):
         with pa.OSFile(str(shard), "wb") as f, pa.ipc.new_stream(f, table.schema) as out:
             out.write_table(pa.Table.from_pylist([{"id": name, "steps": steps}], schema=table.schema))
     (folder / "inside" / "a.jpg").write_bytes(image_bytes())
-    assert load_source(folder / "inside", 2)[0].steps[0].image.open().size == (40, 30)
+    assert load_source(folder / "inside", "2")[0].steps[0].image.open().size == (40, 30)
     with pytest.raises(UserError, match=f"row 0 step 1: its image {tmp_path / 'secret.jpg'} is outside the data set"):
-        load_source(folder / "outside", 2)[0]
+        load_source(folder / "outside", "2")[0]
     # A data set of another schema, its image column a plain string, is held to the same rule.
     strings = folder / "strings"
     datasets.Dataset.from_dict({"id": ["s"], "steps": [[{"text": "a", "image": str(secret)}, {"text": "b", "image": None}]]}) \
         .save_to_disk(str(strings))
     (strings / "summary.json").write_text("{}")
     with pytest.raises(UserError, match="row 0 step 1: its image .* is outside the data set"):
-        load_source(strings, 2)[0]
+        load_source(strings, "2")[0]
 
 
 # -- training from prepared data ------------------------------------------------------------------
@@ -507,7 +507,7 @@ def test_training_reads_prepared_datasets(tmp_path):
 
 def test_stage2_tasks_build_the_documented_samples(tmp_path):
     prepare("vist", "--input", vist_fixture(tmp_path / "raw"), "--output", tmp_path / "vist")
-    source = load_source(tmp_path / "vist", 2)
+    source = load_source(tmp_path / "vist", "2")
     ds = TrainSet(source, **_set(True, ["turn", "gen", "multimodal", "understanding"]))
     tasks = [task for _, _, task in ds.index]
     # One story of 5 steps, all with images: turn 4, gen 5, multimodal 4, understanding 4.
@@ -526,7 +526,7 @@ def test_stage2_tasks_build_the_documented_samples(tmp_path):
 
 
 def _set(images: bool, tasks: list[str]) -> dict:
-    return dict(stage=2, resolution=32, history=4, seed=0, instruction_prob=0.0, images_in_prompt=images, tasks=tasks)
+    return dict(stage="2", resolution=32, history=4, seed=0, instruction_prob=0.0, images_in_prompt=images, tasks=tasks)
 
 
 @pytest.mark.parametrize("generator,cond,pooled", [("tiny:sd", [16, 32], None), ("tiny:sdxl", [16, 64], 16),
@@ -545,11 +545,11 @@ def test_cached_latents_give_the_same_loss(tmp_path, generator, cond, pooled):
     assert images(cached) == images(plain)  # the images are stored as they were, not re-encoded
     recipe = R.load(DEBUG / "stage1.yaml", ["data.instruction_prob=0", f"model.generator={generator}"])
     torch.manual_seed(0)
-    model = build_model(recipe)
-    collate = Collator.for_model(model)
+    model = model_for(recipe)
+    collate = Collator.for_model(model, recipe.data)
     losses = {}
     for name, folder in (("plain", plain), ("cached", cached)):
-        ds = TrainSet(load_source(folder, 1), stage=1, resolution=model.generator.resolution, history=0, seed=0,
+        ds = TrainSet(load_source(folder, "1"), stage="1", resolution=model.generator.resolution, history=0, seed=0,
                       instruction_prob=0.0, images_in_prompt=True)
         batch = collate([ds[i] for i in range(4)])
         assert ("latent_mean" in batch) == (name == "cached") and ("caption_embeds" in batch) == (name == "cached")

@@ -29,9 +29,10 @@ def test_accelerate_configs_load_as_accelerate_reads_them(path):
 
 
 @pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
-def test_every_recipe_validates(path):
+def test_every_recipe_validates(path, tmp_path):
     recipe = R.load(path)
-    assert isinstance(recipe, R.Recipe)
+    (tmp_path / "recipe.yaml").write_text(R.dump(recipe))
+    assert R.load(tmp_path / "recipe.yaml") == recipe, "the resolved recipe, as written, loads back the same"
     assert path.read_text().startswith("#"), "a recipe opens with a comment giving its command"
     # Every key written in the file survives, with its value, into the resolved recipe.
     resolved = yaml.safe_load(R.dump(recipe))
@@ -105,6 +106,20 @@ def test_save_round_trip(tmp_path):
     r = R.load(REPO / "recipes" / "debug" / "stage2_lora.yaml", ["train.seed=7"])
     R.save(r, tmp_path / "recipe.yaml")
     assert R.load(tmp_path / "recipe.yaml") == r
+
+
+def test_stage_is_a_string_written_as_recipes_write_it(tmp_path):
+    """`stage: 1` (YAML's number, as recipes and the checkpoints of earlier versions write it), "1" and
+    `train.stage=1` are one stage; a saved recipe writes it as recipes do."""
+    path = tmp_path / "r.yaml"
+    for text in ("train:\n  stage: 2\n", "train:\n  stage: '2'\n"):
+        path.write_text(text)
+        assert R.load(path).train.stage == "2"
+    assert R.load(None, ["train.stage=2"]).train.stage == "2"
+    assert R.load(None, ["train.stage=llm", "train.mixed_precision=no"]).train.stage == "llm"
+    assert yaml.safe_load(R.dump(R.load(path)))["train"]["stage"] == 2
+    with pytest.raises(UserError, match="'train.stage' must be one of 1, 2, llm, generator, got '3'"):
+        R.load(None, ["train.stage=3"])
 
 
 def test_stage1_refuses_adapter():

@@ -10,7 +10,8 @@ import torch
 
 from conftest import DEBUG, run_cli
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.toyworld import tiny
+from minigpt5_cli import hub
+from minigpt5_cli.builders import tiny
 from minigpt5_cli.toyworld import world as toy
 from minigpt5_cli.modeling.backbones import load_llm
 from minigpt5_cli.modeling.generators import load_generator
@@ -49,7 +50,7 @@ def test_toy_tokenizers_hold_every_toy_word_whole():
 
 
 def test_sources_chain_and_the_llm_stage_captions_one_step_rows(toy_data):
-    source = load_sources([str(toy_data / "pairs"), str(toy_data / "dialogs")], 2)
+    source = load_sources([str(toy_data / "pairs"), str(toy_data / "dialogs")], "2")
     assert len(source) == 44 and source[40].id == "dialog-train-00000"
     llm = TrainSet(source, **_set("llm", 4))
     tasks = [task for _, _, task in llm.index]
@@ -57,7 +58,7 @@ def test_sources_chain_and_the_llm_stage_captions_one_step_rows(toy_data):
     assert not any(llm[i].vokens for i in range(len(llm)))
     sample = llm[0]
     assert sample.target == source[0].steps[0].text and sample.history[0][1] is not None
-    stage2 = TrainSet(source, **_set(2, 4))
+    stage2 = TrainSet(source, **_set("2", 4))
     assert [s for _, _, s in stage2.index] == ["turn"] * 12  # pairs have no turns
     assert sum(stage2[i].vokens for i in range(len(stage2))) == 8
 
@@ -65,7 +66,7 @@ def test_sources_chain_and_the_llm_stage_captions_one_step_rows(toy_data):
 def test_stage2_caption_targets_only_when_every_target_has_one(toy_data):
     gen, llm = load_generator("toy:sd"), load_llm("toy:llava")
     collate = Collator(tokenizer=llm.tokenizer, processor=llm.processor, first_voken=0, n_vokens=0, max_length=256)
-    stories = TrainSet(load_sources([str(toy_data / "stories")], 2), **_set(2, 2))
+    stories = TrainSet(load_sources([str(toy_data / "stories")], "2"), **_set("2", 2))
     batch = collate([stories[i] for i in range(4)])
     steps = [stories.source[r].steps[k] for r, k, _ in stories.index[:4]]
     assert batch["captions"] == [s.caption for s in steps]  # for the generator's own text encoders
@@ -126,7 +127,7 @@ def test_llm_stage_learns_the_toy_text(toy_data, tmp_path):
 
     def loss_of(name):
         llm = load_llm(name)
-        data = TrainSet(load_sources([str(toy_data / "pairs")], 2), **_set("llm", 4))
+        data = TrainSet(load_sources([str(toy_data / "pairs")], "2"), **_set("llm", 4))
         batch = Collator(tokenizer=llm.tokenizer, processor=llm.processor, first_voken=0,
                          n_vokens=0, max_length=256)([data[i] for i in range(16)])
         with torch.no_grad():
@@ -182,19 +183,19 @@ def test_bundle_runs_from_anywhere_like_its_checkpoint(tmp_path, monkeypatch):
 def test_a_scratch_stage_names_its_local_backbone_relative_to_its_folder(tmp_path, monkeypatch):
     """As train does: the recipe saved with the trained backbone names the one it started from relative to
     itself, so the two move together."""
-    from minigpt5_cli.toyworld import scratch
+    from minigpt5_cli.training import scratch
 
     (tmp_path / "runs" / "toy" / "llm_vision").mkdir(parents=True)
     (tmp_path / "runs" / "toy" / "llm").mkdir()
     monkeypatch.chdir(tmp_path)
     recipe = _recipe(DEBUG.parent / "toy" / "llm.yaml")
     assert recipe.model.llm == "runs/toy/llm_vision"
-    scratch._save(Path("runs/toy/llm"), lambda folder: folder.mkdir(), recipe, {})
+    scratch._save(Path("runs/toy/llm"), lambda folder: None, recipe, {})
     assert recipes.load(tmp_path / "runs/toy/llm/recipe.yaml").model.llm == "../llm_vision"
 
 
 def test_tiny_names_resolve_to_distinct_folders():
-    assert len({tiny.resolve(n) for n in tiny.TINY_NAMES}) == len(tiny.TINY_NAMES)
+    assert len({hub.resolve(n) for n in tiny.NAMES}) == len(tiny.NAMES)
 
 
 def test_sampling_defaults_come_from_the_model_recipe():

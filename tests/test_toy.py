@@ -173,11 +173,12 @@ def grid_pictures():
     from minigpt5_cli.modeling.bundle import default_model
     from minigpt5_cli.story import Story
 
-    net, _ = load(str(default_model()), device="cpu")
-    settings = Settings(batch_size=len(GRID)).resolve(net.recipe.sample)
+    loaded = load(str(default_model()), device="cpu")
+    net = loaded.net
+    settings = Settings(batch_size=len(GRID)).resolve(loaded.sample)
     jobs = [Job(Story(id=p.id, steps=grid_steps(*p.values)), i) for i, p in enumerate(GRID)]
     with torch.inference_mode():
-        run_batch(net, settings, jobs, Decoder(net, settings), Renderer(net, settings))
+        run_batch(settings, jobs, Decoder(net, loaded.data, settings), Renderer(net, settings))
     return {job.story.id: next(seg["image"] for seg in job.responses[0] if "image" in seg) for job in jobs}
 
 

@@ -14,10 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt5_cli import recipe as R
-from minigpt5_cli.training import train as train_module
-from minigpt5_cli.modeling.model import build_model
 from minigpt5_cli.modeling import checkpoint
 from minigpt5_cli.modeling.checkpoint import checkpoints
+from minigpt5_cli.training import train as train_module
+from minigpt5_cli.training.loop import IN_USE
+from minigpt5_cli.training.train import model_for
 
 from conftest import DEBUG, REPO, run_cli
 
@@ -74,7 +75,7 @@ def test_stage1_writes_rotating_checkpoints_that_reload(stage1_run):
         "only the trained weights are written"
     recipe = R.load(last / "recipe.yaml")
     assert recipe.train.output_dir == str(stage1_run)
-    model = build_model(recipe)
+    model = model_for(recipe)
     before = {k: v.clone() for k, v in model.vokens.state_dict().items()}
     checkpoint.load(model, last)
     saved = weights(last)
@@ -95,7 +96,7 @@ def test_stage2_from_stage1(stage1_run, tmp_path, kind):
     assert torch.equal(s1["mapper.queries"], s2["mapper.queries"])
     assert not torch.equal(s1["mapper.out.weight"] if "mapper.out.weight" in s1 else s1["mapper.transformer.decoder.norm.weight"],
                            s2["mapper.out.weight"] if "mapper.out.weight" in s2 else s2["mapper.transformer.decoder.norm.weight"])
-    model = build_model(R.load(last / "recipe.yaml"))
+    model = model_for(R.load(last / "recipe.yaml"))
     checkpoint.load(model, last)
 
 
@@ -216,7 +217,7 @@ def test_a_scratch_stage_keeps_its_lock_file_while_it_saves(tmp_path, monkeypatc
     """The lock file in output_dir stays in place, held, while the stage saves into it: a run starting
     then is refused. The saved LLM loads with the file beside it."""
     from minigpt5_cli.modeling.backbones import load_llm
-    from minigpt5_cli.toyworld import scratch
+    from minigpt5_cli.training import scratch
 
     out, seen = tmp_path / "llm", []
 
@@ -285,12 +286,12 @@ def test_a_run_finds_its_local_backbones_from_anywhere_and_after_moving(tmp_path
     """Backbones given as folders relative to the working folder are saved relative to the run (its
     recipe and each checkpoint's): generate finds them from another working folder, and after the run
     and its backbones move together; --resume still sees the same backbones."""
-    from minigpt5_cli.toyworld import tiny
+    from minigpt5_cli import hub
 
     root, story = tmp_path / "root", tmp_path / "story.json"
     story.write_text(json.dumps({"id": "s", "steps": [{"text": "a red circle.", "image": None}]}))
     for name, folder in (("tiny:llava", "llm"), ("tiny:sd", "generator")):
-        shutil.copytree(tiny.resolve(name), root / "backbones" / folder)
+        shutil.copytree(hub.resolve(name), root / "backbones" / folder)
     models = ("model.llm=backbones/llm", "model.generator=backbones/generator", "train.max_steps=2")
     monkeypatch.chdir(root)
     assert run_cli(*stage1_args("runs/s1", *models)) == 0
@@ -326,7 +327,7 @@ def test_a_checkpoint_may_name_backbones_beside_its_run_a_bundle_only_inside_its
     (tmp_path / "llm").mkdir()
     run, bundle = tmp_path / "runs" / "s2" / "checkpoint-2", tmp_path / "bundle"
     run.mkdir(parents=True)
-    (run / checkpoint.STATE_FILE).write_text("{}")
+    (run / checkpoint.STEP_FILE).write_text("{}")
     bundle.mkdir()
     monkeypatch.chdir(tmp_path)
 
@@ -502,7 +503,7 @@ def test_two_processes_write_one_loadable_checkpoint(tmp_path):
     assert {p.name for p in last.iterdir()} >= {"optimizer.json", "optimizer.safetensors", "scheduler.json",
                                                 "vokens.safetensors", "mapper"}
     assert not list(out.glob(".checkpoint-*")), "no half-written checkpoint is left"
-    model = build_model(R.load(last / "recipe.yaml"))
+    model = model_for(R.load(last / "recipe.yaml"))
     checkpoint.load(model, last)
 
 
@@ -519,7 +520,7 @@ def test_every_process_refuses_a_folder_in_use(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    line = f"error: {train_module.IN_USE.format(out)}"  # each process's, their writes may interleave
+    line = f"error: {IN_USE.format(out)}"  # each process's, their writes may interleave
     assert proc.stderr.count(line) == 2 and "error: " not in proc.stderr.replace(line, ""), proc.stderr[-3000:]
     # The launcher's report of the failed processes follows (a traceback of its own): none of ours.
     assert "minigpt5_cli/" not in proc.stderr and "terminated" not in proc.stderr, proc.stderr[-3000:]

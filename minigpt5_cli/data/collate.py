@@ -20,10 +20,8 @@ import torch.nn.functional as F
 from minigpt5_cli.data import prompts
 from minigpt5_cli.data.samples import Sample
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.modeling.families import Quirks
-
-# Batch keys that are training targets, not model inputs.
-TARGETS = ("labels", "target_pixels", "latent_mean", "latent_logvar", "captions", "caption_embeds", "caption_pooled")
+from minigpt5_cli.modeling.llm_families import Quirks
+from minigpt5_cli.modeling.runner import continued
 
 
 @dataclass(kw_only=True)
@@ -41,12 +39,12 @@ class Collator:
     _marker: str | None = field(default=None, init=False, repr=False)  # image_marker, read once
 
     @classmethod
-    def for_model(cls, model) -> "Collator":
-        """The collator that tokenises samples for a MiniGPT5 model, in training and generation alike."""
-        from minigpt5_cli.modeling.families import quirks
-
-        return cls(tokenizer=model.tokenizer, processor=model.processor, first_voken=model.first_voken, n_vokens=model.vokens.n, max_length=model.recipe.data.max_length,
-                   prompt_format=model.recipe.data.prompt_format, quirks=quirks(model.llm_info.model))
+    def for_model(cls, model, data) -> "Collator":
+        """The collator that tokenises samples for a MiniGPT5 model, in training and generation alike, as
+        the recipe's `data` section says (max_length, prompt_format)."""
+        return cls(tokenizer=model.tokenizer, processor=model.processor, first_voken=model.first_voken,
+                   n_vokens=model.vokens.n, max_length=data.max_length, prompt_format=data.prompt_format,
+                   quirks=model.runner.quirks)
 
     @property
     def chat(self) -> bool:
@@ -161,20 +159,14 @@ class Collator:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
 
     def extend(self, enc: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
-        """`enc` with tokens `ids` appended: per-token tensors carried on over them (the mask 1, token
-        types as the family writes what the model says, anything else as the prompt's last token)."""
-        n, length = len(ids), enc["input_ids"].shape[1]
+        """`enc` with tokens `ids` appended: per-token tensors carried on over them (`continued`)."""
+        length = enc["input_ids"].shape[1]
         out = {}
         for key, value in enc.items():
             if key == "input_ids":
                 value = torch.cat([value, torch.tensor([ids], dtype=value.dtype)], dim=1)
             elif per_token(value, length):
-                if key == "attention_mask":
-                    more = torch.ones(1, n, dtype=value.dtype)
-                elif key == "token_type_ids":
-                    more = torch.full((1, n), self.quirks.target_token_type, dtype=value.dtype)
-                else:
-                    more = value[:, -1:].expand(1, n, *value.shape[2:])
+                more = continued({key: value[:, -1:]}, len(ids), self.quirks.target_token_type)[key]
                 value = torch.cat([value, more], dim=1)
             out[key] = value
         return out

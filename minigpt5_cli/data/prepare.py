@@ -150,12 +150,16 @@ def features(continuation: bool, cache: dict | None = None, decode: bool = True,
     return datasets.Features(feats)
 
 
-def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Settings | None = None,
+def prepare(fmt: str, input_path: str | Path | None, output: str | Path, settings: Settings | None = None,
             overwrite: bool = False, console: Console | None = None) -> dict:
     """Read, check, decode and write; return the summary."""
     import datasets
 
     s = settings or Settings()
+    if input_path is None:
+        raise UserError(f"prepare-data {fmt} needs --input, the raw data")
+    if s.cache_dtype not in ("float32", "float16"):
+        raise UserError(f"--cache-dtype must be float32 or float16, got {s.cache_dtype!r}")
     console = console or Console(stderr=True)
     path, out = Path(input_path), Path(output)
     if s.num_proc < 1 or s.image_size < 8:
@@ -172,7 +176,7 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
     except (OSError, UnicodeDecodeError) as e:
         raise _input_error(e, path) from None
 
-    counts, kept, extra = Counter(), [0], [0]
+    counts, done = Counter(), Counter()  # rejects by reason; records kept, and media dropped
     with files.staged(out, replace=overwrite) as tmp:
         with (tmp / REJECTS_FILE).open("w") as rejects, display.progress(console) as progress:
             task = progress.add_task(f"{fmt} ({layout})", total=None)
@@ -189,8 +193,8 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
                         continue
                     if s.continuation:
                         result["target"] = result["steps"].pop()
-                    kept[0] += 1
-                    extra[0] += result.pop("extra_media")
+                    done["kept"] += 1
+                    done["extra_media"] += result.pop("extra_media")
                     yield result
 
             fingerprint = hashlib.sha256(json.dumps([fmt, str(path.resolve()), asdict(s)]).encode()).hexdigest()[:16]
@@ -219,11 +223,11 @@ def prepare(fmt: str, input_path: str | Path, output: str | Path, settings: Sett
             os.replace(f, tmp / f.name)
         (tmp / "data").rmdir()
         summary = {
-            "format": fmt, "layout": layout, "input": str(path.resolve()), "kept": kept[0],
+            "format": fmt, "layout": layout, "input": str(path.resolve()), "kept": done["kept"],
             "rejected": dict(sorted(counts.items())), "settings": asdict(s), "cache": cache,
         }
         if fmt == "mmdialog":
-            summary["extra_media_dropped"] = extra[0]  # a turn keeps its first image only
+            summary["extra_media_dropped"] = done["extra_media"]  # a turn keeps its first image only
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if not summary["kept"]:
         console.print(f"[yellow]warning:[/] no record was kept; the reasons are in {out / REJECTS_FILE}")

@@ -52,7 +52,7 @@ class TrainSet(torch.utils.data.Dataset):
     """Stage 1: one sample per step with an image. Stage 2: per step, one sample per task. Stage llm:
     stage 2 without vokens, plus captions of one-step rows."""
 
-    def __init__(self, source: Source | list[Story], *, stage, resolution: int, history: int, seed: int,
+    def __init__(self, source: Source | list[Story], *, stage: str, resolution: int, history: int, seed: int,
                  instruction_prob: float, images_in_prompt: bool, tasks: tuple[str, ...] | list[str] = ("turn",)):
         if isinstance(source, list):
             source = Source(source, [[s.image is not None for s in st.steps] for st in source])
@@ -62,7 +62,7 @@ class TrainSet(torch.utils.data.Dataset):
         self.index = []
         for r, flags in enumerate(source.images):
             for k, has_image in enumerate(flags):
-                if stage == 1:
+                if stage == "1":
                     if has_image:
                         self.index.append((r, k, "pair"))
                     continue
@@ -76,7 +76,7 @@ class TrainSet(torch.utils.data.Dataset):
                         self.index.append((r, k, task))
         if not self.index:
             raise UserError("the training data yields no samples" + (" (stage 1 needs steps with images)"
-                                                                      if stage == 1 else ""))
+                                                                      if stage == "1" else ""))
 
     def __len__(self) -> int:
         return len(self.index)

@@ -26,7 +26,7 @@ SUMMARY_FILE = "summary.json"  # written by prepare-data beside every dataset
 OUTSIDE_HINT = "keep its images under the file's folder, or set data.allow_outside_paths=true"
 
 
-def read_jsonl(path: str | Path, stage, outside: bool = False) -> list[Story]:
+def read_jsonl(path: str | Path, stage: str, outside: bool = False) -> list[Story]:
     """Read and validate a training file; every referenced image must exist, in the file's folder
     unless `outside`."""
     path = Path(path)
@@ -34,7 +34,7 @@ def read_jsonl(path: str | Path, stage, outside: bool = False) -> list[Story]:
         raise UserError(f"data file not found: {path}")
     stories = []
     for number, where, rec in json_lines(path):
-        steps = _pair(rec, where, path.parent, outside) if stage == 1 else \
+        steps = _pair(rec, where, path.parent, outside) if stage == "1" else \
             _sequence(rec, where, path.parent, outside)
         stories.append(Story(id=str(rec.get("id", number)), steps=steps))
     if not stories:
@@ -93,7 +93,7 @@ class _Chain:
         return self.parts[part].story(i - int(self.starts[part]))
 
 
-def load_sources(paths: list[str], stage, outside: bool = False) -> Source:
+def load_sources(paths: list[str], stage: str, outside: bool = False) -> Source:
     """One source over several; their latents must be cached for one generator, or none. `outside`: the
     images JSONL files name may lie outside their folders."""
     parts = [load_source(p, stage, outside) for p in paths]
@@ -105,7 +105,7 @@ def load_sources(paths: list[str], stage, outside: bool = False) -> Source:
     return Source(_Chain(parts), [flags for p in parts for flags in p.images], parts[0].summary)
 
 
-def load_source(path: str | Path, stage, outside: bool = False) -> Source:
+def load_source(path: str | Path, stage: str, outside: bool = False) -> Source:
     """A prepared dataset folder, or a JSONL file."""
     path = Path(path)
     if path.is_dir():

@@ -54,7 +54,7 @@ def check_port(host: str, port: int) -> None:
             raise UserError(f"cannot listen on {host} port {port}: {e.strerror or e}") from None
 
 
-def respond(net, info, workdir: Path, text: str, image: str | None, steps: list[dict],
+def respond(loaded, workdir: Path, text: str, image: str | None, steps: list[dict],
             settings) -> tuple[dict, Path, bool]:
     """Generate one response to the story `steps` plus this step; return generate's record, its folder
     and whether the prompt lost the story's start to fit `data.max_length` (generate keeps its end).
@@ -67,20 +67,20 @@ def respond(net, info, workdir: Path, text: str, image: str | None, steps: list[
     story = Story(id="demo", steps=[Step(text=s["text"], image=Picture(s["image"], path=Path(s["image"]))
                                          if s["image"] else None)
                                     for s in steps + [{"text": text, "image": image}]])
-    data = net.recipe.data
+    net, data = loaded.net, loaded.data
     prompt = Sample(history=G.history(Job(story, 0), data.tasks, data.history, net.processor is not None))
-    cut = not Collator.for_model(net).fits(prompt, data.max_length)
+    cut = not Collator.for_model(net, data).fits(prompt, data.max_length)
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="step-"))
-    G.generate([story], net, info, settings, out, nested=False, overwrite=True)
+    G.generate([story], loaded, settings, out, nested=False, overwrite=True)
     return json.loads((out / STORY_FILE).read_text(encoding="utf-8")), out, cut
 
 
-def turn(net, info, workdir: Path, text: str, image: str | None, chat: list, steps: list[dict],
+def turn(loaded, workdir: Path, text: str, image: str | None, chat: list, steps: list[dict],
          settings) -> tuple[list, list[dict], bool]:
     """One story step: the chat and the story's steps with this step and the model's response added,
     and whether the prompt lost the story's start. Texts go into the chat escaped: it renders HTML
     even without Markdown, and a story's markup is to be shown as written, never rendered."""
-    doc, out, cut = respond(net, info, workdir, text, image, steps, settings)
+    doc, out, cut = respond(loaded, workdir, text, image, steps, settings)
     response = doc["generated"][0]
     chat = list(chat or [])
     if text:
@@ -96,12 +96,12 @@ def turn(net, info, workdir: Path, text: str, image: str | None, chat: list, ste
     return chat, steps, cut
 
 
-def build_app(net, info, workdir: Path):
+def build_app(loaded, workdir: Path):
     import gradio as gr
 
     from minigpt5_cli.generation.settings import MODES, Settings
 
-    sample = net.recipe.sample
+    net, info, sample = loaded.net, loaded.info, loaded.sample
 
     def submit(message, chat, steps, mode, max_new_tokens, temperature, top_p, repetition_penalty, min_images,
                diffusion_steps, guidance_scale, seed):
@@ -118,11 +118,10 @@ def build_app(net, info, workdir: Path):
                             min_images=int(min_images), diffusion_steps=int(diffusion_steps),
                             guidance_scale=float(guidance_scale), seed=int(seed or 0))
         try:
-            settings.check()
-            chat, steps, cut = turn(net, info, workdir, text, image, chat, steps, settings)
+            chat, steps, cut = turn(loaded, workdir, text, image, chat, steps, settings)
         except UserError as e:
             raise gr.Error(str(e), print_exception=False) from None  # told on the page: no traceback
-        return None, chat, steps, gr.Markdown(CUT.format(net.recipe.data.max_length), visible=cut)
+        return None, chat, steps, gr.Markdown(CUT.format(loaded.data.max_length), visible=cut)
 
     with gr.Blocks(title="MiniGPT-5", analytics_enabled=False) as app:
         gr.Markdown(f"## MiniGPT-5 · {html.escape(info['name'])}\n{HOW}\n\n{vocabulary(net)}")
@@ -175,14 +174,14 @@ def serve(model: str, port: int = 7860, host: str = "127.0.0.1", device: str | N
         raise UserError("the demo needs Gradio: pip install 'minigpt5[demo]'") from None
     from minigpt5_cli.generation import generate as G
 
-    net, info = G.load(model, precision=precision, device=device, trust_remote_code=trust_remote_code)
+    loaded = G.load(model, precision=precision, device=device, trust_remote_code=trust_remote_code)
     workdir = Path(tempfile.mkdtemp(prefix="minigpt5-demo-"))
     try:
-        app = build_app(net, info, workdir)
+        app = build_app(loaded, workdir)
         app.queue(default_concurrency_limit=1)  # one model: one generation at a time
         app.launch(server_name=host, server_port=port, share=False, inbrowser=False, ssr_mode=False, quiet=True,
-                   allowed_paths=[str(workdir)], footer_links=[], css=css(net.generator.resolution), mcp_server=False,
-                   prevent_thread_lock=True)
+                   allowed_paths=[str(workdir)], footer_links=[], css=css(loaded.net.generator.resolution),
+                   mcp_server=False, prevent_thread_lock=True)
         print(f"the demo is at http://{host}:{port} (Ctrl-C stops it)", flush=True)
         if threading.current_thread() is threading.main_thread():  # `kill` stops it as Ctrl-C does
             signal.signal(signal.SIGTERM, signal.default_int_handler)

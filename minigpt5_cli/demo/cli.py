@@ -30,9 +30,7 @@ def demo(
                                            "code of its own, where its recipe asks to; only for a model you trust."),
 ) -> None:
     from minigpt5_cli.demo.app import serve
-    from minigpt5_cli.generation.settings import check_precision
     from minigpt5_cli.modeling.bundle import default_model
 
-    check_precision(precision)
     serve(str(model or default_model()), port=port, host=host, device=device, precision=precision,
           trust_remote_code=trust_remote_code)

@@ -10,6 +10,7 @@ from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import read_json
 from minigpt5_cli.evaluation.evaluate import fmt
 from minigpt5_cli.evaluation.registry import METRICS
+from minigpt5_cli.evaluation.result import Result
 
 
 def _lower_is_better(name: str) -> bool:
@@ -17,13 +18,14 @@ def _lower_is_better(name: str) -> bool:
 
 
 def _load_report(path: str | Path) -> dict:
+    """A metrics.json, its records read back as `Result`s."""
     p = Path(path)
     p = p / "metrics.json" if p.is_dir() else p
     report = read_json(p)
     if not isinstance(report, dict) or not isinstance(report.get("metrics"), dict) or \
             not all(isinstance(r, dict) for r in report["metrics"].values()):
         raise UserError(f"{p} is not a metrics.json written by evaluate")
-    return report
+    return {**report, "metrics": {name: Result.from_record(r) for name, r in report["metrics"].items()}}
 
 
 def _describe(report: dict) -> str:
@@ -41,15 +43,15 @@ def compare(run_a: str | Path, run_b: str | Path) -> Table:
         t.add_column(col, justify="left" if col in ("metric", "better") else "right")
     notes = []
     for name in dict.fromkeys([*a["metrics"], *b["metrics"]]):
-        ra, rb = a["metrics"].get(name, {}), b["metrics"].get(name, {})
-        va, vb = ra.get("value"), rb.get("value")
+        ra, rb = a["metrics"].get(name), b["metrics"].get(name)
+        va, vb = (r.value if r else None for r in (ra, rb))
         delta = vb - va if va is not None and vb is not None else None
         lower = _lower_is_better(name)
         better = "" if delta is None or delta == 0 else ("B" if (delta < 0) == lower else "A")
         t.add_row(name, _cell(ra), _cell(rb), "-" if delta is None else f"{delta:+.4f}",
                   better + (" (lower is better)" if lower and better else ""))
         for key in ("definition", "model", "weights", "compat"):
-            if ra and rb and ra.get(key) != rb.get(key):
+            if ra and rb and getattr(ra, key) != getattr(rb, key):
                 notes.append(f"{name}: the two runs differ in {key}")
     for label, report in (("A", a), ("B", b)):
         if report.get("skipped"):
@@ -60,8 +62,7 @@ def compare(run_a: str | Path, run_b: str | Path) -> Table:
     return t
 
 
-def _cell(r: dict) -> str:
-    if not r:
+def _cell(r: Result | None) -> str:
+    if r is None:
         return "-"
-    ci = r.get("ci95")
-    return fmt(r.get("value")) + (f" [{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "")
+    return fmt(r.value) + (f" [{fmt(r.interval[0], 3)}, {fmt(r.interval[1], 3)}]" if r.interval else "")

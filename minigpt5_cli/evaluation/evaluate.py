@@ -1,6 +1,6 @@
 """`minigpt5 evaluate`: score predictions against references with the metrics of the registry, write
-metrics.json, a per-sample CSV and a table. The metric maths live in `metrics.py`, the networks in
-`loaders.py`, the declarations in `registry.py`.
+metrics.json, a per-sample CSV and a table. The metric maths live in `maths.py`, the networks in
+`loaders.py`, the declarations in `registry.py`, what each metric gives in `result.py`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ from rich.table import Table
 from minigpt5_cli import files
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.evaluation import loaders
-from minigpt5_cli.evaluation import metrics as M
+from minigpt5_cli.evaluation import maths as M
 from minigpt5_cli.evaluation.features import ClipFeatures, InceptionFeatures
 from minigpt5_cli.evaluation.registry import METRICS, PRESETS, SELECTABLE
+from minigpt5_cli.evaluation.result import Result
 from minigpt5_cli.evaluation.samples import PREDICTION, Sample, match, read_predictions, read_references
+from minigpt5_cli.recipe import in_range
 
 COMPAT = ("minigpt5",)
 
@@ -41,6 +43,11 @@ class Settings:
     seed: int = 0
     skip_unavailable: bool = False
     outside: bool = False  # images named by JSON Lines files may lie outside their folders
+
+    def check(self) -> None:
+        for option, value, high in (("--is-splits", self.is_splits, 1000), ("--batch-size", self.batch_size, 4096),
+                                    ("--bootstrap", self.resamples, 100_000)):
+            in_range(option, value, (1, high, True, True))
 
 
 def default_clip_model(spec: str) -> str:
@@ -99,22 +106,24 @@ class Models:
 
 class Scoring:
     """One evaluation run over matched pairs: the metrics' functions record into `results` (metric ->
-    record) and `per_sample` (metric -> {id: value}), sharing the feature caches."""
+    `Result`), sharing the feature caches."""
 
     def __init__(self, pairs: list[tuple[Sample, Sample]], s: Settings, models: Models, console: Console):
         self.pairs, self.s, self.models, self.console = pairs, s, models, console
-        self.results: dict[str, dict] = {}
-        self.per_sample: dict[str, dict[str, float]] = {}
+        self.results: dict[str, Result] = {}
         self.memo: dict[str, object] = {}  # work that several metrics share
         self.clip = ClipFeatures(models.clip, s.batch_size)
         self.inception = InceptionFeatures(models.inception, s.device, s.batch_size)
 
-    def mean(self, name: str, ids: list[str], values: list[float], **record) -> None:
+    def mean(self, name: str, ids: list[str], values: list[float], **fields) -> None:
         """A per-sample metric: its mean, bootstrap interval, count and per-sample values."""
-        self.per_sample[name] = dict(zip(ids, values))
-        ci = M.bootstrap_ci(values, 0.95, self.s.resamples, self.s.seed)
-        self.results[name] = {"value": float(np.mean(values)) if values else None, "ci95": ci, "n": len(values),
-                              "definition": METRICS[name].definition, **record}
+        self.results[name] = Result(float(np.mean(values)) if values else None, METRICS[name].definition,
+                                    n=len(values), interval=self.bootstrap(values), per_item=dict(zip(ids, values)),
+                                    **fields)
+
+    def bootstrap(self, values: list[float]) -> tuple[float, float] | None:
+        """The 95% interval of the mean of `values`, with the run's resamples and seed."""
+        return M.bootstrap_ci(values, 0.95, self.s.resamples, self.s.seed)
 
     def run(self) -> None:
         for name in self.s.metrics:
@@ -126,7 +135,10 @@ class Scoring:
 
 def evaluate(predictions: str | Path, references: str | Path, s: Settings, output: str | Path,
              console: Console | None = None) -> dict:
-    """Read, match, score, and write OUTPUT (metrics.json) and OUTPUT's .samples.csv beside it."""
+    """Read, match, score, and write OUTPUT (metrics.json) and OUTPUT's .samples.csv beside it. The report
+    returned holds the `Result`s under "metrics"; the file holds their records."""
+    s.check()
+    files.writable_file(Path(output), "--output")
     console = console or Console(stderr=True)
     preds, run = read_predictions(predictions, s.outside)
     pairs = match(preds, read_references(references, s.outside))
@@ -141,9 +153,11 @@ def evaluate(predictions: str | Path, references: str | Path, s: Settings, outpu
     }
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    written = {**report, "metrics": {name: r.record() for name, r in scoring.results.items()}}
+    per_sample = {name: r.per_item for name, r in scoring.results.items() if r.per_item is not None}
     # Both files are written beside themselves, then moved into place: a full disk leaves the old pair whole.
-    files.write_atomic({out: lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False)),
-                        out.with_suffix(".samples.csv"): samples_writer(pairs, scoring.per_sample)})
+    files.write_atomic({out: lambda f: f.write(json.dumps(written, indent=2, ensure_ascii=False)),
+                        out.with_suffix(".samples.csv"): samples_writer(pairs, per_sample)})
     return report
 
 
@@ -173,15 +187,9 @@ def table(report: dict) -> Table:
     for col in ("metric", "value", "95% CI", "n", "model / weights"):
         t.add_column(col, justify="right" if col in ("value", "n") else "left")
     for name, r in report["metrics"].items():
-        ci = f"[{fmt(r['ci95'][0])}, {fmt(r['ci95'][1])}]" if r.get("ci95") else ""
-        value = fmt(r["value"]) + (f" ± {r['std']:.3f}" if "std" in r else "")
-        n = r.get("n", r.get("stories"))
-        if "n_reference" in r:
-            n = f"{r['n_generated']} gen / {r['n_reference'] if r['n_reference'] is not None else '?'} ref"
-        elif n is None:
-            n = f"{r['n_generated']} gen"
-        t.add_row(name + (" (compat)" if "compat" in r else ""), value, ci, str(n),
-                  str(r.get("model") or r.get("weights") or ""))
+        ci = f"[{fmt(r.interval[0])}, {fmt(r.interval[1])}]" if r.interval else ""
+        value = fmt(r.value) + (f" ± {r.std:.3f}" if r.std is not None else "")
+        t.add_row(name + (" (compat)" if r.compat is not None else ""), value, ci, r.size(), r.model or r.weights or "")
     if report["skipped"]:
         t.caption = ("skipped, their model or data not loadable (reasons in metrics.json): "
                      + ", ".join(report["skipped"]))

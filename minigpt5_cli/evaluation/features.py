@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minigpt5_cli.evaluation.metrics import inception_features
+from minigpt5_cli.evaluation.maths import inception_features
 from minigpt5_cli.story import Picture
 
 

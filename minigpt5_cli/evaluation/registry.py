@@ -2,7 +2,7 @@
 needs and the function that computes it over a scoring run's matched pairs.
 
 A metric's function takes the run (`evaluate.Scoring`: pairs, settings, models, feature caches)
-and records its result there, with `run.mean` for a per-sample mean or `run.results` directly.
+and records its `Result` there: with `run.mean` for a per-sample mean, else in `run.results`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ from typing import Callable
 import numpy as np
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.evaluation import metrics as M
+from minigpt5_cli.evaluation import maths as M
+from minigpt5_cli.evaluation.result import Result
 
 TOKENS = r"lower-cased, split with \w+|[^\w\s]"
 INCEPTION_RESIZE = ("each image resized to 299x299 with torch bilinear interpolation (align_corners=False, no "
@@ -59,11 +60,12 @@ def story_of(sample_id: str) -> str:
 
 
 def _text_pairs(run):
+    """The pairs whose reference has text, and how many were left out."""
     pairs = [(p, r) for p, r in run.pairs if r.text.strip()]
-    return pairs, {"left_out": {"empty reference text": len(run.pairs) - len(pairs)}}
+    return pairs, {"empty reference text": len(run.pairs) - len(pairs)}
 
 
-def _compat_text(run, name: str, score, definition: str, label: str) -> None:
+def _compat_text(run, name: str, score, definition: str, label: str, **fields) -> None:
     """A text metric as MiniGPT-5's MMDialog script computes it (COMPAT_TEXT)."""
     cleaned = [(p.id, M.minigpt5_clean(p.text), M.minigpt5_clean(r.text)) for p, r in run.pairs]
     kept = [c for c in cleaned if c[2]]
@@ -73,22 +75,20 @@ def _compat_text(run, name: str, score, definition: str, label: str) -> None:
         values[i] = float(v)
     ids = [c[0] for c in kept]
     dialogs = M.group_means([story_of(i) for i in ids], values)
-    run.per_sample[name] = dict(zip(ids, values))
-    run.results[name] = {
-        "value": float(np.mean(dialogs)) if dialogs else None, "n": len(values), "dialogs": len(dialogs),
-        "ci95": M.bootstrap_ci(dialogs, 0.95, run.s.resamples, run.s.seed), "ci_over": "dialogs",
-        "definition": f"{definition}; {COMPAT_TEXT}", "compat": label,
-        "left_out": {"empty reference text (after the clean-up)": len(cleaned) - len(kept)}}
+    run.results[name] = Result(
+        float(np.mean(dialogs)) if dialogs else None, f"{definition}; {COMPAT_TEXT}", n=len(values),
+        interval=run.bootstrap(dialogs), per_item=dict(zip(ids, values)), counts={"dialogs": len(dialogs)},
+        left_out={"empty reference text (after the clean-up)": len(cleaned) - len(kept)}, compat=label,
+        details={"ci_over": "dialogs"}, **fields)
 
 
 def _bleu(run, name: str, n: int) -> None:
     if run.s.compat == "minigpt5":
         return _compat_text(run, name, lambda p, r: M.char_bleu(p, r, n), METRICS["char_bleu"].definition,
                             "character-level BLEU on the cleaned raw strings, per dialog")
-    pairs, extra = _text_pairs(run)
+    pairs, left = _text_pairs(run)
     value = M.bleu([p.text for p, _ in pairs], [r.text for _, r in pairs], n) if pairs else None
-    run.results[name] = {"value": value, "ci95": None, "n": len(pairs), "definition": METRICS[name].definition,
-                         **extra}
+    run.results[name] = Result(value, METRICS[name].definition, n=len(pairs), left_out=left)  # no interval: not a mean
 
 
 @metric("bleu1", f"corpus BLEU over 1-grams, one reference per sample, no smoothing: NLTK corpus_bleu on tokens "
@@ -113,9 +113,9 @@ def _rouge_l(run) -> None:
     if run.s.compat == "minigpt5":
         return _compat_text(run, "rouge_l", M.rouge_l_minigpt5, METRICS["rouge_l_rouge"].definition,
                             "the rouge package's ROUGE-L on the cleaned raw strings, per dialog")
-    pairs, extra = _text_pairs(run)
+    pairs, left = _text_pairs(run)
     values = M.rouge_l([p.text for p, _ in pairs], [r.text for _, r in pairs])
-    run.mean("rouge_l", [p.id for p, _ in pairs], values, **extra)
+    run.mean("rouge_l", [p.id for p, _ in pairs], values, left_out=left)
 
 
 result("rouge_l_rouge", "MiniGPT-5 compatibility: the `rouge` package's rouge-l F-measure on the raw strings (its "
@@ -125,11 +125,11 @@ result("rouge_l_rouge", "MiniGPT-5 compatibility: the `rouge` package's rouge-l 
 @metric("meteor", f"mean over samples of NLTK meteor_score (exact, Porter stem and WordNet 3.0 synonym stages; alpha "
                   f"0.9, beta 3, gamma 0.5) on tokens ({TOKENS})", needs="wordnet")
 def _meteor(run) -> None:
-    pairs, extra = _text_pairs(run)
+    pairs, left = _text_pairs(run)
     wordnet = run.models.wordnet
     values = M.meteor([p.text for p, _ in pairs], [r.text for _, r in pairs], wordnet)
     run.mean("meteor", [p.id for p, _ in pairs], values, model=f"WordNet {wordnet.get_version()}",
-             wordnet=str(wordnet.root), **extra)
+             details={"wordnet": str(wordnet.root)}, left_out=left)
 
 
 @metric("sbert", "mean over samples of the cosine between sentence-transformers embeddings of the predicted and the "
@@ -137,24 +137,22 @@ def _meteor(run) -> None:
 def _sbert(run) -> None:
     model = run.models.sbert
     if run.s.compat == "minigpt5":
-        _compat_text(run, "sbert", lambda p, r: M.sbert(p, r, model, run.s.batch_size),
-                     METRICS["sbert"].definition, "S-BERT cosine on the cleaned strings, per dialog")
-        run.results["sbert"]["model"] = model.name
-        return
-    pairs, extra = _text_pairs(run)
+        return _compat_text(run, "sbert", lambda p, r: M.sbert(p, r, model, run.s.batch_size),
+                            METRICS["sbert"].definition, "S-BERT cosine on the cleaned strings, per dialog",
+                            model=model.name)
+    pairs, left = _text_pairs(run)
     values = M.sbert([p.text for p, _ in pairs], [r.text for _, r in pairs], model, run.s.batch_size) if pairs else []
-    run.mean("sbert", [p.id for p, _ in pairs], values, model=model.name, **extra)
+    run.mean("sbert", [p.id for p, _ in pairs], values, model=model.name, left_out=left)
 
 
 # ---------------------------------------------------------------- CLIP
 
 
-def _clip_record(run) -> dict:
-    rec = {"model": run.models.clip.name}
-    if run.s.compat == "minigpt5":
-        rec["compat"] = ("open_clip-equivalent models: ViT-L-14 'openai' is openai/clip-vit-large-patch14, "
-                         "ViT-B-32 'openai' is openai/clip-vit-base-patch32 (the same weights, through transformers)")
-    return rec
+def _clip_fields(run) -> dict:
+    """The CLIP metrics' model, and under --compat minigpt5 the open_clip name it equals."""
+    compat = ("open_clip-equivalent models: ViT-L-14 'openai' is openai/clip-vit-large-patch14, ViT-B-32 'openai' is "
+              "openai/clip-vit-base-patch32 (the same weights, through transformers)")
+    return {"model": run.models.clip.name, "compat": compat if run.s.compat == "minigpt5" else None}
 
 
 def _clip_pairs(run, name: str, reference, missing: str) -> None:
@@ -163,7 +161,7 @@ def _clip_pairs(run, name: str, reference, missing: str) -> None:
             missing: sum(bool(p.images) and not reference(r) for p, r in run.pairs)}
     gen = run.clip([p.images[0] for p, _ in pairs])
     ref = run.clip([reference(r) for _, r in pairs])
-    run.mean(name, [p.id for p, _ in pairs], M.cosine(gen, ref) if pairs else [], left_out=left, **_clip_record(run))
+    run.mean(name, [p.id for p, _ in pairs], M.cosine(gen, ref) if pairs else [], left_out=left, **_clip_fields(run))
 
 
 @metric("clip_i", "mean over samples of the plain cosine (no x100, no clamp) between transformers CLIP image "
@@ -185,7 +183,7 @@ def _clip_t(run) -> None:
 def _mm_relevance(run) -> None:
     run.clip([x for p, r in run.pairs for x in p.elements + r.elements])  # in batches, before the pairs
     values = [M.mm_relevance(run.clip(p.elements), run.clip(r.elements)) for p, r in run.pairs]
-    run.mean("mm_relevance", [p.id for p, _ in run.pairs], values, **_clip_record(run))
+    run.mean("mm_relevance", [p.id for p, _ in run.pairs], values, **_clip_fields(run))
 
 
 @metric("mm_relevance_minigpt5", "MiniGPT-5's CLIP-F1 variant of MM-Relevance: per sample (one dialog turn), CLIP "
@@ -201,14 +199,16 @@ def _mm_relevance_minigpt5(run) -> None:
                   M.element_score(run.clip.one(p.images[0] if p.images else None),
                                   run.clip.one(r.images[0] if r.images else None))]
         values.append(M.mm_relevance_minigpt5([x for x in scores if x is not None]))
-    run.mean("mm_relevance_minigpt5", [p.id for p, _ in run.pairs], values, **_clip_record(run))
+    run.mean("mm_relevance_minigpt5", [p.id for p, _ in run.pairs], values, **_clip_fields(run))
 
 
 # ---------------------------------------------------------------- Inception
 
 
-def _inception_record(run) -> dict:
-    return {"weights": getattr(run.models.inception, "description", "?"), "resize": INCEPTION_RESIZE}
+def _inception_fields(run, **details) -> dict:
+    """The Inception metrics' weights, and the resize and `details` to record beside them."""
+    return {"weights": getattr(run.models.inception, "description", "?"),
+            "details": {**details, "resize": INCEPTION_RESIZE}}
 
 
 def _generated(run):
@@ -254,10 +254,10 @@ def _fid(run) -> None:
     if len(gen) < 2:
         raise UserError(f"FID needs at least 2 generated images, found {len(gen)}")
     value, why = _frechet(*M.feature_stats(gen), mu, sigma)
-    run.results["fid"] = {"value": value, "n_generated": len(gen), "n_reference": n_real, "reference": real_source,
-                          "definition": METRICS["fid"].definition, **_inception_record(run)}
+    run.results["fid"] = Result(value, METRICS["fid"].definition, not_computable=why,
+                                counts={"n_generated": len(gen), "n_reference": n_real},
+                                **_inception_fields(run, reference=real_source))
     if why:
-        run.results["fid"]["not_computable"] = why
         run.console.print(f"[yellow]warning:[/] FID not computable: {why}")
     if s.compat == "minigpt5":
         _fid_per_story(run, owners, gen, real_ids, real)
@@ -282,12 +282,12 @@ def _fid_per_story(run, gen_ids, gen, real_ids, real) -> None:
         else:
             values.append(value)
     small = len(stories) - len(values) - len(failed)
-    run.results["fid_per_story"] = {
-        "value": float(np.mean(values)) if values else None, "stories": len(values),
-        "left_out": {"stories with fewer than 2 generated or reference images": small,
-                     "stories whose FID is not computable (a large imaginary part of the root)": len(failed)},
-        "definition": METRICS["fid_per_story"].definition, "compat": "per-story FID averaged over stories",
-        **_inception_record(run)}
+    run.results["fid_per_story"] = Result(
+        float(np.mean(values)) if values else None, METRICS["fid_per_story"].definition,
+        counts={"stories": len(values)},
+        left_out={"stories with fewer than 2 generated or reference images": small,
+                  "stories whose FID is not computable (a large imaginary part of the root)": len(failed)},
+        compat="per-story FID averaged over stories", **_inception_fields(run))
     if failed:
         run.console.print(f"[yellow]warning:[/] per-story FID not computable for {len(failed)} stories "
                           f"(e.g. {failed[0]!r}); averaged over the other {len(values)}")
@@ -313,8 +313,8 @@ def _is(run) -> None:
         run.console.print(f"[yellow]warning:[/] IS over {splits} splits, not {run.s.is_splits}: "
                           f"{len(logits)} generated images make no more splits of at least 2")
     mean, std = M.inception_score(logits, splits)
-    run.results["is"] = {"value": mean, "std": std, "splits": splits, "n_generated": len(logits),
-                         "definition": METRICS["is"].definition, **_inception_record(run)}
+    run.results["is"] = Result(mean, METRICS["is"].definition, std=std, counts={"n_generated": len(logits)},
+                               **_inception_fields(run, splits=splits))
 
 
 # ---------------------------------------------------------------- shapes world
@@ -334,7 +334,7 @@ def _toy_attributes(run) -> None:
         return read_attributes(image) if image.width == image.height else None  # toy images are square
 
     pairs = [(p, r) for p, r in run.pairs if r.images]
-    left_out = {"left_out": {"no reference image": len(run.pairs) - len(pairs)}}
+    left = {"no reference image": len(run.pairs) - len(pairs)}
     found = []
     for p, r in pairs:
         want = attributes(r.images[0].open())
@@ -345,7 +345,7 @@ def _toy_attributes(run) -> None:
         found.append([got is not None and got[k] == want[k] for k in range(3)])
     for k, attr in enumerate(TOY):
         if f"toy_{attr}" in run.s.metrics:
-            run.mean(f"toy_{attr}", [p.id for p, _ in pairs], [float(f[k]) for f in found], **left_out)
+            run.mean(f"toy_{attr}", [p.id for p, _ in pairs], [float(f[k]) for f in found], left_out=left)
 
 
 for _attr in TOY:
@@ -358,9 +358,9 @@ for _attr in TOY:
 @metric("toy_text", f"shapes world: share of samples whose generated text equals the reference text ({TOKENS})",
         in_all=False)
 def _toy_text(run) -> None:
-    pairs, extra = _text_pairs(run)
+    pairs, left = _text_pairs(run)
     values = [float(M.tokens(p.text) == M.tokens(r.text)) for p, r in pairs]
-    run.mean("toy_text", [p.id for p, _ in pairs], values, **extra)
+    run.mean("toy_text", [p.id for p, _ in pairs], values, left_out=left)
 
 
 PRESETS = {

@@ -2,7 +2,8 @@
 
 When a row samples `[IMG0]`, the whole voken group is fed in one forward step on the KV cache; the
 states at the training positions (the one that predicted `[IMG0]`, then `[IMG0]..[IMG{n-2}]`) are
-kept, and decoding goes on, so a response may hold several images.
+kept, and decoding goes on, so a response may hold several images. The model's runner
+(`modeling/runner.py`) feeds the prompts and every step; this module decides what to feed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.generation.settings import Settings
-from minigpt5_cli.modeling.families import prefix_cache, quirks, rope_positions
 from minigpt5_cli.modeling.model import MiniGPT5
+from minigpt5_cli.recipe import DataConfig
 
 STOP = "###"  # the paper's turn marker: a response ends where it starts
 STOP_WINDOW = 8  # tokens decoded together when looking for STOP, which may span several tokens
@@ -37,11 +38,11 @@ class _Row:
 class Decoder:
     """Batched sampling with voken groups forced in one cached forward step."""
 
-    def __init__(self, model: MiniGPT5, settings: Settings):
+    def __init__(self, model: MiniGPT5, data: DataConfig, settings: Settings):
+        """`data`: how the model's prompts are written (its recipe's); `settings`: resolved ones."""
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                   TopPLogitsWarper)
 
-        settings = settings.resolve(model.recipe.sample)
         self.model, self.s = model, settings
         self.n, self.first = model.vokens.n, model.first_voken
         self.tok = model.tokenizer
@@ -54,49 +55,11 @@ class Decoder:
         if settings.temperature > 0:
             warpers += [TemperatureLogitsWarper(settings.temperature), TopPLogitsWarper(settings.top_p)]
         self.warpers = LogitsProcessorList(warpers)
-        self.prefix = model.recipe.adapter.kind == "prefix"
-        self.virtual = model.recipe.adapter.virtual_tokens if self.prefix else 0
-        # PEFT's prefix forward always rebuilds the cache, so with a cache of our own we call the base model.
-        self.forward_fn = model.llm.get_base_model() if self.prefix else model.llm
-        self.cache_arg = model.cache_arg
-        self.calls: list[int] = []  # tokens per forward call, for inspection
-        self.collator = Collator.for_model(model)
-        self.quirks = quirks(model.llm_info.model)
-        self.own_positions = model.own_positions
+        self.data = data
+        self.collator = Collator.for_model(model, data)
         # generate's stop tokens: eos, and the end of turn of chat models (generation_config may list several)
         stops = getattr(model.llm_info.model.generation_config, "eos_token_id", None)
         self.stop_ids = {self.tok.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops else [])}
-
-    def _forward(self, ids, mask, cache, **extra):
-        """One cached step over `ids`; `mask` covers the prefix, the cache and `ids`. Positions are the
-        training ones, whatever holes the batch has on its left: 1-D from the mask, or for M-RoPE models
-        their 3-D positions of the whole sequence so far, both after any prefix."""
-        if self.own_positions:
-            self._seq["input_ids"] = torch.cat([self._seq["input_ids"], ids], 1)
-            types = self._seq.get("mm_token_type_ids")
-            if types is not None and types.shape[1] < self._seq["input_ids"].shape[1]:  # new tokens are text
-                self._seq["mm_token_type_ids"] = torch.cat([types, types.new_zeros(types.shape[0], ids.shape[1])], 1)
-            positions = rope_positions(self.model.llm_info.model, self._seq, mask[:, self.virtual:])
-            extra["position_ids"] = positions[..., -ids.shape[1]:] + self.virtual
-        else:
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:] + self.quirks.position_offset
-            extra["position_ids"] = positions
-        out = self.forward_fn(input_ids=ids, attention_mask=mask, use_cache=True, output_hidden_states=True,
-                              logits_to_keep=1, **{self.cache_arg: cache}, **extra)
-        self.calls.append(ids.shape[1])
-        return out.logits[:, -1].float(), out.hidden_states[-1], out[self.cache_arg]
-
-    def _carried(self, last: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-        """The per-token inputs of `width` new tokens: token types as the family writes what the model
-        says, anything else (Mllama's cross-attention mask) as the last token's."""
-        out = {}
-        for key, value in last.items():
-            if key == "token_type_ids":
-                out[key] = torch.full((value.shape[0], width), self.quirks.target_token_type, dtype=value.dtype,
-                                      device=value.device)
-            else:
-                out[key] = value.expand(value.shape[0], width, *value.shape[2:])
-        return out
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         scores = logits[None].clone()
@@ -130,27 +93,11 @@ class Decoder:
         each row's segments, whose image entries index into the returned voken states
         (images, n, llm_width)."""
         pad = self.tok.pad_token_id
-        inputs = {k: v.to(self.device) for k, v in self.collator.merge(prompts, left=True).items()}
-        for key, value in inputs.items():
-            if value.is_floating_point():  # pixels, in the model's precision
-                inputs[key] = value.to(self.model.llm.dtype)
-        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
-        if self.prefix and self.quirks.prefix_drops_token_types:  # as training does (Quirks)
-            inputs.pop("token_type_ids", None)
-        width = ids.shape[1]
-        # per-token inputs (token types, cross-attention masks) go on with every new token
-        carried = {k: v[:, -1:] for k, v in inputs.items() if v.dim() >= 2 and v.shape[1] == width}
+        runner = self.model.runner
+        batch = {k: v.to(self.device) for k, v in self.collator.merge(prompts, left=True).items()}
         rows = [_Row(ids=p["input_ids"][0].tolist(), generator=torch.Generator(self.device).manual_seed(seed))
                 for p, seed in zip(prompts, seeds)]
-        cache = None
-        if self.prefix:
-            mask = torch.cat([mask.new_ones(len(rows), self.virtual), mask], dim=1)
-            cache = prefix_cache(self.model.llm, len(rows), width + self.virtual + self.s.max_new_tokens)
-        self._seq = {k: v for k, v in inputs.items() if k in ("mm_token_type_ids", "image_grid_thw", "video_grid_thw",
-                                                              "second_per_grid_ts")}  # what M-RoPE reads
-        self._seq["input_ids"] = ids[:, :0]
-        self.calls = []
-        logits, hidden, cache = self._forward(ids, mask, cache, **inputs)
+        logits, hidden, decoding = runner.start(batch, self.s.max_new_tokens)
         last = hidden[:, -1]
         states: list[torch.Tensor] = []
         vokens = list(range(self.first, self.first + self.n))
@@ -194,8 +141,7 @@ class Decoder:
             # Shorter chunks are left-padded with masked holes, so every row's newest token is last.
             step = torch.tensor([[pad] * (w - len(c)) + c for c in chunks], device=self.device)
             step_mask = torch.tensor([[0] * (w - len(c)) + [1] * len(c) for c in chunks], device=self.device)
-            mask = torch.cat([mask, step_mask], dim=1)
-            logits, hidden, cache = self._forward(step, mask, cache, **self._carried(carried, w))
+            logits, hidden = runner.step(decoding, step, step_mask)
             for r, row in enumerate(rows):
                 if row.pending is not None:  # a voken group fills its chunk: positions 0..n-1
                     states.append(torch.cat([last[r:r + 1], hidden[r, :self.n - 1]]))

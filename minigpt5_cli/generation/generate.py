@@ -13,6 +13,7 @@ input), so a story comes out the same at any batch size, up to float rounding in
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -28,16 +29,28 @@ from minigpt5_cli.generation.decoder import Decoder
 from minigpt5_cli.generation.output import (INDEX, clashes, finished, folder_name, index_clash, read_record, stamp,
                                             write_index, write_story)
 from minigpt5_cli.generation.renderer import Renderer
-from minigpt5_cli.generation.settings import Settings, derive_seed
+from minigpt5_cli.generation.settings import Settings, check_precision
 from minigpt5_cli.generation.stories import Job, unknown_words
 from minigpt5_cli.hub import pick_device
 from minigpt5_cli.modeling import checkpoint
-from minigpt5_cli.modeling.model import MiniGPT5, build_model
+from minigpt5_cli.modeling.model import MiniGPT5, build_model, runnable
+from minigpt5_cli.recipe import DataConfig, SampleConfig
+from minigpt5_cli.seeds import derive_seed
 from minigpt5_cli.story import Story
 
 
+@dataclass
+class Loaded:
+    """A model ready to generate, with the sections of its recipe that go with it."""
+
+    net: MiniGPT5
+    data: DataConfig  # how its prompts are written
+    sample: SampleConfig  # generate's defaults for it
+    info: dict  # what each story's record says of the model
+
+
 def load(model: str, precision: str | None = None, device: str | None = None,
-         console: Console | None = None, trust_remote_code: bool = False) -> tuple[MiniGPT5, dict]:
+         console: Console | None = None, trust_remote_code: bool = False) -> Loaded:
     """Build the model from a checkpoint (or run) folder written by `train`, or from a recipe's base
     backbones (untrained vokens and mapper: only the two-stage baseline is meaningful then). A folder's
     LLM runs code of its own only with `trust_remote_code` (the user's --trust-remote-code); a recipe
@@ -45,6 +58,7 @@ def load(model: str, precision: str | None = None, device: str | None = None,
     from minigpt5_cli.modeling.backbones import remote_code
     from minigpt5_cli.modeling.bundle import located
 
+    check_precision(precision)
     console = console or Console(stderr=True)
     path = Path(model)
     if not path.exists():
@@ -63,19 +77,24 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         recipe = recipes.load(path, [])
         recipes.check_found(recipe, where=path)  # the user's own recipe: paths from the current folder
     device = pick_device(device)
-    precision = precision or recipe.train.mixed_precision
-    if precision == "fp16" and not device.startswith("cuda"):
-        console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32")
-        precision = "no"
-    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, mixed_precision=precision))
-    net = build_model(recipe)
+    precision = runnable(precision or recipe.train.mixed_precision, device, console)
+    net = build_model(recipe.model, recipe.adapter, precision=precision)
     if folder is not None:
         checkpoint.load(net, folder)
     net.to(device).eval()
     info = {"name": model_name(folder or path), "llm": recipe.model.llm, "generator": recipe.model.generator,
             "checkpoint": str(folder) if folder else None, "recipe": None if folder else str(path),
             "precision": precision, "device": device, "trained": folder is not None}
-    return net, info
+    return Loaded(net, recipe.data, recipe.sample, info)
+
+
+def check(settings: Settings, output: Path, model: Path, precision: str | None = None) -> None:
+    """What generate refuses before any model is loaded: settings out of range, an unknown precision, an
+    output folder that cannot be written or lies inside the model's folder."""
+    settings.check()
+    check_precision(precision)
+    files.writable_folder(output, "--output")
+    check_output(output, model)
 
 
 def check_output(output: Path, model: Path) -> None:
@@ -114,16 +133,15 @@ def history(job: Job, tasks: list[str], keep: int, images: bool = True) -> list[
     return steps
 
 
-def run_batch(model: MiniGPT5, settings: Settings, jobs: list[Job], decoder: Decoder, renderer: Renderer,
+def run_batch(settings: Settings, jobs: list[Job], decoder: Decoder, renderer: Renderer,
               progress: Progress | None = None) -> None:
     """Generate `settings.steps` responses for each job, appended to its responses."""
     tokens = progress.add_task("tokens", total=None) if progress else None
     images = progress.add_task("diffusion", total=None) if progress else None
+    data, reads_images = decoder.data, decoder.model.processor is not None
     for k in range(settings.steps):
-        data = model.recipe.data
-        prompts = [decoder.collator.prompt(Sample(history=history(s, data.tasks, data.history,
-                                                                  model.processor is not None)), data.max_length,
-                                            keep_end=True)  # a story too long loses its start, never its end
+        prompts = [decoder.collator.prompt(Sample(history=history(s, data.tasks, data.history, reads_images)),
+                                           data.max_length, keep_end=True)  # a story too long loses its start
                    for s in jobs]
         seeds = [derive_seed(settings.seed, s.index, k) for s in jobs]
         budget = settings.max_new_tokens * len(jobs)
@@ -155,12 +173,15 @@ def run_batch(model: MiniGPT5, settings: Settings, jobs: list[Job], decoder: Dec
         progress.remove_task(images)
 
 
-def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settings, out: Path, nested: bool,
+def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path, nested: bool,
              overwrite: bool = False, console: Console | None = None) -> list[Path]:
-    """Generate every story and write its folder; finished stories already under `out` are kept."""
-    settings = settings.resolve(model.recipe.sample)
+    """Generate every story and write its folder; finished stories already under `out` are kept. Unset
+    `settings` come from the model's recipe."""
+    model, info = loaded.net, loaded.info
+    check(settings, out, Path(info["checkpoint"] or info["recipe"]))
+    settings = settings.resolve(loaded.sample)
     console = console or Console(stderr=True)
-    decoder, renderer = Decoder(model, settings), Renderer(model, settings)  # these check the settings first
+    decoder, renderer = Decoder(model, loaded.data, settings), Renderer(model, settings)  # these check the settings
     if settings.mode == "vokens" and not info["trained"]:
         console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")
     if model.processor is None and any(s.image is not None for st in stories for s in st.steps):
@@ -198,7 +219,7 @@ def generate(stories: list[Story], model: MiniGPT5, info: dict, settings: Settin
             task = progress.add_task("stories", total=len(todo))
             for i in range(0, len(todo), settings.batch_size):
                 batch = todo[i:i + settings.batch_size]
-                run_batch(model, settings, batch, decoder, renderer, progress)
+                run_batch(settings, batch, decoder, renderer, progress)
                 for job in batch:
                     write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
                                 before[job.story.id])

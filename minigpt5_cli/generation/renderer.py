@@ -19,7 +19,8 @@ class Renderer:
     generator's own pipeline."""
 
     def __init__(self, model: MiniGPT5, settings: Settings):
-        self.model, self.s = model, settings.resolve(model.recipe.sample)
+        """`settings`: resolved ones."""
+        self.model, self.s = model, settings
         self.generator = model.generator
         self.size = settings.image_size or model.generator.resolution
         step = self.generator.size_step

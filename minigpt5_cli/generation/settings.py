@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.recipe import RANGES, SampleConfig, in_range
+from minigpt5_cli.recipe import PRECISIONS, RANGES, SampleConfig, in_range
 
 MAX_IMAGE_SIZE = 2048  # pixels a side: SDXL's 1024 with room; 99,992 would need terabytes
 
@@ -54,15 +54,5 @@ class Settings:
 
 def check_precision(precision: str | None) -> None:
     """--precision: None for the recipe's."""
-    if precision not in (None, "no", "bf16", "fp16"):
-        raise UserError(f"unknown precision {precision!r}; choose no, bf16 or fp16")
-
-
-SEED_STRIDE = 1_000_003  # a prime: distinct (seed, story, response, image) tuples get distinct seeds
-
-
-def derive_seed(*parts: int) -> int:
-    seed = 0
-    for p in parts:
-        seed = (seed * SEED_STRIDE + p + 1) % (2**63)
-    return seed
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose {', '.join(PRECISIONS)}")

@@ -91,7 +91,7 @@ def _looks_like_path(arg: str) -> bool:
 def _dataset_stories(folder: Path) -> list[Story]:
     from minigpt5_cli.data.sources import load_source, row_picture, step_field
 
-    source = load_source(folder, stage=2)
+    source = load_source(folder, stage="2")
     table = source.rows.ds.data.table
     ids = table.column("id").to_pylist()
     texts = step_field(source.rows.ds, "text")

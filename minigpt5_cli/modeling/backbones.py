@@ -14,8 +14,6 @@ import torch
 
 from minigpt5_cli import hub
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.toyworld import tiny
-
 
 
 @dataclass
@@ -54,7 +52,7 @@ def load_llm(name: str, dtype: torch.dtype | None = None, trust_remote_code: boo
                                                         MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     hub.quiet()
-    path = tiny.resolve(name, shapes_only=empty)
+    path = hub.resolve(name, shapes_only=empty)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, RecursionError) as e:  # RecursionError: JSON nested too deeply

@@ -69,9 +69,9 @@ def located(folder: Path, recipe: recipes.Recipe) -> recipes.Recipe:
     """`recipe`, read from model folder `folder`, with its backbones found (`beside`): a run's checkpoint
     (`checkpoint-STEP`, as train writes it) may name them anywhere, any other folder (a bundle) only
     inside itself."""
-    from minigpt5_cli.modeling.checkpoint import STATE_FILE, is_checkpoint_name
+    from minigpt5_cli.modeling.checkpoint import STEP_FILE, is_checkpoint_name
 
-    run = is_checkpoint_name(folder.resolve()) and (folder / STATE_FILE).is_file()  # resolved: `-m .` works
+    run = is_checkpoint_name(folder.resolve()) and (folder / STEP_FILE).is_file()  # resolved: `-m .` works
     m = recipe.model
     return dataclasses.replace(recipe, model=dataclasses.replace(
         m, **{key: beside(folder, getattr(m, key), inside=not run) for key in recipes.BACKBONES}))
@@ -119,7 +119,7 @@ def _verify(folder: Path, recipe: recipes.Recipe) -> None:
     diffusers.utils.logging.set_verbosity_error()  # its notes on casting networks without weights
     try:
         with init_empty_weights(), torch.random.fork_rng():
-            model = build_model(recipe, empty=True)
+            model = build_model(recipe.model, recipe.adapter, precision=recipe.train.mixed_precision, empty=True)
     finally:
         diffusers.utils.logging.set_verbosity(level)
     checkpoint.read(model, folder)
@@ -133,10 +133,11 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     from minigpt5_cli.modeling.generators import load_generator
     from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE, checkpoint_folder
 
+    out = Path(output)
+    files.writable_folder(out, "OUTPUT")
     folder = checkpoint_folder(str(checkpoint))
     if not (folder / "recipe.yaml").is_file() or not (folder / META_FILE).is_file():
         raise UserError(f"{folder} is not a minigpt5 checkpoint (no recipe.yaml or {META_FILE})")
-    out = Path(output)
     _check_output(out, folder, overwrite)
     recipe = recipes.load(folder / "recipe.yaml", [])
     m = recipe.model

@@ -30,7 +30,7 @@ PREFIX_FILE = "prefix_encoder.safetensors"
 VOKENS_FILE = "vokens.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"  # in adapter/, as PEFT names it
 MAPPER_CONFIG, MAPPER_FILE = "config.json", "diffusion_pytorch_model.safetensors"  # in mapper/, as diffusers names them
-STATE_FILE = "trainer_state.json"  # written last: a folder without it is incomplete
+STEP_FILE = "trainer_state.json"  # the step it was written at; written last: a folder without it is incomplete
 _NAME = re.compile(r"checkpoint-(\d+)$")
 _OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
@@ -42,8 +42,8 @@ class Malformed(ValueError):
 def checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoint folders of a run, oldest first."""
     folder = Path(output_dir)
-    found = [p for p in folder.glob("checkpoint-*") if _NAME.search(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_NAME.search(p.name).group(1)))
+    found = [p for p in folder.glob("checkpoint-*") if _NAME.search(p.name) and (p / STEP_FILE).is_file()]
+    return sorted(found, key=_step_number)
 
 
 def checkpoint_folder(path: str | Path) -> Path:
@@ -64,7 +64,7 @@ def damaged(folder: Path, path: Path, err: Exception) -> UserError:
         what = str(err)
     else:
         what = f"{path} does not load" + (f" ({err})" if isinstance(err, Malformed) else "")
-    earlier = [c for c in checkpoints(folder.parent) if _step(c) < _step(folder)]
+    earlier = [c for c in checkpoints(folder.parent) if _step_number(c) < _step_number(folder)]
     advice = (f"use the checkpoint before it, {earlier[-1]} (remove {folder} to resume from there)" if earlier
               else "no earlier checkpoint is kept")
     return UserError(f"checkpoint {folder} is damaged: {what}; {advice}")
@@ -116,7 +116,8 @@ def is_checkpoint_name(folder: Path) -> bool:
     return bool(_NAME.search(folder.name))
 
 
-def _step(folder: Path) -> int:
+def _step_number(folder: Path) -> int:
+    """The step in a checkpoint folder's name; -1 for another name."""
     found = _NAME.search(folder.name)
     return int(found.group(1)) if found else -1
 
@@ -130,7 +131,7 @@ def describe(model) -> dict:
         "llm_type": model.llm_info.model.config.model_type, "llm_layers": text.num_hidden_layers,
         "first_voken_id": model.first_voken, "n_vokens": model.vokens.n, "cond_shape": [length, width],
         "pooled": model.generator.pooled_width,
-        "adapter": model.recipe.adapter.kind,
+        "adapter": model.adapter_kind,
     }
 
 
@@ -144,7 +145,7 @@ def save(model, folder: str | Path) -> None:
         save_file({k: v.detach().contiguous() for k, v in model.vokens.state_dict().items()}, folder / VOKENS_FILE)
     with writing(folder / "mapper"):
         model.mapper.save_pretrained(folder / "mapper")
-    kind = model.recipe.adapter.kind
+    kind = model.adapter_kind
     if kind != "none":
         # Adapter weights only: PEFT would add the whole embedding and LM head of a resized vocabulary
         # (about 0.5 GB at 7B); the voken rows are in VOKENS_FILE, and the rest are the base model's.
@@ -186,7 +187,7 @@ def read(model, folder: str | Path, adapter: bool = True) -> dict:
         raise UserError(f"checkpoint {folder}: its mapper differs from the recipe's ({', '.join(diff)})")
     path = folder / "mapper" / MAPPER_FILE
     state.update(_strict(model.mapper, tensors(folder, path), path, "mapper."))
-    kind = model.recipe.adapter.kind
+    kind = model.adapter_kind
     if adapter and kind == "prefix":
         state.update(_strict(model.llm.prompt_encoder, tensors(folder, folder / PREFIX_FILE), folder / PREFIX_FILE,
                              "llm.prompt_encoder."))

@@ -10,10 +10,15 @@ prompt path): a sequence (length x width) and, where the family has one, a poole
 | SDXL | two CLIP encoders' penultimate states, concatenated: 77 x 2048 | the second's, 1280 | size and crop time ids | epsilon or v, Min-SNR |
 | SD3 | CLIP-L + CLIP-G (padded) and T5, one sequence: (77 + 256) x 4096 | CLIP-L + CLIP-G, 2048 | | flow matching, logit-normal times |
 | FLUX.1 | T5, 512 x 4096 (256 for schnell) | CLIP-L, 768 | embedded guidance (dev) | flow matching on packed latents |
+
+Each family is one class below `Generator`: it names the diffusers pipeline it handles (`PIPELINE`, which
+registers it in FAMILIES), its denoiser and the blocks of it FSDP wraps, its conditioning, its loss and
+how its pipeline renders.
 """
 
 from __future__ import annotations
 
+import abc
 import warnings
 
 import torch
@@ -22,16 +27,25 @@ from torch import nn
 
 from minigpt5_cli import hub
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.toyworld import tiny
+
+# The pipelines minigpt5 conditions, by class name: every family registers itself here.
+FAMILIES: dict[str, type[Generator]] = {}
 
 
+class Generator(abc.ABC):
+    """A frozen text-to-image pipeline: what every family shares. A family class sets PIPELINE, family,
+    MODELS and BLOCKS and gives its denoiser, conditioning, training schedule and loss."""
 
-class Generator:
-    """Stable Diffusion 1.x / 2.x: one CLIP text encoder's last hidden states, a UNet that predicts the
-    noise (epsilon) or the velocity (v), the pipeline's own DDPM-style schedule."""
-
-    family = "SD 1.x / 2.x"
+    PIPELINE: str  # the diffusers pipeline class it handles
+    family: str  # its short name, in messages and the model's description
+    MODELS: str  # the models it covers, as the refusal of any other pipeline lists them
+    BLOCKS: tuple[str, ...]  # the denoiser's attributes that hold its blocks (a ModuleList, or one block)
     PACKING = 1  # denoiser input channels per latent channel
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "PIPELINE" in cls.__dict__:
+            FAMILIES[cls.PIPELINE] = cls
 
     def __init__(self, pipe, name: str):
         self.pipe, self.name = pipe, name
@@ -39,10 +53,9 @@ class Generator:
         self.train_scheduler = self._train_scheduler()
         self._null = None
 
+    @abc.abstractmethod
     def _train_scheduler(self):
-        from diffusers import DDPMScheduler
-
-        return DDPMScheduler.from_config(self.pipe.scheduler.config)  # its betas and prediction type
+        """The schedule training draws noise levels from, built from the pipeline's own."""
 
     # -- what it is
 
@@ -51,8 +64,15 @@ class Generator:
         return self.pipe.vae
 
     @property
+    @abc.abstractmethod
     def denoiser(self) -> nn.Module:
-        return self.pipe.unet
+        """The network that learns: the UNet or the transformer."""
+
+    def blocks(self) -> set[str]:
+        """Class names of the denoiser's blocks, which run at every step: the layers FSDP wraps one by one."""
+        parts = [getattr(self.denoiser, name) for name in self.BLOCKS]
+        return {type(m).__name__ for part in parts if part is not None
+                for m in (part if isinstance(part, nn.ModuleList) else [part])}
 
     def parts(self) -> dict[str, nn.Module]:
         """Its networks, all frozen in MiniGPT-5."""
@@ -64,9 +84,9 @@ class Generator:
         return self.pipe.tokenizer
 
     @property
+    @abc.abstractmethod
     def cond_shape(self) -> tuple[int, int]:
         """(length, width) of the conditioning sequence."""
-        return self.tokenizer.model_max_length, self.denoiser.config.cross_attention_dim
 
     @property
     def pooled_width(self) -> int | None:
@@ -98,11 +118,9 @@ class Generator:
 
     # -- conditioning
 
-    @torch.no_grad()
+    @abc.abstractmethod
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The conditioning of `texts` as the pipeline computes it for a prompt: (sequence, pooled)."""
-        seq, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
-        return seq.float(), None
 
     def null(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The encoders' conditioning of "": the target of a classifier-free-guidance drop."""
@@ -122,16 +140,10 @@ class Generator:
 
     # -- training
 
+    @abc.abstractmethod
     def loss(self, seq: torch.Tensor, pooled: torch.Tensor | None, latents: torch.Tensor,
              snr_gamma: float) -> torch.Tensor:
-        from minigpt5_cli.modeling.losses import diffusion_loss
-
-        return diffusion_loss(self.denoiser, self.train_scheduler, seq, latents, snr_gamma,
-                              **self._extra(pooled, latents.shape[0]))
-
-    def _extra(self, pooled, rows: int) -> dict:
-        """Inputs the denoiser takes beside the sequence."""
-        return {}
+        """The denoiser's training loss on scaled `latents` under the conditioning (seq, pooled)."""
 
     # -- rendering
 
@@ -158,12 +170,51 @@ class Generator:
         return self.pipe
 
 
-class SDXL(Generator):
+class SD(Generator):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder's last hidden states, a UNet that predicts the
+    noise (epsilon) or the velocity (v), the pipeline's own DDPM-style schedule."""
+
+    PIPELINE = "StableDiffusionPipeline"
+    family = "SD 1.x / 2.x"
+    MODELS = "Stable Diffusion 1.x / 2.x"
+    BLOCKS = ("down_blocks", "mid_block", "up_blocks")
+
+    def _train_scheduler(self):
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.pipe.scheduler.config)  # its betas and prediction type
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.pipe.unet
+
+    @property
+    def cond_shape(self) -> tuple[int, int]:
+        return self.tokenizer.model_max_length, self.denoiser.config.cross_attention_dim
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        seq, _ = self.pipe.encode_prompt(texts, self.device, 1, False)
+        return seq.float(), None
+
+    def loss(self, seq, pooled, latents, snr_gamma):
+        from minigpt5_cli.modeling.losses import diffusion_loss
+
+        return diffusion_loss(self.denoiser, self.train_scheduler, seq, latents, snr_gamma,
+                              **self._extra(pooled, latents.shape[0]))
+
+    def _extra(self, pooled, rows: int) -> dict:
+        """Inputs the denoiser takes beside the sequence."""
+        return {}
+
+
+class SDXL(SD):
     """SDXL: two CLIP text encoders' penultimate hidden states, concatenated, the second's pooled
     output, and the size and crop "time ids", which training takes as a centred crop at the
     generator's resolution, as rendering at that size gives."""
 
-    family = "SDXL"
+    PIPELINE = "StableDiffusionXLPipeline"
+    family = MODELS = "SDXL"
 
     @property
     def pooled_width(self) -> int:
@@ -187,7 +238,10 @@ class SD3(Generator):
     trained by flow matching: the velocity noise - latents at a sigma of the pipeline's schedule,
     drawn logit-normally."""
 
+    PIPELINE = "StableDiffusion3Pipeline"
     family = "SD3"
+    MODELS = "SD3 / 3.5"
+    BLOCKS = ("transformer_blocks",)
     DEFAULT_T5_LENGTH = 256  # the pipeline's default max_sequence_length
 
     def _train_scheduler(self):
@@ -248,7 +302,9 @@ class Flux(SD3):
     works as for every other family; the embedded guidance stays at the pipeline's default, in training
     and in rendering alike."""
 
-    family = "FLUX.1"
+    PIPELINE = "FluxPipeline"
+    family = MODELS = "FLUX.1"
+    BLOCKS = ("transformer_blocks", "single_transformer_blocks")
     PACKING = 4  # 2x2 patches of latents, packed into channels
     EMBEDDED_GUIDANCE = 3.5  # the pipeline's default, and what diffusers' FLUX training scripts train with
 
@@ -304,10 +360,10 @@ class Flux(SD3):
         return super().render_text(texts, guidance_scale, negative_prompt=[""] * len(texts), **kwargs)
 
 
-# The pipelines minigpt5 conditions, by class; anything else is refused with this list.
-FAMILIES = {"StableDiffusionPipeline": Generator, "StableDiffusionXLPipeline": SDXL,
-            "StableDiffusion3Pipeline": SD3, "FluxPipeline": Flux}
-SUPPORTED = "Stable Diffusion 1.x / 2.x, SDXL, SD3 / 3.5 or FLUX.1 (text-to-image)"
+def supported() -> str:
+    """The models of every family, as a refusal lists them."""
+    *first, last = [cls.MODELS for cls in FAMILIES.values()]
+    return f"{', '.join(first)} or {last} (text-to-image)"
 
 
 def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = False) -> Generator:
@@ -316,7 +372,7 @@ def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = Fa
     from diffusers import DiffusionPipeline
 
     hub.quiet()
-    path = tiny.resolve(name, shapes_only=empty)
+    path = hub.resolve(name, shapes_only=empty)
     try:
         with warnings.catch_warnings():  # huggingface_hub's deprecation note on an argument diffusers passes
             warnings.simplefilter("ignore", UserWarning)
@@ -329,12 +385,12 @@ def load_generator(name: str, dtype: torch.dtype | None = None, empty: bool = Fa
         raise hub.load_error("generator", name, e, hub.files_hint(name) if empty else hub.OFFLINE_HINT) from None
     cls = FAMILIES.get(type(pipe).__name__)
     if cls is None:
-        raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {SUPPORTED}")
+        raise UserError(f"generator {name!r} is a {type(pipe).__name__}; minigpt5 needs {supported()}")
     gen = cls(pipe, name)
     channels, latent = gen.denoiser.config.in_channels, gen.vae.config.latent_channels
     if channels != latent * gen.PACKING:
         raise UserError(f"generator {name!r} has a denoiser of {channels} input channels for {latent}-channel "
-                        f"latents (an inpainting or image-conditioned model); minigpt5 needs {SUPPORTED}")
+                        f"latents (an inpainting or image-conditioned model); minigpt5 needs {supported()}")
     return gen
 
 

@@ -1,11 +1,12 @@
 """The MiniGPT-5 model: a frozen LLM with n trainable vokens, a feature mapper, a frozen generator.
 
-`build_model(recipe)` is the one construction path, used by training, generation and tests.
+`build_model` is the one construction path, used by training, generation and tests. It takes what the
+model needs (its backbones and sizes, the adapter, the losses' weights, a precision), never a whole
+recipe: stages pass their own settings.
 """
 
 from __future__ import annotations
 
-import inspect
 import re
 
 import torch
@@ -13,36 +14,47 @@ from torch import nn
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.backbones import LLM, load_llm
-from minigpt5_cli.modeling.families import (computes_own_positions, lora_targets, prefix_cache, quirks,
-                                            rope_positions, unwrap)
 from minigpt5_cli.modeling.generators import Generator, caption_loss, load_generator
+from minigpt5_cli.modeling.llm_families import layer_blocks, lora_targets, unwrap
 from minigpt5_cli.modeling.losses import cached_latents, text_loss
 from minigpt5_cli.modeling.mapper import FeatureMapper
+from minigpt5_cli.modeling.runner import runner_for
 from minigpt5_cli.modeling.vokens import VokenRows, add_vokens
-from minigpt5_cli.recipe import Recipe
+from minigpt5_cli.recipe import AdapterConfig, LossConfig, ModelConfig
 
-DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by recipe.PRECISIONS
+
+
+def runnable(precision: str, device: str, console) -> str:
+    """`precision` as it runs on `device`: fp16 needs a GPU, and runs in fp32 elsewhere, said on `console`."""
+    if precision == "fp16" and not device.startswith("cuda"):
+        console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32 (bf16 works on CPUs)")
+        return "no"
+    return precision
 
 
 class MiniGPT5(nn.Module):
-    def __init__(self, recipe: Recipe, llm: LLM, generator: Generator, mapper: FeatureMapper, vokens: VokenRows):
+    def __init__(self, llm: LLM, generator: Generator, mapper: FeatureMapper, vokens: VokenRows,
+                 adapter: AdapterConfig, loss: LossConfig):
         super().__init__()
-        self.recipe = recipe
         self.llm = llm.model
         self.tokenizer, self.processor = llm.tokenizer, llm.processor
         self.llm_info, self.generator = llm, generator
         self.frozen = nn.ModuleDict(generator.parts())  # the generator's networks, frozen, moved with the model
         self.mapper, self.vokens = mapper, vokens
         self.first_voken = vokens.first
+        self.loss_weights = loss
+        self.runner = runner_for(llm.model, adapter.kind, adapter.virtual_tokens)
         # The layers FSDP wraps one by one (accelerate reads this): the LLM's decoder layers and the
         # denoiser's blocks, which run at every step. The rest (vision tower, text encoders, VAE, mapper)
         # runs only for some batches and stays whole on every process, outside any wrapped layer.
-        self._no_split_modules = sorted(_blocks(llm.model, generator.denoiser))
+        self._no_split_modules = sorted(layer_blocks(llm.model) | generator.blocks())
         self.run_all_parts = False  # FSDP: a batch without target images runs the mapper and denoiser too
-        self.own_positions = computes_own_positions(llm.model)
-        # transformers renamed `past_key_values` to `cache` during 5.x
-        self.cache_arg = "cache" if "cache" in inspect.signature(unwrap(llm.model).forward).parameters \
-            else "past_key_values"
+
+    @property
+    def adapter_kind(self) -> str:
+        """none, lora or prefix."""
+        return self.runner.adapter
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -84,36 +96,15 @@ class MiniGPT5(nn.Module):
                                                            batch["latent_logvar"].to(dtype)))
         return self.generator.latents(batch["target_pixels"])
 
-    def language_forward(self, batch: dict):
-        """The LLM over whole sequences: every tensor the processor gave (the batch's targets aside), pixels
-        in the model's precision. With prefix tuning, the base model behind a cache that holds the prefix,
-        as generation calls it: PEFT's own forward would drop token_type_ids (Gemma 3's image blocks,
-        PaliGemma's prefix-LM mask); positions start after the prefix."""
-        from minigpt5_cli.data.collate import TARGETS
-
-        inputs = {k: v.to(self.llm.dtype) if v.is_floating_point() else v for k, v in batch.items() if k not in TARGETS}
-        if self.recipe.adapter.kind != "prefix":
-            return self.llm(**inputs, output_hidden_states=True)
-        rows, length = inputs["input_ids"].shape
-        virtual = self.recipe.adapter.virtual_tokens
-        mask = inputs.pop("attention_mask")
-        if quirks(self.llm).prefix_drops_token_types:
-            inputs.pop("token_type_ids", None)
-        if self.own_positions:  # 3-D positions, from the sequence as it is, then after the prefix
-            inputs["position_ids"] = rope_positions(self.llm_info.model, inputs, mask) + virtual
-        cache = prefix_cache(self.llm, rows, length + virtual)
-        return self.llm.get_base_model()(**inputs, attention_mask=torch.cat([mask.new_ones(rows, virtual), mask], 1),
-                                         output_hidden_states=True, **{self.cache_arg: cache})
-
     def _idle_image_loss(self, states: torch.Tensor) -> torch.Tensor:
         """The image loss of one all-zero voken group on all-zero latents, times zero."""
         seq, pooled = self.mapper(states.new_zeros(1, self.vokens.n, states.shape[-1]).float())
         latents = torch.zeros(1, *self.generator.latent_shape, device=states.device, dtype=self.generator.vae.dtype)
-        return self.generator.loss(seq, pooled, latents, self.recipe.loss.snr_gamma) * 0.0
+        return self.generator.loss(seq, pooled, latents, self.loss_weights.snr_gamma) * 0.0
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        w = self.recipe.loss
-        out = self.language_forward(batch)
+        w = self.loss_weights
+        out = self.runner(batch)
         logits, labels = out.logits.float(), batch["labels"]
         text = text_loss(logits, labels)
         zero = logits.new_zeros(())
@@ -144,23 +135,9 @@ class MiniGPT5(nn.Module):
         return {"loss": loss, "text": text.detach(), "image": image.detach(), "caption": caption.detach()}
 
 
-def _blocks(llm: nn.Module, denoiser: nn.Module) -> set[str]:
-    """Class names of the LLM's decoder layers and of the denoiser's down, mid and up blocks (UNet) or
-    transformer blocks (MM-DiT): names no other part of the model uses."""
-    model = unwrap(llm)
-    depth = model.config.get_text_config().num_hidden_layers
-    # The decoder's stack of layers, whatever its name (layers, h, blocks)
-    layers = next((m for m in model.get_decoder().modules() if isinstance(m, nn.ModuleList) and len(m) == depth), [])
-    parts = [m for name in ("down_blocks", "up_blocks", "transformer_blocks", "single_transformer_blocks")
-             for m in getattr(denoiser, name, None) or []]
-    mid = getattr(denoiser, "mid_block", None)
-    return {type(m).__name__ for m in [*layers, *parts, *([mid] if mid is not None else [])]}
-
-
-def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
+def _apply_adapter(a: AdapterConfig, model: nn.Module) -> nn.Module:
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    a = recipe.adapter
     if a.kind == "none":
         return model
     if a.kind == "lora":
@@ -182,13 +159,18 @@ def _apply_adapter(recipe: Recipe, model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def build_model(recipe: Recipe, init_from: str | None = None, empty: bool = False) -> MiniGPT5:
-    """Load both backbones, add vokens, freeze, attach the adapter and a fresh or loaded mapper.
-    `empty`: backbones built from their configs alone, no weights read (`train --plan`)."""
+def build_model(model: ModelConfig, adapter: AdapterConfig | None = None, *, loss: LossConfig | None = None,
+                precision: str = "no", checkpointing: bool = False, freeze_mapper_input: bool = False,
+                init_from: str | None = None, empty: bool = False) -> MiniGPT5:
+    """Load both backbones in `precision` (no, bf16 or fp16), add vokens, freeze, attach the adapter and a
+    fresh mapper, or the vokens and mapper of the checkpoint `init_from`. `loss`: the weights training
+    uses. `checkpointing`: recompute activations in the backward pass. `freeze_mapper_input`: the mapper's
+    fc and queries stay as they are. `empty`: backbones built from their configs alone, no weights read
+    (`train --plan`)."""
     from minigpt5_cli.modeling import checkpoint
 
-    dtype = DTYPES[recipe.train.mixed_precision]
-    m = recipe.model
+    m, adapter = model, adapter or AdapterConfig()
+    dtype = DTYPES[precision]
     llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code, empty=empty)
     generator = load_generator(m.generator, dtype=dtype, empty=empty)
     first = add_vokens(llm, m.n_vokens)
@@ -196,7 +178,7 @@ def build_model(recipe: Recipe, init_from: str | None = None, empty: bool = Fals
         module.requires_grad_(False)
         module.eval()
     vokens = VokenRows(llm.model, first, m.n_vokens)
-    llm.model = _apply_adapter(recipe, llm.model)
+    llm.model = _apply_adapter(adapter, llm.model)
     length, width = generator.cond_shape
     if (m.mapper.kind == "compact" or not m.mapper.hidden) and width % m.mapper.heads:
         raise UserError(f"the generator's conditioning width {width} is not a multiple of model.mapper.heads "
@@ -207,12 +189,12 @@ def build_model(recipe: Recipe, init_from: str | None = None, empty: bool = Fals
         heads=m.mapper.heads, encoder_layers=m.mapper.encoder_layers, decoder_layers=m.mapper.decoder_layers,
         ffn=m.mapper.ffn, pooled_width=generator.pooled_width or 0,
     )
-    model = MiniGPT5(recipe, llm, generator, mapper, vokens)
+    net = MiniGPT5(llm, generator, mapper, vokens, adapter, loss or LossConfig())
     if init_from:
-        checkpoint.load(model, init_from, adapter=False)
-    if recipe.train.gradient_checkpointing:
-        model.checkpoint_activations()
-    if recipe.train.freeze_mapper_input:
+        checkpoint.load(net, init_from, adapter=False)
+    if checkpointing:
+        net.checkpoint_activations()
+    if freeze_mapper_input:
         for name in FeatureMapper.input_modules:
             getattr(mapper, name).requires_grad_(False)
-    return model
+    return net

@@ -34,7 +34,7 @@ def paper_counts(mapper_kind: str, adapter_kind: str, n_vokens: int) -> dict[str
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minigpt5_cli.modeling.families import lora_targets
+    from minigpt5_cli.modeling.llm_families import lora_targets
 
     adapter = dataclasses.replace(AdapterConfig(), kind=adapter_kind)
     with torch.device("meta"):

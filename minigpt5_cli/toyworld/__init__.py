@@ -1,1 +1,1 @@
-"""The shapes world: a procedural domain, its tiny and toy backbones, and the scratch stages."""
+"""The shapes world: a procedural domain of coloured shapes, and its attribute checker."""

@@ -1,1 +1,1 @@
-"""`minigpt5 train`, stages 1 and 2 (the scratch stages live in `toyworld`)."""
+"""Training: `train` (stages 1 and 2), `scratch` (stages llm and generator), the loop all four share, `state` and `plan`."""

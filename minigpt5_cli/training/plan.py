@@ -17,7 +17,6 @@ layers whole during the step), and a fixed reserve for the CUDA context and allo
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import re
@@ -106,12 +105,12 @@ def plan_batch(model, recipe: recipes.Recipe, size: int) -> dict:
     from minigpt5_cli.data.collate import Collator
     from minigpt5_cli.data.samples import Sample
 
-    collate = Collator.for_model(model)
+    collate = Collator.for_model(model, recipe.data)
     length = recipe.data.max_length
     res = model.generator.resolution
     pixels = torch.zeros(3, res, res)
     words = lambda n: " ".join(["story"] * max(1, n))  # noqa: E731
-    if recipe.train.stage == 1:
+    if recipe.train.stage == "1":
         samples = [Sample(prompt=words(length), vokens=True, caption=words(20), image=pixels) for _ in range(size)]
     else:
         steps = max(1, recipe.data.history)
@@ -239,7 +238,7 @@ def _units(model, compute_dtype: torch.dtype) -> list[int]:
     return [u for u in units if u]
 
 
-def _step(model, optimizer, trainable, batch: dict, autocast, mode) -> Step:
+def _measured_step(model, optimizer, trainable, batch: dict, autocast, mode) -> Step:
     fake = {k: mode.fake_tensor_converter.from_real_tensor(mode, v, make_constant=not v.is_floating_point())
             if torch.is_tensor(v) else v for k, v in batch.items()}
     with mode:
@@ -272,21 +271,19 @@ def measure(recipe: recipes.Recipe, processes: int = 1) -> Plan:
     recipe's, with and without gradient checkpointing."""
     from accelerate import init_empty_weights
 
-    from minigpt5_cli.hub import quiet
-    from minigpt5_cli.modeling.model import DTYPES, build_model
-    from minigpt5_cli.toyworld import tiny
-    from minigpt5_cli.training.train import make_optimizer
+    from minigpt5_cli.hub import quiet, resolve
+    from minigpt5_cli.modeling.model import DTYPES
+    from minigpt5_cli.training.train import make_optimizer, model_for
 
-    if recipe.train.stage not in (1, 2):
+    if recipe.train.stage not in ("1", "2"):
         raise UserError(f"--plan covers stages 1 and 2; stage {recipe.train.stage} trains a small backbone from scratch")
     if processes < 1:
         raise UserError(f"--num-processes must be at least 1, got {processes}")
     quiet(errors_only=True)
-    recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, gradient_checkpointing=False))
     for name in (recipe.model.llm, recipe.model.generator):
-        tiny.resolve(name, shapes_only=True)  # built here, with real weights to save, when not cached yet
+        resolve(name, shapes_only=True)  # built here, with real weights to save, when not cached yet
     with init_empty_weights(), torch.random.fork_rng():  # parameters on the meta device, the rest real
-        model = build_model(recipe, empty=True)
+        model = model_for(recipe, checkpointing=False, empty=True)
     mode = _fake_mode()
     _fakify(model, mode)
     model.train()
@@ -298,13 +295,13 @@ def measure(recipe: recipes.Recipe, processes: int = 1) -> Plan:
     units = _units(model, DTYPES[recipe.train.mixed_precision])
     size = recipe.train.batch_size
     batches = {b: plan_batch(model, recipe, b) for b in sorted({1, 2, size})}
-    _step(model, optimizer, trainable, batches[1], autocast, mode)  # warm-up: optimizer state, cached nulls
+    _measured_step(model, optimizer, trainable, batches[1], autocast, mode)  # warm-up: optimizer state, cached nulls
     steps = {}
     for checkpointing in (False, True):
         if checkpointing:
             model.checkpoint_activations()
         for b, batch in batches.items():
-            steps[(b, checkpointing)] = _step(model, optimizer, trainable, batch, autocast, mode)
+            steps[(b, checkpointing)] = _measured_step(model, optimizer, trainable, batch, autocast, mode)
     state = sum(n for _, n in _storage_bytes(
         [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]).values())
     grads = sum(p.numel() * p.element_size() for p in trainable)
@@ -327,7 +324,7 @@ def render(plan: Plan, memory: int | None = None):
 
     r, n, b = plan.recipe, plan.processes, plan.batch_size
     step = plan.steps[(b, False)]
-    images = f", {step.image_tokens} of them image tokens" if plan.recipe.train.stage == 2 else ""
+    images = f", {step.image_tokens} of them image tokens" if plan.recipe.train.stage == "2" else ""
     title = (f"Memory per GPU ({unit}): {plan.names[0]} + {plan.names[1]}, stage {r.train.stage}"
              f"{'' if r.adapter.kind == 'none' else ' ' + r.adapter.kind}, {r.train.mixed_precision}, "
              f"{n} process{'es' if n > 1 else ''}, micro-batch {b} x {step.tokens} tokens{images} "
@@ -382,15 +379,12 @@ def measured_growth(recipe: recipes.Recipe, size: int) -> int:
     steps, on this machine (GPU: peak allocated; CPU: peak resident set, reset through
     /proc/self/clear_refs). Run it in a fresh process with MALLOC_MMAP_THRESHOLD_ set low, so freed
     tensors leave the resident set at once."""
-    from minigpt5_cli.modeling.model import build_model
-    from minigpt5_cli.training.train import make_optimizer
+    from minigpt5_cli.training.train import make_optimizer, model_for
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model = build_model(recipe).to(device)
+    model = model_for(recipe).to(device)
     model.train()
-    if recipe.train.gradient_checkpointing:
-        model.checkpoint_activations()
     optimizer = make_optimizer(model, recipe)
     trainable = model.trainable_parameters()
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in plan_batch(model, recipe, size).items()}

@@ -106,7 +106,7 @@ def load(accelerator, model, optimizer, scheduler, folder: Path) -> int:
 
 def read_step(folder: Path) -> int:
     """The optimizer step checkpoint `folder` was written at (its `trainer_state.json`)."""
-    path = folder / checkpoint.STATE_FILE
+    path = folder / checkpoint.STEP_FILE
     doc = checkpoint.read_json(folder, path)
     step = doc.get("step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:

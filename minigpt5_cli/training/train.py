@@ -1,6 +1,6 @@
 """`minigpt5 train`: stage 1 (vokens + mapper on pairs) and stage 2 (plus LoRA or prefix tuning on
 interleaved sequences), with accelerate, so the same code runs on one process or many. Stages llm
-and generator (backbones from scratch) are in `toyworld/scratch.py`.
+and generator (backbones from scratch) are in `scratch.py`; all four run the loop of `loop.py`.
 
 Checkpoints are `OUTPUT/checkpoint-STEP/` folders holding only the trained weights (vokens as
 safetensors, the mapper via `save_pretrained`, the PEFT adapter folder), `recipe.yaml`, and the
@@ -12,44 +12,35 @@ checkpoint's but in RESUMABLE keys.
 
 from __future__ import annotations
 
-import dataclasses
+import itertools
 import json
 import math
 import os
 import shutil
 import signal
 import threading
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from rich.console import Console
 
-from minigpt5_cli import display, files
+from minigpt5_cli import files, hub
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling import checkpoint
-from minigpt5_cli.modeling.checkpoint import STATE_FILE, checkpoint_folder, checkpoints
-from minigpt5_cli.modeling.model import MiniGPT5, build_model
+from minigpt5_cli.modeling.checkpoint import STEP_FILE, checkpoint_folder, checkpoints
+from minigpt5_cli.modeling.model import MiniGPT5, build_model, runnable
 from minigpt5_cli.modeling.params import table
-from minigpt5_cli.toyworld import tiny
+from minigpt5_cli.seeds import micro_seed
 from minigpt5_cli.training import state
+from minigpt5_cli.training.loop import Loop, locked, running, total_steps
+from minigpt5_cli.training.scratch import train_backbone
 
-# Two primes that spread (seed, micro-batch) pairs over distinct per-step seeds.
-SEED_STRIDE, MICRO_STRIDE = 1_000_003, 7919
-
-
-def _step_seed(seed: int, batch: int) -> int:
-    # Noise, timesteps, CFG drops and dropout depend on the micro-batch's index in the data order
-    # alone: a resumed run replays them, and N processes draw what one process with N times the
-    # gradient accumulation draws for the same batches.
-    return (seed * SEED_STRIDE + batch * MICRO_STRIDE) % (2**63)
-
-
-IN_USE = "{} is in use by another train run; wait for it to end, or pick another train.output_dir"
 # What a resumed run may change: how it saves, logs, loads data and samples afterwards; not what it computes.
 RESUMABLE = ("train.output_dir", "train.save_every", "train.keep_checkpoints", "train.log_every", "train.tracker",
              "data.num_workers", "sample.")
@@ -100,16 +91,11 @@ def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Pat
     files.writable_folder(Path(t.output_dir), "train.output_dir")
     recipes.check_found(recipe, (t.stage,) if t.stage in ("llm", "generator") else recipes.BACKBONES)
     if t.stage in ("llm", "generator"):
-        from minigpt5_cli.toyworld.scratch import train_backbone
-
         return train_backbone(recipe, resume, console)
     # What runs; the recipe saved (and compared on --resume) stays as given, so a run resumes on a
     # machine with or without a GPU alike.
-    precision = t.mixed_precision
-    if precision == "fp16" and not torch.cuda.is_available():
-        console.print("[yellow]warning:[/] fp16 needs a GPU; training in fp32 (bf16 works on CPUs)")
-        precision = "no"
-    if t.stage == 2 and not t.init_from:
+    precision = runnable(t.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu", console)
+    if t.stage == "2" and not t.init_from:
         raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from (or none, to start "
                         "the vokens and the mapper fresh)")
     if not recipe.data.train:
@@ -133,27 +119,8 @@ def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Pat
         raise UserError(f"accelerate started {started} processes, but they did not join one process group "
                         f"({accelerator.distributed_type}): the accelerate config does not fit this machine; "
                         "on CPUs set ACCELERATE_USE_CPU=true, or launch one process")
-    with ExitStack() as held:
-        _lock(accelerator, out, held)
+    with locked(out, accelerator):
         return _run(recipe, precision, accelerator, resume, console, report)
-
-
-def _lock(accelerator, out: Path, held: ExitStack) -> None:
-    """The main process holds the folder's lock for the run's lifetime (`held`): a second run is refused
-    before it reads or writes anything there, on every one of its processes alike, with the main one's
-    error. Collective."""
-    from accelerate.utils import broadcast_object_list
-
-    error = None
-    if accelerator.is_main_process:
-        try:
-            held.enter_context(files.run_lock(out, IN_USE.format(out)))
-        except (UserError, OSError) as e:
-            error = e
-    if accelerator.num_processes > 1:
-        error = broadcast_object_list([error])[0]
-    if error is not None:
-        raise error
 
 
 def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, console: Console,
@@ -173,25 +140,23 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
     set_seed(t.seed)
     source = load_sources([recipe.data.train, *recipe.data.extra], t.stage, recipe.data.allow_outside_paths)
     _check_cache(source, recipe)
-    fresh = t.stage == 1 or t.init_from == "none"
-    running = dataclasses.replace(recipe, train=dataclasses.replace(t, mixed_precision=precision))
-    model = build_model(running, init_from=None if fresh else checkpoint_folder(t.init_from))
+    fresh = t.stage == "1" or t.init_from == "none"
+    model = model_for(recipe, init_from=None if fresh else checkpoint_folder(t.init_from), precision=precision)
     if main:
         report.print(table(model, recipe))
-        if model.processor is None and t.stage == 2 and any(any(flags[:-1]) for flags in source.images):
+        if model.processor is None and t.stage == "2" and any(any(flags[:-1]) for flags in source.images):
             console.print("[yellow]warning:[/] the LLM is text-only: images in prompts are dropped")
 
     dataset = TrainSet(source, stage=t.stage, resolution=model.generator.resolution, history=recipe.data.history,
                        seed=t.seed, instruction_prob=recipe.data.instruction_prob,
                        images_in_prompt=model.llm_info.accepts_images, tasks=recipe.data.tasks)
-    collate = Collator.for_model(model)
+    collate = Collator.for_model(model, recipe.data)
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=recipe.data.num_workers)
     optimizer = make_optimizer(model, recipe)
     model.run_all_parts = accelerator.distributed_type == DistributedType.FSDP
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    per_epoch = len(loader)
-    total = t.max_steps or math.ceil(t.epochs * per_epoch / t.grad_accum)
+    total = total_steps(t, len(loader))
     # Stepped once per optimizer step on every process, so it is not handed to accelerate.
     scheduler = get_linear_schedule_with_warmup(optimizer, min(t.warmup_steps, total), total)
     raw: MiniGPT5 = accelerator.unwrap_model(model)
@@ -208,57 +173,48 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
         recipes.save(recipes.anchored(recipe, out), out / "recipe.yaml")
     accelerator.init_trackers("minigpt5", config=_flat(recipes.to_dict(recipe)))
 
-    trainable = raw.trainable_parameters()
     last = existing[-1] if existing and resume else None
-    progress = display.progress(console, disable=not main)
-    model.train()
-    iterator, epoch = None, -1
-    try:
-        with progress:
-            task = progress.add_task("train", total=total, completed=step, info="", unit="steps")
-            sums: dict[str, torch.Tensor] = {}  # loss parts summed over the accumulated micro-batches
-            for micro in range(step * t.grad_accum, total * t.grad_accum):
-                if micro // per_epoch != epoch or iterator is None:
-                    epoch = micro // per_epoch
-                    loader.set_epoch(epoch)
-                    skip = micro % per_epoch
-                    iterator = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
-                batch = next(iterator)
-                # Process r of N takes batches r, r + N, ... of the shuffled order (accelerate's sharding).
-                torch.manual_seed(_step_seed(t.seed, micro * accelerator.num_processes + accelerator.process_index))
-                sync = (micro + 1) % t.grad_accum == 0
-                with nullcontext() if sync else accelerator.no_sync(model):
-                    losses = model(batch)
-                    accelerator.backward(losses["loss"] / t.grad_accum)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0) + v.detach()
-                if not sync:
-                    continue
-                logs = {k: accelerator.reduce(v / t.grad_accum, "mean").item() for k, v in sums.items()}
-                sums = {}
-                norm = accelerator.clip_grad_norm_(trainable, t.max_grad_norm) if t.max_grad_norm > 0 else None
-                _check_finite(logs, norm if precision != "fp16" else None, step + 1, last)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                progress.update(task, completed=step, info=" ".join(f"{k} {v:.4f}" for k, v in logs.items()))
-                if step % t.log_every == 0 or step == total:
-                    accelerator.log({**logs, "lr": scheduler.get_last_lr()[0]}, step=step)
-                if step % t.save_every == 0 or step == total:
-                    last = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, step)
-    except KeyboardInterrupt:
+    loop = Loop(optimizer, scheduler, raw.trainable_parameters(), t, accelerator, model,
+                check=lambda n, logs, norm: _check_finite(logs, norm if precision != "fp16" else None, n, last))
+    batches = _batches(accelerator, loader, step * t.grad_accum)
+
+    def micro(i: int) -> dict[str, torch.Tensor]:
+        batch = next(batches)
+        # Process r of N takes batches r, r + N, ... of the shuffled order (accelerate's sharding).
+        torch.manual_seed(micro_seed(t.seed, i * accelerator.num_processes + accelerator.process_index))
+        return model(batch)
+
+    def interrupted() -> None:
         # Keep what was done: the state at the last finished optimizer step. One process only, since
         # a collective save could hang when the other processes were interrupted too.
-        saved = {p.name for p in checkpoints(out)}
-        if accelerator.num_processes == 1 and step and f"checkpoint-{step}" not in saved:
-            last = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, step)
-            console.print(f"interrupted: saved {last}; continue with --resume")
-        raise
+        if accelerator.num_processes == 1 and step and f"checkpoint-{step}" not in {p.name for p in checkpoints(out)}:
+            saved = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, step)
+            console.print(f"interrupted: saved {saved}; continue with --resume")
+
+    model.train()
+    with running(console, interrupted, disable=not main) as progress:
+        for step, logs in loop.steps(progress, "train", total, micro, start=step):
+            if step % t.log_every == 0 or step == total:
+                accelerator.log({**logs, "lr": scheduler.get_last_lr()[0]}, step=step)
+            if step % t.save_every == 0 or step == total:
+                last = save_checkpoint(accelerator, model, optimizer, scheduler, recipe, step)
     accelerator.end_training()
     if main:
         report.print(f"done: {last}")
     return last
+
+
+def _batches(accelerator, loader, start: int) -> Iterator:
+    """The prepared loader's batches from micro-batch `start` on, epoch after epoch: the data order
+    follows from the micro-batch's index alone (each epoch's shuffle seeded by its number), so a
+    resumed run takes the batches an uninterrupted one takes."""
+    per_epoch = len(loader)
+    for micro in itertools.count(start):
+        epoch, skip = divmod(micro, per_epoch)
+        if micro == start or not skip:
+            loader.set_epoch(epoch)
+            iterator = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
+        yield next(iterator)
 
 
 def _check_resumed(recipe: recipes.Recipe, folder: Path) -> None:
@@ -284,6 +240,15 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     for key, value in tree.items():
         leaves.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
     return leaves
+
+
+def model_for(recipe: recipes.Recipe, init_from: str | Path | None = None, **settings) -> MiniGPT5:
+    """The model as training builds it from `recipe`; `settings` override build_model's arguments
+    (precision, checkpointing, empty)."""
+    t = recipe.train
+    return build_model(recipe.model, recipe.adapter, **{
+        "loss": recipe.loss, "precision": t.mixed_precision, "checkpointing": t.gradient_checkpointing,
+        "freeze_mapper_input": t.freeze_mapper_input, "init_from": init_from, **settings})
 
 
 def make_optimizer(model: MiniGPT5, recipe: recipes.Recipe) -> torch.optim.AdamW:
@@ -313,37 +278,28 @@ def _check_finite(logs: dict[str, float], grad_norm, step: int, last: Path | Non
 def _check_cache(source, recipe: recipes.Recipe) -> None:
     """Cached latents are only valid for the generator that made them."""
     cache = source.cache
-    if cache and tiny.resolve(cache["generator"]) != tiny.resolve(recipe.model.generator):
+    if cache and hub.resolve(cache["generator"]) != hub.resolve(recipe.model.generator):
         raise UserError(f"the training data holds latents cached for generator {cache['generator']!r}, but the "
                         f"recipe uses {recipe.model.generator!r}; prepare the data again with --generator "
                         f"{recipe.model.generator}, or without --cache-latents")
 
 
 def save_checkpoint(accelerator, model, optimizer, scheduler, recipe: recipes.Recipe, step: int) -> Path:
-    """Write `checkpoint-STEP` beside a temporary name and rename, then rotate old ones out. A failed
-    write (a full disk: an OSError naming the file, whatever library wrote it) leaves the earlier
-    checkpoints as they were, and no partial folder."""
-    out = Path(recipe.train.output_dir)
+    """Write `checkpoint-STEP` (`files.staged`, into a temporary name every process knows), then rotate
+    old ones out. A failed write (a full disk: an OSError naming the file, whatever library wrote it)
+    leaves the earlier checkpoints as they were, and no partial folder."""
+    out, main = Path(recipe.train.output_dir), accelerator.is_main_process
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
+    with files.staged(final, replace=True, tmp=tmp) if main else nullcontext():
+        accelerator.wait_for_everyone()
         state.save(accelerator, model, optimizer, scheduler, tmp)
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
+        if main:
             with checkpoint.writing(tmp / "recipe.yaml"):  # backbones relative to `final`, which `tmp` becomes
                 recipes.save(recipes.anchored(recipe, final), tmp / "recipe.yaml")
-            with checkpoint.writing(tmp / STATE_FILE):
-                (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
-    except BaseException:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+            with checkpoint.writing(tmp / STEP_FILE):
+                (tmp / STEP_FILE).write_text(json.dumps({"step": step}))
+    if main:
         for old in checkpoints(out)[:-recipe.train.keep_checkpoints]:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()

@@ -2,7 +2,7 @@
 written out with no weights, for `train --plan` and the scale benchmark on a machine that cannot
 fetch the real files.
 
-`paper:llava-1.5-7b` and `paper:sd-2.1-base` resolve (through `tiny.resolve`) to folders holding
+`paper:llava-1.5-7b` and `paper:sd-2.1-base` resolve (through `hub.resolve`) to folders holding
 each model's config (as published with `llava-hf/llava-1.5-7b-hf` and
 `stabilityai/stable-diffusion-2-1-base`) and stand-in tokenizers of the same vocabulary sizes and
 special tokens. Their parameter counts match the published models (tests/test_plan.py checks
@@ -15,7 +15,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minigpt5_cli.builders.common import clip_tokenizer
+
 NAMES = ("paper:llava-1.5-7b", "paper:sd-2.1-base")
+WEIGHTS = False  # configs only: `hub.resolve` gives them only where no weights are read
 LLAVA_VOCAB = 32000  # Llama's, before LLaVA's <image> (32000) and <pad> (32001); the embeddings hold 32064
 
 
@@ -63,8 +66,6 @@ def _sd21(out: Path) -> None:
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from minigpt5_cli.toyworld.tiny import _clip_tokenizer
-
     unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                 block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
                 cross_attention_dim=1024, use_linear_projection=True,
@@ -80,7 +81,7 @@ def _sd21(out: Path) -> None:
                    num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
                    layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407,
                    pad_token_id=1).save_pretrained(out / "text_encoder")
-    _clip_tokenizer(77).save_pretrained(out / "tokenizer")
+    clip_tokenizer(77).save_pretrained(out / "tokenizer")
     PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
                   skip_prk_steps=True, steps_offset=1).save_config(out / "scheduler")
     index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",

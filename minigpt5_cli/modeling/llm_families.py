@@ -1,4 +1,4 @@
-"""What differs between LLM families, in one place: how LoRA finds the attention projections, what
+"""What differs between LLM families, in one table: how LoRA finds the attention projections, what
 target tokens carry in `token_type_ids`, where positions start, and how a prompt without images is
 written for a processor that will not take one.
 
@@ -50,32 +50,13 @@ def quirks(model) -> Quirks:
     return QUIRKS.get(unwrap(model).config.model_type, Quirks())
 
 
-def computes_own_positions(model) -> bool:
-    """Models with multimodal RoPE (Qwen2-VL's 3-D positions) compute positions from the attention
-    mask and the image grids themselves; a 1-D position_ids would override them."""
-    return hasattr(getattr(unwrap(model), "model", None), "get_rope_index")
-
-
-def rope_positions(model, inputs: dict, mask):
-    """The 3-D positions an M-RoPE model gives the tokens of `inputs` (input ids, token types, image
-    grids) under attention `mask`, computed by the model's own `get_rope_index`."""
-    import inspect
-
-    rope = unwrap(model).model.get_rope_index
-    known = inspect.signature(rope).parameters
-    kwargs = {k: v for k, v in inputs.items() if k in known and k not in ("input_ids", "attention_mask")}
-    return rope(inputs["input_ids"], attention_mask=mask, **kwargs)[0]
-
-
-def prefix_cache(peft_model, rows: int, length: int):
-    """PEFT's prefix as a cache for `rows` sequences of up to `length` tokens. Cross-attention layers
-    (Mllama's, which attend to the image tiles) keep no prefix: their cache is the images' keys."""
-    from transformers.cache_utils import DynamicLayer
-
-    cache = peft_model.get_prompt(rows, max_cache_len=length)
-    for index in getattr(unwrap(peft_model).config.get_text_config(), "cross_attention_layers", None) or []:
-        cache.layers[index] = DynamicLayer()
-    return cache
+def layer_blocks(model) -> set[str]:
+    """Class names of the LLM's decoder layers, whatever its stack is called (layers, h, blocks): what
+    FSDP wraps one by one."""
+    model = unwrap(model)
+    depth = model.config.get_text_config().num_hidden_layers
+    layers = next((m for m in model.get_decoder().modules() if isinstance(m, nn.ModuleList) and len(m) == depth), [])
+    return {type(m).__name__ for m in layers}
 
 
 def linear_names(module: nn.Module) -> list[str]:

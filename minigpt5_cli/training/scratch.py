@@ -1,6 +1,6 @@
 """`minigpt5 train` stages `llm` and `generator`: a backbone trained from scratch.
 
-They exist for the shapes world (`world.py`), whose backbones (`toy:llava`, `toy:sd`) start from
+They exist for the shapes world (`toyworld/world.py`), whose backbones (`toy:llava`, `toy:sd`) start from
 random weights. The result is a plain `save_pretrained` folder in `train.output_dir`, which stage-1
 and stage-2 recipes name as `model.llm` or `model.generator` like any local backbone.
 
@@ -12,8 +12,8 @@ and stage-2 recipes name as `model.llm` or `model.generator` like any local back
   is held in memory: this stage is meant for small worlds.
 
 Both honour `train.max_steps` (or `train.epochs` when it is 0), `train.batch_size` and
-`train.grad_accum`; they run in one process in float32 (the recipe must say
-`train.mixed_precision: "no"`), without `--resume`: a run interrupted (Ctrl-C, SIGTERM) saves
+`train.grad_accum`, in the loop of `loop.py`; they run in one process in float32 (the recipe must
+say `train.mixed_precision: "no"`), without `--resume`: a run interrupted (Ctrl-C, SIGTERM) saves
 what it has to `output_dir` and says so.
 """
 
@@ -21,23 +21,27 @@ from __future__ import annotations
 
 import copy
 import json
-import math
-import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
 
-from minigpt5_cli import display, files
+from minigpt5_cli import files
 from minigpt5_cli import images as imaging
 from minigpt5_cli import recipe as recipes
-from minigpt5_cli.data.collate import TARGETS, Collator
+from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.modeling.families import quirks
+from minigpt5_cli.modeling.llm_families import quirks
+from minigpt5_cli.modeling.runner import TARGETS
+from minigpt5_cli.toyworld import world as toy
+from minigpt5_cli.training.loop import Loop, locked, running, total_steps
 
-STATE_FILE = "scratch_state.json"
+SCRATCH_STATE = "scratch_state.json"  # what the run did: its steps, and the samples' accuracy on toy data
 CONFIGS = ("config.json", "model_index.json")  # what from_pretrained reads first, of a model and of a pipeline
 KL_WEIGHT = 1e-6  # VAE: the KL term only keeps the posterior from collapsing; reconstruction dominates
 VAE_WARMUP = 20  # VAE: warm up over 1/20 of its steps
@@ -48,8 +52,6 @@ REPORT = Console()  # what a stage reports goes to stdout; warnings and progress
 
 
 def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Console | None = None) -> Path:
-    from minigpt5_cli.training.train import IN_USE
-
     console = console or Console(stderr=True)
     t = recipe.train
     if resume:
@@ -58,10 +60,10 @@ def train_backbone(recipe: recipes.Recipe, resume: bool = False, console: Consol
         raise UserError("no training data: set data.train")
     out = Path(t.output_dir)
     _check_empty(out)
-    with files.run_lock(out, IN_USE.format(out)):
+    with locked(out):
         _check_empty(out)  # again: a run that held the lock until now may have filled it
         torch.manual_seed(t.seed)
-        source = load_sources([recipe.data.train, *recipe.data.extra], 1 if t.stage == "generator" else 2,
+        source = load_sources([recipe.data.train, *recipe.data.extra], "1" if t.stage == "generator" else "2",
                               recipe.data.allow_outside_paths)
         run = _train_generator if t.stage == "generator" else _train_llm
         return run(recipe, source, out, console)
@@ -79,22 +81,29 @@ def _schedule(optimizer, warmup: int, total: int):
     return get_cosine_schedule_with_warmup(optimizer, min(warmup, total), total)
 
 
-def _save(out: Path, write, recipe: recipes.Recipe, state: dict) -> Path:
-    """Write beside `output_dir`, then move what was written into it, each file and folder by a rename.
-    `output_dir` holds nothing else (the run checked, and holds it), and its lock file stays in place,
-    held: were it replaced, another run could lock the new one while this one still writes. The
-    configs move last: a folder an interruption left half-filled does not load as a backbone."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+def _save(out: Path, write: Callable[[Path], None], recipe: recipes.Recipe, state: dict) -> None:
+    """Write beside `output_dir`, then move what was written into it (`files.staged`), the configs
+    last. `output_dir` holds nothing else (the run checked, and holds it), and its lock file stays in
+    place, held: were it replaced, another run could lock the new one while this one still writes."""
+    with files.staged(out, into=True, last=CONFIGS) as tmp:
         write(tmp)
         recipes.save(recipes.anchored(recipe, out), tmp / "recipe.yaml")  # backbones relative to `out`
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
-        for entry in sorted(tmp.iterdir(), key=lambda p: p.name in CONFIGS):
-            entry.rename(out / entry.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        (tmp / SCRATCH_STATE).write_text(json.dumps(state, indent=2))
+
+
+@contextmanager
+def _saving(out: Path, write: Callable[[Path], None], recipe: recipes.Recipe, state: dict, console: Console,
+            what: str):
+    """The stage's progress display. Afterwards what `write` writes is saved to `out` with the recipe and
+    `state`; an interrupted run saves it as it was, and says so (`what`, formatted with `state`)."""
+    def interrupted() -> None:
+        _save(out, write, recipe, {**state, "interrupted": True})
+        console.print(f"interrupted: saved {what.format(**state)} to {out}")
+
+    with running(console, interrupted) as progress:
+        yield progress
+    _save(out, write, recipe, state)
+    REPORT.print(f"done: {out}")
 
 
 # -- the LLM ---------------------------------------------------------------------------------------
@@ -116,7 +125,7 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
     loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
                                          num_workers=recipe.data.num_workers,
                                          generator=torch.Generator().manual_seed(t.seed))
-    total = t.max_steps or math.ceil(t.epochs * len(loader) / t.grad_accum)
+    total = total_steps(t, len(loader))
     optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay, eps=t.adam_eps)
     scheduler = _schedule(optimizer, t.warmup_steps, total)
     REPORT.print(f"llm {recipe.model.llm}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
@@ -126,41 +135,23 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
         model.save_pretrained(folder)
         (llm.processor or llm.tokenizer).save_pretrained(folder)
 
-    step, batches = 0, _forever(loader)
-    try:
-        with display.progress(console) as progress:
-            task = progress.add_task("llm", total=total, info="", unit="steps")
-            while step < total:
-                losses = []
-                for _ in range(t.grad_accum):
-                    batch = next(batches)
-                    logits = model(**{k: v for k, v in batch.items() if k not in TARGETS}).logits
-                    loss = text_loss(logits, batch["labels"])
-                    (loss / t.grad_accum).backward()
-                    losses.append(loss.item())
-                _step(model.parameters(), optimizer, scheduler, t.max_grad_norm)
-                step += 1
-                progress.update(task, completed=step, info=f"text {sum(losses) / len(losses):.4f}")
-    except KeyboardInterrupt:
-        _save(out, write, recipe, {"step": step, "of": total, "interrupted": True})
-        console.print(f"interrupted: saved the LLM at step {step} of {total} to {out}")
-        raise
-    _save(out, write, recipe, {"step": step, "of": total})
-    REPORT.print(f"done: {out}")
+    batches = _forever(loader)
+
+    def micro(i: int) -> dict[str, torch.Tensor]:
+        batch = next(batches)
+        logits = model(**{k: v for k, v in batch.items() if k not in TARGETS}).logits
+        return {"text": text_loss(logits, batch["labels"])}
+
+    state = {"step": 0, "of": total}
+    with _saving(out, write, recipe, state, console, "the LLM at step {step} of {of}") as progress:
+        for step, _ in Loop(optimizer, scheduler, model.parameters(), t).steps(progress, "llm", total, micro):
+            state["step"] = step
     return out
 
 
 def _forever(loader):
     while True:
         yield from loader
-
-
-def _step(params, optimizer, scheduler, max_norm: float) -> None:
-    if max_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
 
 
 # -- the generator ---------------------------------------------------------------------------------
@@ -189,18 +180,18 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    from minigpt5_cli.modeling.generators import Generator, load_generator
+    from minigpt5_cli.modeling.generators import SD, load_generator
     from minigpt5_cli.modeling.losses import diffusion_loss
 
     t, s, w = recipe.train, recipe.scratch, recipe.loss
     gen = load_generator(recipe.model.generator)
-    if type(gen) is not Generator:
+    if type(gen) is not SD:
         raise UserError(f"stage generator trains Stable Diffusion 1.x / 2.x-style pipelines (as toy:sd); "
                         f"{recipe.model.generator!r} is {gen.family}")
     pipe = gen.pipe
     images, captions = _pairs(source, gen.resolution)
     fg = _foreground(images)
-    total = t.max_steps or math.ceil(t.epochs * len(images) / (t.batch_size * t.grad_accum))
+    total = total_steps(t, len(images), per_batch=t.batch_size)
     REPORT.print(f"generator {recipe.model.generator}: {len(images)} images at {gen.resolution}px; VAE "
                   f"{_millions(pipe.vae)}, UNet {_millions(pipe.unet)}, text encoder {_millions(pipe.text_encoder)}")
     checker = _checker(source, captions, s.eval_samples) if s.eval_every else None
@@ -210,80 +201,64 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
         _saved_pipeline(gen, ema).save_pretrained(folder)
 
     ema = None
-    try:
-        with display.progress(console) as progress:
-            # 1. The autoencoder.
-            vae = pipe.vae.float().train().requires_grad_(True)
-            opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
-            sched = _schedule(opt, max(1, s.vae_steps // VAE_WARMUP), s.vae_steps)
-            task = progress.add_task("vae", total=s.vae_steps, info="", unit="steps")
-            for step in range(s.vae_steps):
-                losses = []
-                for _ in range(t.grad_accum):
-                    idx = torch.randint(0, len(images), (t.batch_size,))
-                    x = images[idx]
-                    posterior = vae.encode(x).latent_dist
-                    rec = vae.decode(posterior.sample()).sample
-                    loss = ((1 + s.foreground_weight * fg[idx]) * (rec - x) ** 2).mean() + \
-                        KL_WEIGHT * posterior.kl().mean()
-                    (loss / t.grad_accum).backward()
-                    losses.append(loss.item())
-                _step(vae.parameters(), opt, sched, t.max_grad_norm)
-                state["vae_steps"] = step + 1
-                progress.update(task, completed=step + 1, info=f"reconstruction {sum(losses) / len(losses):.4f}")
-            vae.eval().requires_grad_(False)
-            with torch.no_grad():
-                posts = [vae.encode(images[i:i + ENCODE_BATCH]).latent_dist
-                         for i in range(0, len(images), ENCODE_BATCH)]
-                mean = torch.cat([p.mean for p in posts])
-                std = torch.cat([p.std for p in posts])
-            if s.vae_steps:
-                vae.register_to_config(scaling_factor=float(1 / mean.std()))
-            if checker:
-                state["vae_accuracy"] = checker(lambda: _decoded(vae, mean[checker.rows]))
-                REPORT.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
+    with _saving(out, write, recipe, state, console, "the generator as it was") as progress:
+        # 1. The autoencoder.
+        vae = pipe.vae.float().train().requires_grad_(True)
+        opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr)
+        sched = _schedule(opt, max(1, s.vae_steps // VAE_WARMUP), s.vae_steps)
 
-            # 2. The UNet and text encoder, on the frozen VAE's latents.
-            unet, text_encoder = pipe.unet.float().train(), pipe.text_encoder.float().train()
-            params = [*unet.parameters(), *text_encoder.parameters()]
-            for p in params:
-                p.requires_grad_(True)
-            noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-            tok = gen.tokenizer
-            ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
-                      return_tensors="pt").input_ids
-            null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
-            opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-            sched = _schedule(opt, t.warmup_steps, total)
-            if s.ema > 0:
-                ema = (EMAModel(unet.parameters(), decay=s.ema), EMAModel(text_encoder.parameters(), decay=s.ema))
-            scale = vae.config.scaling_factor
-            task = progress.add_task("unet", total=total, info="", unit="steps")
-            for step in range(total):
-                losses = []
-                for _ in range(t.grad_accum):
-                    idx = torch.randint(0, len(images), (t.batch_size,))
-                    latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
-                    cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
-                    loss = diffusion_loss(unet, noise_sched, text_encoder(cond_ids).last_hidden_state, latents,
-                                          w.snr_gamma)
-                    (loss / t.grad_accum).backward()
-                    losses.append(loss.item())
-                _step(params, opt, sched, t.max_grad_norm)
-                if ema is not None:
-                    ema[0].step(unet.parameters())
-                    ema[1].step(text_encoder.parameters())
-                state["steps"] = step + 1
-                progress.update(task, completed=step + 1, info=f"diffusion {sum(losses) / len(losses):.4f}")
-                if checker and ((step + 1) % s.eval_every == 0 or step + 1 == total):
-                    state["accuracy"] = checker(lambda: _sampled(gen, ema, captions, checker.rows, t.seed))
-                    REPORT.print(f"unet step {step + 1}: samples read right: {_fmt(state['accuracy'])}")
-    except KeyboardInterrupt:
-        _save(out, write, recipe, {**state, "interrupted": True})
-        console.print(f"interrupted: saved the generator as it was to {out}")
-        raise
-    _save(out, write, recipe, state)
-    REPORT.print(f"done: {out}")
+        def reconstruction(i: int) -> dict[str, torch.Tensor]:
+            idx = torch.randint(0, len(images), (t.batch_size,))
+            x = images[idx]
+            posterior = vae.encode(x).latent_dist
+            rec = vae.decode(posterior.sample()).sample
+            return {"reconstruction": ((1 + s.foreground_weight * fg[idx]) * (rec - x) ** 2).mean() +
+                    KL_WEIGHT * posterior.kl().mean()}
+
+        for step, _ in Loop(opt, sched, vae.parameters(), t).steps(progress, "vae", s.vae_steps, reconstruction):
+            state["vae_steps"] = step
+        vae.eval().requires_grad_(False)
+        with torch.no_grad():
+            posts = [vae.encode(images[i:i + ENCODE_BATCH]).latent_dist for i in range(0, len(images), ENCODE_BATCH)]
+            mean = torch.cat([p.mean for p in posts])
+            std = torch.cat([p.std for p in posts])
+        if s.vae_steps:
+            vae.register_to_config(scaling_factor=float(1 / mean.std()))
+        if checker:
+            state["vae_accuracy"] = checker(_decoded(vae, mean[checker.rows]))
+            REPORT.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
+
+        # 2. The UNet and text encoder, on the frozen VAE's latents.
+        unet, text_encoder = pipe.unet.float().train(), pipe.text_encoder.float().train()
+        params = [*unet.parameters(), *text_encoder.parameters()]
+        for p in params:
+            p.requires_grad_(True)
+        noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+        tok = gen.tokenizer
+        ids = tok(captions, padding="max_length", truncation=True, max_length=tok.model_max_length,
+                  return_tensors="pt").input_ids
+        null = tok([""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+        opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        sched = _schedule(opt, t.warmup_steps, total)
+        if s.ema > 0:
+            ema = (EMAModel(unet.parameters(), decay=s.ema), EMAModel(text_encoder.parameters(), decay=s.ema))
+        scale = vae.config.scaling_factor
+
+        def diffusion(i: int) -> dict[str, torch.Tensor]:
+            idx = torch.randint(0, len(images), (t.batch_size,))
+            latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape)) * scale
+            cond_ids = torch.where((torch.rand(len(idx)) < w.cfg_drop)[:, None], null, ids[idx])
+            return {"diffusion": diffusion_loss(unet, noise_sched, text_encoder(cond_ids).last_hidden_state, latents,
+                                                w.snr_gamma)}
+
+        for step, _ in Loop(opt, sched, params, t).steps(progress, "unet", total, diffusion):
+            if ema is not None:
+                ema[0].step(unet.parameters())
+                ema[1].step(text_encoder.parameters())
+            state["steps"] = step
+            if checker and (step % s.eval_every == 0 or step == total):
+                state["accuracy"] = checker(_sampled(gen, ema, captions, checker.rows, t.seed))
+                REPORT.print(f"unet step {step}: samples read right: {_fmt(state['accuracy'])}")
     return out
 
 
@@ -295,22 +270,25 @@ def _fmt(acc: dict) -> str:
     return " ".join(f"{k} {v:.2f}" for k, v in acc.items())
 
 
-def _checker(source, captions: list[str], n: int):
-    """On shapes-world data, a function that scores images for `n` fixed captions with the attribute
-    checker; None for other data."""
-    from minigpt5_cli.toyworld import world as toy
+@dataclass
+class _Checker:
+    """Scores images drawn for the captions of `rows` with the shapes world's attribute checker."""
 
+    rows: list[int]
+    truth: list[tuple]
+
+    def __call__(self, images: list) -> dict:
+        return toy.accuracy(images, self.truth)
+
+
+def _checker(source, captions: list[str], n: int) -> _Checker | None:
+    """On shapes-world data, a checker for `n` fixed captions; None for other data."""
     if (source.summary or {}).get("format") != "toy":
         return None
     truth = {toy.caption(*a): a for a in toy.combinations()}
     rows = [i for i, c in enumerate(captions) if c in truth]
     rows = sorted({captions[i]: i for i in rows}.values())[:n]  # distinct captions, a fixed choice
-
-    def check(make) -> dict:
-        return toy.accuracy(make(), [truth[captions[i]] for i in rows])
-
-    check.rows = rows
-    return check
+    return _Checker(rows, [truth[captions[i]] for i in rows])
 
 
 def _decoded(vae, latents: torch.Tensor) -> list:

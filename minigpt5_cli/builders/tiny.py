@@ -2,29 +2,25 @@
 
 They exist so that tests and the debug recipes run offline in seconds. A recipe names them as
 `tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text), `tiny:sd` (Stable
-Diffusion 1/2), `tiny:sdxl`, `tiny:sd3` or `tiny:flux`. `resolve` builds the folder once into a
+Diffusion 1/2), `tiny:sdxl`, `tiny:sd3` or `tiny:flux`. `hub.resolve` builds the folder once into a
 cache and returns its path; the production loaders (`backbones.py`, `generators.py`) then load it
 like any local folder.
 
-`toy:llava` and `toy:sd` are the untrained shapes-world backbones (`world.py`): larger than the
-tiny ones, with tokenizers that hold every toy word whole. `minigpt5 train` stages `llm` and
+`toy:llava` and `toy:sd` are the untrained shapes-world backbones (`toyworld/world.py`): larger than
+the tiny ones, with tokenizers that hold every toy word whole. `minigpt5 train` stages `llm` and
 `generator` train them from scratch.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from minigpt5_cli import hub
-from minigpt5_cli.errors import UserError
+from minigpt5_cli.builders.common import clip_tokenizer
 
-TINY_NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava", "toy:sd")
-VERSION = "2"  # bump when a builder changes, so stale caches are not reused
+NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava", "toy:sd")
+WEIGHTS = True  # random weights, saved: loadable as any model folder
 BUILD_SEED = 0  # the weights of every tiny and toy backbone
 
 # A few lines of plain English so the byte-level BPE learns some merges; any text still encodes.
@@ -36,47 +32,11 @@ _CORPUS = [
 ]
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("MINIGPT5_CACHE", Path.home() / ".cache" / "minigpt5")) / "tiny"
-
-
-def resolve(name: str, shapes_only: bool = False) -> str:
-    """Return a local folder for `name`, building it first if needed. Other names pass through.
-    `paper:` names (configs without weights, see paper.py) only where `shapes_only` says weights are
-    not read."""
-    from minigpt5_cli.toyworld import paper
-
-    if not name.startswith(hub.NAMED):
-        return name
-    if name.startswith("paper:") and name in paper.NAMES and not shapes_only:
-        raise UserError(f"{name} describes the model's shapes, without weights: use it with train --plan")
-    if name not in TINY_NAMES + paper.NAMES:
-        raise UserError(f"unknown tiny backbone {name!r}; choose one of {', '.join(TINY_NAMES + paper.NAMES)}")
-    target = cache_dir() / f"{name.replace(':', '-')}-v{VERSION}"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # Build beside the target and rename: several processes may race here.
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".build-"))
-        build(name, tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if not target.exists():
-                raise
-    return str(target)
-
-
 def build(name: str, out: str | Path) -> str:
     """Build tiny backbone `name` with fixed random weights into folder `out`. The weights come from
     a forked RNG, so building leaves the caller's random state as it was: a cold cache and a warm
     one give a run the same initial weights."""
     out = Path(out)
-    if name.startswith("paper:"):
-        from minigpt5_cli.toyworld import paper
-
-        paper.build(name, out)
-        return str(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
         builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3, "tiny:flux": _build_flux}.get(name) or \
@@ -179,30 +139,6 @@ def _build_llm(out: Path, size: dict) -> None:
     processor.save_pretrained(out)
 
 
-def _clip_tokenizer(max_length: int, words: list[str] = ()):
-    """A CLIP tokenizer over the byte alphabet, with and without `</w>`. With `words`, BPE merges
-    learnt on them make each of those words one token; other text falls back to characters."""
-    import json
-
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    merges = []
-    if words:
-        bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-        bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-        bpe.train_from_iterator(words, trainers.BpeTrainer(vocab_size=5000, end_of_word_suffix="</w>",
-                                                           show_progress=False))
-        merges = [m if isinstance(m, str) else " ".join(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-        for merge in merges:
-            vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split(" ")) for m in merges], model_max_length=max_length)
-
-
 def _clip_text(tokenizer, width: int, projection: int | None = None):
     """A CLIP text encoder over `tokenizer` (with a projection head, as SDXL's second and SD3's use)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -233,7 +169,7 @@ def _build_sd(out: Path, size: dict) -> None:
 
     # Neither is 77 x 1024 on purpose: nothing may assume SD's numbers.
     cond_len, width = size["cond_len"], size["width"]
-    tokenizer = _clip_tokenizer(cond_len, world.words() if size.get("toy") else ())
+    tokenizer = clip_tokenizer(cond_len, world.words() if size.get("toy") else ())
     text_encoder = _clip_text(tokenizer, width)
     vae_channels = size["vae"]
     vae = _vae(vae_channels, size["latent"], attention=not size.get("toy"))
@@ -264,7 +200,7 @@ def _build_sdxl(out: Path, size: dict) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     cond_len, width, pooled = size["cond_len"], size["width"], size["pooled"]
-    tokenizer, tokenizer_2 = _clip_tokenizer(cond_len), _clip_tokenizer(cond_len)
+    tokenizer, tokenizer_2 = clip_tokenizer(cond_len), clip_tokenizer(cond_len)
     text_encoder, text_encoder_2 = _clip_text(tokenizer, width), _clip_text(tokenizer_2, width, pooled)
     time = 8
     unet = UNet2DConditionModel(
@@ -303,7 +239,7 @@ def _build_sd3(out: Path, size: dict) -> None:
     from transformers import T5Config, T5EncoderModel
 
     cond_len, width, pooled = size["cond_len"], size["width"], size["pooled"]
-    tokenizer, tokenizer_2, tokenizer_3 = _clip_tokenizer(cond_len), _clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(cond_len), clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
     text_encoder, text_encoder_2 = _clip_text(tokenizer, width, pooled // 2), _clip_text(tokenizer_2, width, pooled // 2)
     joint = 2 * width  # the CLIP pair's width: T5's width matches it, as 4096 does in SD3
     text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=joint, d_ff=2 * joint, d_kv=16,
@@ -327,7 +263,7 @@ def _build_flux(out: Path, size: dict) -> None:
     from transformers import T5Config, T5EncoderModel
 
     cond_len, width = size["cond_len"], size["width"]
-    tokenizer, tokenizer_2 = _clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
+    tokenizer, tokenizer_2 = clip_tokenizer(cond_len), _t5_tokenizer(cond_len)
     t5 = 2 * width  # unlike the CLIP width, as 4096 is unlike 768
     text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=t5, d_ff=2 * t5, d_kv=16,
                                              num_layers=1, num_heads=4, pad_token_id=tokenizer_2.pad_token_id,
