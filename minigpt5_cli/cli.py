@@ -228,7 +228,7 @@ def generate(
                               guidance_scale=guidance_scale, image_size=image_size, seed=seed,
                               batch_size=batch_size)
     model = model or default_model()
-    stage.check(settings, output, model, precision)
+    stage.check(settings, output, model)
     stories = read_stories(story, outside=allow_outside_paths)
     loaded = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
     done = stage.generate(stories, loaded, settings, output, nested=is_collection(story), overwrite=overwrite)

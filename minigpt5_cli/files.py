@@ -238,6 +238,7 @@ def staged(out: Path, replace: bool = False, *, keep: bool = False, into: bool =
     fixed name, which the processes of one run all write into, in a folder the run holds; one an
     earlier run left is removed."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    raced = tmp is None and not keep  # a failed move means another run got there first
     if tmp is None:
         _remove_stale(out)
         tmp, lock = _partial(out)
@@ -255,10 +256,9 @@ def staged(out: Path, replace: bool = False, *, keep: bool = False, into: bool =
             return
         if out.exists() and keep:
             return
-        appeared = UserError(f"{out} appeared while this run was writing it (another run?); "
-                             "pass --overwrite to replace it")
+        appeared = f"{out} appeared while this run was writing it (another run?); pass --overwrite to replace it"
         if out.exists() and not replace:
-            raise appeared
+            raise UserError(appeared)
         if out.exists():
             old, old_lock = _partial(out)  # locked too: a kill while it is removed leaves a stale partial
             os.replace(out, old / "x")
@@ -270,7 +270,9 @@ def staged(out: Path, replace: bool = False, *, keep: bool = False, into: bool =
                 return
             if old is not None and not out.exists():
                 os.replace(old / "x", out)
-            raise appeared from None
+            if not raced:
+                raise
+            raise UserError(appeared) from None
     finally:
         for folder, fd in ((tmp, lock), (old, old_lock)):
             if folder is not None:

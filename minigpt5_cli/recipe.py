@@ -23,7 +23,8 @@ from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import MAX_RECIPE, read_text
 
 
-PRECISIONS = ("no", "bf16", "fp16")  # training's mixed precision, and generate's --precision
+Precision = Literal["no", "bf16", "fp16"]  # training's mixed precision, and generate's --precision
+PRECISIONS = typing.get_args(Precision)
 
 
 @dataclass
@@ -111,7 +112,7 @@ class TrainConfig:
     epochs: int = 2
     max_steps: int = 0  # optimizer steps; 0 means `epochs` full passes
     warmup_steps: int = 1000
-    mixed_precision: Literal[PRECISIONS] = "bf16"
+    mixed_precision: Precision = "bf16"
     # Recompute the LLM's layers and the denoiser's blocks in the backward pass: far less activation
     # memory (see `train --plan`) for about a third more compute; gradients are the same.
     gradient_checkpointing: bool = False

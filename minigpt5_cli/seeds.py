@@ -14,5 +14,7 @@ def derive_seed(*parts: int) -> int:
 
 
 def micro_seed(seed: int, batch: int) -> int:
-    """A training run's seed for its micro-batch `batch` (its index in the data order)."""
+    """A training run's seed for its micro-batch `batch` (its index in the data order). Noise, timesteps,
+    CFG drops and dropout depend on that index alone: a resumed run replays them, and N processes draw
+    what one process with N times the gradient accumulation draws for the same batches."""
     return (seed * STRIDE + batch * MICRO_STRIDE) % (2**63)

@@ -27,16 +27,15 @@ def test_a_port_in_use_is_refused_and_a_free_one_taken():
 
 
 @pytest.fixture(scope="module")
-def model():
+def loaded():
     from minigpt5_cli.generation import generate as G
     from minigpt5_cli.modeling.bundle import default_model
 
     return G.load(str(default_model()))
 
 
-def test_a_step_is_what_generate_writes_for_the_same_story(model, tmp_path):
+def test_a_step_is_what_generate_writes_for_the_same_story(loaded, tmp_path):
     """The demo runs generate itself: its first response is generate's, text and pixels."""
-    loaded = model
     step = "Draw a red circle at the top left."
     chat, steps, cut = turn(loaded, tmp_path, step, None, [], [], Settings(**FAST))
     assert chat[0] == {"role": "user", "content": step} and not cut
@@ -51,10 +50,9 @@ def test_a_step_is_what_generate_writes_for_the_same_story(model, tmp_path):
     assert steps == [{"text": step, "image": None}, {"text": doc["generated"][0]["text"], "image": shown[0]}]
 
 
-def test_the_story_so_far_goes_into_the_next_step(model, tmp_path):
+def test_the_story_so_far_goes_into_the_next_step(loaded, tmp_path):
     from minigpt5_cli.toyworld.world import render
 
-    loaded = model
     chat, steps, _ = turn(loaded, tmp_path, "Draw a red circle at the top left.", None, [], [], Settings(**FAST))
     render("green", "triangle", (2, 2)).save(tmp_path / "mine.png")
     markup = "It moves. <script>alert(1)</script>"
@@ -71,11 +69,10 @@ def test_the_story_so_far_goes_into_the_next_step(model, tmp_path):
     assert sum(1 for m in chat if m["role"] == "assistant" and isinstance(m["content"], dict)) == 2
 
 
-def test_a_step_longer_than_the_prompt_keeps_its_end(model, tmp_path, monkeypatch):
+def test_a_step_longer_than_the_prompt_keeps_its_end(loaded, tmp_path, monkeypatch):
     """Past data.max_length the story loses its start: the model reads its last words and the assistant's cue."""
     from minigpt5_cli.generation.decoder import Decoder
 
-    loaded = model
     fed, decode = [], Decoder.__call__
 
     def spy(self, prompts, *args, **kwargs):  # the model's inputs, as generate gives them
@@ -94,13 +91,13 @@ def test_a_step_longer_than_the_prompt_keeps_its_end(model, tmp_path, monkeypatc
     assert prompt.endswith("at the bottom right. Then draw a red circle at the top left. ###Assistant: ")
 
 
-def test_generation_cuts_a_story_from_its_start_and_training_drops_whole_steps(model):
+def test_generation_cuts_a_story_from_its_start_and_training_drops_whole_steps(loaded):
     from minigpt5_cli.data.collate import Collator
     from minigpt5_cli.data.samples import Sample
     from minigpt5_cli.toyworld.world import render
 
-    net = model.net
-    collate = Collator.for_model(net, model.data)
+    net = loaded.net
+    collate = Collator.for_model(net, loaded.data)
 
     def text(enc):
         assert enc["input_ids"].shape[1] <= 40
@@ -120,12 +117,11 @@ def test_generation_cuts_a_story_from_its_start_and_training_drops_whole_steps(m
     assert text(collate.prompt(word, 40, keep_end=True)).endswith("xyz ###Assistant: ")
 
 
-def test_a_refused_setting_is_told_on_the_page_without_a_traceback(model, tmp_path):
+def test_a_refused_setting_is_told_on_the_page_without_a_traceback(loaded, tmp_path):
     import gradio as gr
 
     from minigpt5_cli.demo.app import build_app
 
-    loaded = model
     app = build_app(loaded, tmp_path)
     submit = next(f.fn for f in app.fns.values() if f.fn.__name__ == "submit")
     with pytest.raises(gr.Error, match="--seed") as refused:
@@ -133,7 +129,7 @@ def test_a_refused_setting_is_told_on_the_page_without_a_traceback(model, tmp_pa
     assert refused.value.print_exception is False
 
 
-def test_the_page_lists_the_words_a_shapes_model_knows(model, tmp_path):
+def test_the_page_lists_the_words_a_shapes_model_knows(loaded, tmp_path):
     import gradio as gr
     from transformers import AutoTokenizer
 
@@ -141,7 +137,6 @@ def test_the_page_lists_the_words_a_shapes_model_knows(model, tmp_path):
     from minigpt5_cli import hub
     from minigpt5_cli.toyworld import world
 
-    loaded = model
     intro = [b.value for b in build_app(loaded, tmp_path).blocks.values() if isinstance(b, gr.Markdown)][0]
     for words in [*world.PALETTE, *world.SHAPES, *world.PLACES.values(), "Now make it a square."]:
         assert words in intro

@@ -65,8 +65,8 @@ def test_collated_batch_gives_the_logits_of_the_processor_output(family, prompt_
 
     from minigpt5_cli import recipe as R
     from minigpt5_cli.data.collate import Collator, image_marker
-    from minigpt5_cli.modeling.runner import TARGETS
     from minigpt5_cli.data.samples import Sample
+    from minigpt5_cli.modeling.runner import TARGETS
     from minigpt5_cli.training.train import model_for
 
     llm = F.build(family, tmp_path / family)
@@ -126,7 +126,8 @@ def test_decoded_voken_states_are_the_training_ones(family, adapter, tmp_path):
     samples = [Sample(history=[("there is a circle.", images[0]), ("it turns into a square.", images[1])]),
                Sample(history=[("a circle.", None)])]
     prompts = [collate.prompt(s, 512) for s in samples]
-    decoder = Decoder(model, recipe.data, Settings(max_new_tokens=n, min_images=0, temperature=0.0).resolve(recipe.sample))
+    settings = Settings(max_new_tokens=n, min_images=0, temperature=0.0).resolve(recipe.sample)
+    decoder = Decoder(model, recipe.data, settings)
     segments, states = decoder(prompts, [0, 1])
     handle.remove()
     assert [[seg["image"] for seg in segs] for segs in segments] == [[0], [1]]

@@ -161,15 +161,10 @@ class Collator:
     def extend(self, enc: dict[str, torch.Tensor], ids: list[int]) -> dict[str, torch.Tensor]:
         """`enc` with tokens `ids` appended: per-token tensors carried on over them (`continued`)."""
         length = enc["input_ids"].shape[1]
-        out = {}
-        for key, value in enc.items():
-            if key == "input_ids":
-                value = torch.cat([value, torch.tensor([ids], dtype=value.dtype)], dim=1)
-            elif per_token(value, length):
-                more = continued({key: value[:, -1:]}, len(ids), self.quirks.target_token_type)[key]
-                value = torch.cat([value, more], dim=1)
-            out[key] = value
-        return out
+        last = {k: v[:, -1:] for k, v in enc.items() if k != "input_ids" and per_token(v, length)}
+        more = continued(last, len(ids), self.quirks.target_token_type)
+        more["input_ids"] = torch.tensor([ids], dtype=enc["input_ids"].dtype)
+        return {k: torch.cat([v, more[k]], dim=1) if k in more else v for k, v in enc.items()}
 
     def encode(self, sample: Sample) -> tuple[dict[str, torch.Tensor], list[int]]:
         target = self._target_ids(sample)

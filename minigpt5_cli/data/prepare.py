@@ -176,7 +176,7 @@ def prepare(fmt: str, input_path: str | Path | None, output: str | Path, setting
     except (OSError, UnicodeDecodeError) as e:
         raise _input_error(e, path) from None
 
-    counts, done = Counter(), Counter()  # rejects by reason; records kept, and media dropped
+    counts, kept = Counter(), Counter()  # rejects by reason; records kept, and media dropped
     with files.staged(out, replace=overwrite) as tmp:
         with (tmp / REJECTS_FILE).open("w") as rejects, display.progress(console) as progress:
             task = progress.add_task(f"{fmt} ({layout})", total=None)
@@ -193,8 +193,8 @@ def prepare(fmt: str, input_path: str | Path | None, output: str | Path, setting
                         continue
                     if s.continuation:
                         result["target"] = result["steps"].pop()
-                    done["kept"] += 1
-                    done["extra_media"] += result.pop("extra_media")
+                    kept["records"] += 1
+                    kept["extra_media"] += result.pop("extra_media")
                     yield result
 
             fingerprint = hashlib.sha256(json.dumps([fmt, str(path.resolve()), asdict(s)]).encode()).hexdigest()[:16]
@@ -223,11 +223,11 @@ def prepare(fmt: str, input_path: str | Path | None, output: str | Path, setting
             os.replace(f, tmp / f.name)
         (tmp / "data").rmdir()
         summary = {
-            "format": fmt, "layout": layout, "input": str(path.resolve()), "kept": done["kept"],
+            "format": fmt, "layout": layout, "input": str(path.resolve()), "kept": kept["records"],
             "rejected": dict(sorted(counts.items())), "settings": asdict(s), "cache": cache,
         }
         if fmt == "mmdialog":
-            summary["extra_media_dropped"] = done["extra_media"]  # a turn keeps its first image only
+            summary["extra_media_dropped"] = kept["extra_media"]  # a turn keeps its first image only
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if not summary["kept"]:
         console.print(f"[yellow]warning:[/] no record was kept; the reasons are in {out / REJECTS_FILE}")

@@ -35,7 +35,7 @@ class Reject:
 Item = Union[Story, Reject]
 
 
-def _new_step(text: str, image: Path | bytes | None, where: str) -> Step:
+def _read_step(text: str, image: Path | bytes | None, where: str) -> Step:
     """A read story's step: its text, and its image file or bytes (`where` names the record in errors)."""
     return Step(text, picture_of(image, where))
 
@@ -139,7 +139,7 @@ def _cc3m_tsv_rows(path: Path, skip_header: bool, resolve, root: Path, outside: 
             if image is None or not Path(image).is_file():
                 yield Reject(rid, "missing_image", str(image or ""))
                 continue
-            yield Story(rid, [_new_step(cols[0], Path(image), rid)])
+            yield Story(rid, [_read_step(cols[0], Path(image), rid)])
 
 
 def _cc3m_tars(shards: list[Path]) -> Iterator[Item]:
@@ -169,7 +169,7 @@ def _cc3m_tars(shards: list[Path]) -> Iterator[Item]:
             elif image is None:
                 yield Reject(key, "missing_image")
             else:
-                yield Story(key, [_new_step(sample["txt"].decode("utf-8", "replace"), image, key)])
+                yield Story(key, [_read_step(sample["txt"].decode("utf-8", "replace"), image, key)])
         if broken and not order:
             yield Reject(shard.name, "truncated_tar", broken)
 
@@ -194,7 +194,7 @@ def _cc3m_parquet(files: list[Path]) -> Iterator[Item]:
                 if rows["jpg"][i] is None:
                     yield Reject(key, "missing_image")
                 else:
-                    yield Story(key, [_new_step(rows["txt"][i] or "", rows["jpg"][i], key)])
+                    yield Story(key, [_read_step(rows["txt"][i] or "", rows["jpg"][i], key)])
 
 
 def _cc3m_files(folder: Path, outside: bool) -> Iterator[Item]:
@@ -207,7 +207,7 @@ def _cc3m_files(folder: Path, outside: bool) -> Iterator[Item]:
         elif not _placed(image, folder, outside):
             yield _outside(key, image)
         else:
-            yield Story(key, [_new_step(txt.read_text(encoding="utf-8", errors="replace"), image, key)])
+            yield Story(key, [_read_step(txt.read_text(encoding="utf-8", errors="replace"), image, key)])
 
 
 # -- VIST ---------------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def _vist_sis(annotations: list, images: Path, steps: int, outside: bool) -> Ite
                 away = image
             if image is None or away is not None:
                 break
-            out.append(_new_step(str(r.get("original_text") or r.get("text") or ""), image, sid))
+            out.append(_read_step(str(r.get("original_text") or r.get("text") or ""), image, sid))
         if away is not None:
             yield _outside(sid, away)
         elif len(out) < steps:
@@ -320,7 +320,7 @@ def _vist_derived(stories: dict, root: Path, images: Path | None, mapping: Path 
             if image is None or not Path(image).is_file():
                 yield Reject(str(sid), "missing_image", f"image {key}")
                 break
-            out.append(_new_step(str(r.get("caption", "")), Path(image), str(sid)))
+            out.append(_read_step(str(r.get("caption", "")), Path(image), str(sid)))
         else:
             yield Story(str(sid), out)
 
@@ -381,7 +381,7 @@ def _dialogs(records, folder: Path, outside: bool) -> Iterator[Item]:
             if image is not None and not image.is_file():
                 missing = media[0]
                 break
-            steps.append(_new_step(text, image, cid))
+            steps.append(_read_step(text, image, cid))
         if away is not None:
             yield _outside(cid, away)
         elif missing is not None:

@@ -68,6 +68,7 @@ def respond(loaded, workdir: Path, text: str, image: str | None, steps: list[dic
                                          if s["image"] else None)
                                     for s in steps + [{"text": text, "image": image}]])
     net, data = loaded.net, loaded.data
+    settings = settings.resolve(loaded.sample)  # refused here, before a folder is made for it
     prompt = Sample(history=G.history(Job(story, 0), data.tasks, data.history, net.processor is not None))
     cut = not Collator.for_model(net, data).fits(prompt, data.max_length)
     out = Path(tempfile.mkdtemp(dir=workdir, prefix="step-"))
@@ -166,6 +167,9 @@ def css(resolution: int) -> str:
 def serve(model: str, port: int = 7860, host: str = "127.0.0.1", device: str | None = None,
           precision: str | None = None, trust_remote_code: bool = False) -> None:
     """Load the model and serve the demo until interrupted (`trust_remote_code`: as generate's)."""
+    from minigpt5_cli.generation.settings import check_precision
+
+    check_precision(precision)
     check_port(host, port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: no telemetry, no version check
     try:

@@ -43,7 +43,7 @@ class Decoder:
         from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                   TopPLogitsWarper)
 
-        self.model, self.s = model, settings
+        self.model, self.s = model, settings.resolved()
         self.n, self.first = model.vokens.n, model.first_voken
         self.tok = model.tokenizer
         if settings.mode == "vokens" and settings.min_images * self.n > settings.max_new_tokens:

@@ -13,7 +13,6 @@ input), so a story comes out the same at any batch size, up to float rounding in
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
@@ -33,13 +32,13 @@ from minigpt5_cli.generation.settings import Settings, check_precision
 from minigpt5_cli.generation.stories import Job, unknown_words
 from minigpt5_cli.hub import pick_device
 from minigpt5_cli.modeling import checkpoint
-from minigpt5_cli.modeling.model import MiniGPT5, build_model, runnable
+from minigpt5_cli.modeling.model import MiniGPT5, build_model, run_precision
 from minigpt5_cli.recipe import DataConfig, SampleConfig
 from minigpt5_cli.seeds import derive_seed
 from minigpt5_cli.story import Story
 
 
-@dataclass
+@dataclasses.dataclass
 class Loaded:
     """A model ready to generate, with the sections of its recipe that go with it."""
 
@@ -77,7 +76,7 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         recipe = recipes.load(path, [])
         recipes.check_found(recipe, where=path)  # the user's own recipe: paths from the current folder
     device = pick_device(device)
-    precision = runnable(precision or recipe.train.mixed_precision, device, console)
+    precision = run_precision(precision or recipe.train.mixed_precision, device, console)
     net = build_model(recipe.model, recipe.adapter, precision=precision)
     if folder is not None:
         checkpoint.load(net, folder)
@@ -88,18 +87,17 @@ def load(model: str, precision: str | None = None, device: str | None = None,
     return Loaded(net, recipe.data, recipe.sample, info)
 
 
-def check(settings: Settings, output: Path, model: Path, precision: str | None = None) -> None:
-    """What generate refuses before any model is loaded: settings out of range, an unknown precision, an
-    output folder that cannot be written or lies inside the model's folder."""
+def check(settings: Settings, output: Path, model: Path) -> None:
+    """What `generate` refuses of its settings and output folder (one that cannot be written, or lies
+    inside the model's folder), to call before the model loads; `load` checks the precision first thing."""
     settings.check()
-    check_precision(precision)
-    files.writable_folder(output, "--output")
     check_output(output, model)
 
 
 def check_output(output: Path, model: Path) -> None:
-    """Refuse an output folder inside the model's own folder (a checkpoint, its run, a bundle, the model
+    """Refuse an output folder that cannot be written, or one inside the model's own folder (a checkpoint, its run, a bundle, the model
     that ships with the package): generate never writes among a model's files."""
+    files.writable_folder(output, "--output")
     path = Path(model)
     folder = checkpoint.checkpoint_folder(path) if path.is_dir() else None
     if folder is None or not (folder / "recipe.yaml").is_file():  # not a model folder: load refuses it
@@ -178,8 +176,8 @@ def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path
     """Generate every story and write its folder; finished stories already under `out` are kept. Unset
     `settings` come from the model's recipe."""
     model, info = loaded.net, loaded.info
-    check(settings, out, Path(info["checkpoint"] or info["recipe"]))
-    settings = settings.resolve(loaded.sample)
+    settings = settings.resolve(loaded.sample)  # checked as it is resolved
+    check_output(out, Path(info["checkpoint"] or info["recipe"]))
     console = console or Console(stderr=True)
     decoder, renderer = Decoder(model, loaded.data, settings), Renderer(model, settings)  # these check the settings
     if settings.mode == "vokens" and not info["trained"]:

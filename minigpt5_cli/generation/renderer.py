@@ -20,7 +20,7 @@ class Renderer:
 
     def __init__(self, model: MiniGPT5, settings: Settings):
         """`settings`: resolved ones."""
-        self.model, self.s = model, settings
+        self.model, self.s = model, settings.resolved()
         self.generator = model.generator
         self.size = settings.image_size or model.generator.resolution
         step = self.generator.size_step

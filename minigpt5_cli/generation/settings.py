@@ -30,6 +30,13 @@ class Settings:
     seed: int = 0
     batch_size: int = 1
 
+    def resolved(self) -> "Settings":
+        """These settings, refused unless `resolve` has filled them (the decoder and renderer need every value)."""
+        unset = [f.name for f in dataclasses.fields(SampleConfig) if getattr(self, f.name) is None]
+        if unset:
+            raise ValueError(f"unresolved settings ({', '.join(unset)}): pass Settings.resolve(recipe.sample)")
+        return self
+
     def resolve(self, sample) -> "Settings":
         """These settings with every unset sampling value taken from a recipe's `sample` section."""
         unset = {f.name: getattr(sample, f.name) for f in dataclasses.fields(sample) if getattr(self, f.name) is None}

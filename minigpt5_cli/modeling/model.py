@@ -25,7 +25,7 @@ from minigpt5_cli.recipe import AdapterConfig, LossConfig, ModelConfig
 DTYPES = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # by recipe.PRECISIONS
 
 
-def runnable(precision: str, device: str, console) -> str:
+def run_precision(precision: str, device: str, console) -> str:
     """`precision` as it runs on `device`: fp16 needs a GPU, and runs in fp32 elsewhere, said on `console`."""
     if precision == "fp16" and not device.startswith("cuda"):
         console.print("[yellow]warning:[/] fp16 needs a GPU; running in fp32 (bf16 works on CPUs)")
@@ -159,17 +159,18 @@ def _apply_adapter(a: AdapterConfig, model: nn.Module) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def build_model(model: ModelConfig, adapter: AdapterConfig | None = None, *, loss: LossConfig | None = None,
+def build_model(config: ModelConfig, adapter: AdapterConfig | None = None, *, loss: LossConfig | None = None,
                 precision: str = "no", checkpointing: bool = False, freeze_mapper_input: bool = False,
                 init_from: str | None = None, empty: bool = False) -> MiniGPT5:
     """Load both backbones in `precision` (no, bf16 or fp16), add vokens, freeze, attach the adapter and a
-    fresh mapper, or the vokens and mapper of the checkpoint `init_from`. `loss`: the weights training
+    fresh mapper, or the vokens and mapper of the checkpoint `init_from`. `config`: the backbones, the vokens
+    and the mapper (a recipe's `model` section). `loss`: the weights training
     uses. `checkpointing`: recompute activations in the backward pass. `freeze_mapper_input`: the mapper's
     fc and queries stay as they are. `empty`: backbones built from their configs alone, no weights read
     (`train --plan`)."""
     from minigpt5_cli.modeling import checkpoint
 
-    m, adapter = model, adapter or AdapterConfig()
+    m, adapter = config, adapter or AdapterConfig()
     dtype = DTYPES[precision]
     llm = load_llm(m.llm, dtype=dtype, trust_remote_code=m.trust_remote_code, empty=empty)
     generator = load_generator(m.generator, dtype=dtype, empty=empty)

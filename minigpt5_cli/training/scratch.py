@@ -37,7 +37,7 @@ from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling.llm_families import quirks
-from minigpt5_cli.modeling.runner import TARGETS
+from minigpt5_cli.modeling.runner import LLMRunner
 from minigpt5_cli.toyworld import world as toy
 from minigpt5_cli.training.loop import Loop, locked, running, total_steps
 
@@ -135,11 +135,11 @@ def _train_llm(recipe: recipes.Recipe, source, out: Path, console: Console) -> P
         model.save_pretrained(folder)
         (llm.processor or llm.tokenizer).save_pretrained(folder)
 
-    batches = _forever(loader)
+    batches, runner = _forever(loader), LLMRunner(model)
 
     def micro(i: int) -> dict[str, torch.Tensor]:
         batch = next(batches)
-        logits = model(**{k: v for k, v in batch.items() if k not in TARGETS}).logits
+        logits = runner(batch).logits
         return {"text": text_loss(logits, batch["labels"])}
 
     state = {"step": 0, "of": total}

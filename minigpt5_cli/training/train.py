@@ -34,7 +34,7 @@ from minigpt5_cli.data.sources import load_sources
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.modeling import checkpoint
 from minigpt5_cli.modeling.checkpoint import STEP_FILE, checkpoint_folder, checkpoints
-from minigpt5_cli.modeling.model import MiniGPT5, build_model, runnable
+from minigpt5_cli.modeling.model import MiniGPT5, build_model, run_precision
 from minigpt5_cli.modeling.params import table
 from minigpt5_cli.seeds import micro_seed
 from minigpt5_cli.training import state
@@ -94,7 +94,7 @@ def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Pat
         return train_backbone(recipe, resume, console)
     # What runs; the recipe saved (and compared on --resume) stays as given, so a run resumes on a
     # machine with or without a GPU alike.
-    precision = runnable(t.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu", console)
+    precision = run_precision(t.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu", console)
     if t.stage == "2" and not t.init_from:
         raise UserError("stage 2 starts from a stage-1 checkpoint: set train.init_from (or none, to start "
                         "the vokens and the mapper fresh)")
@@ -242,13 +242,14 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
     return leaves
 
 
-def model_for(recipe: recipes.Recipe, init_from: str | Path | None = None, **settings) -> MiniGPT5:
-    """The model as training builds it from `recipe`; `settings` override build_model's arguments
-    (precision, checkpointing, empty)."""
+def model_for(recipe: recipes.Recipe, init_from: str | Path | None = None, precision: str | None = None,
+              checkpointing: bool | None = None, empty: bool = False) -> MiniGPT5:
+    """The model as training builds it from `recipe`: in its precision, checkpointing activations as it
+    says, unless `precision` or `checkpointing` say otherwise. `empty`: no weights read (`train --plan`)."""
     t = recipe.train
-    return build_model(recipe.model, recipe.adapter, **{
-        "loss": recipe.loss, "precision": t.mixed_precision, "checkpointing": t.gradient_checkpointing,
-        "freeze_mapper_input": t.freeze_mapper_input, "init_from": init_from, **settings})
+    return build_model(recipe.model, recipe.adapter, loss=recipe.loss, precision=precision or t.mixed_precision,
+                       checkpointing=t.gradient_checkpointing if checkpointing is None else checkpointing,
+                       freeze_mapper_input=t.freeze_mapper_input, init_from=init_from, empty=empty)
 
 
 def make_optimizer(model: MiniGPT5, recipe: recipes.Recipe) -> torch.optim.AdamW:
