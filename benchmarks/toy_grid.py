@@ -14,6 +14,7 @@ worst cells, and the command that reproduces the run.
     python benchmarks/toy_grid.py                      # both sets, 486 prompts: about 2.5 minutes on 2 CPU cores
     python benchmarks/toy_grid.py --follow-ups 60      # a seeded sample of 60 follow-ups
     python benchmarks/toy_grid.py --model runs/toy/bundle --json out/grid.json
+    python benchmarks/toy_grid.py --model unseen/runs/toy/bundle --mode two-stage --held-out   # recipes/toy/unseen.sh
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def follow_ups() -> list[dict]:
     return out
 
 
-def run(loaded, cases: list[dict], batch_size: int, seed: int = 0) -> None:
+def run(loaded, cases: list[dict], batch_size: int, seed: int = 0, mode: str = "vokens") -> None:
     """Generate one response per case (through generate's own batch loop) and score it in place."""
     import torch
 
@@ -84,7 +85,7 @@ def run(loaded, cases: list[dict], batch_size: int, seed: int = 0) -> None:
     from minigpt5_cli.generation.stories import Job
     from minigpt5_cli.story import Story
 
-    settings = Settings(batch_size=batch_size, seed=seed).resolve(loaded.sample)
+    settings = Settings(mode=mode, batch_size=batch_size, seed=seed).resolve(loaded.sample)
     decoder, renderer = Decoder(loaded.net, loaded.data, settings), Renderer(loaded.net, settings)
     jobs = [Job(Story(id=str(i), steps=case["steps"]), i) for i, case in enumerate(cases)]
     with torch.inference_mode():
@@ -115,14 +116,18 @@ def label(cell: tuple) -> str:
     return text + (f" -> {cell[3]}" if len(cell) > 3 else "")
 
 
-def report(cases: list[dict], worst: int) -> None:
+def report(cases: list[dict], worst: int, held_out: bool = False) -> None:
     print("\n| set | n | colour | shape | position | all three | reply text exact | reply names the shape |")
     print("|---|---|---|---|---|---|---|---|")
-    for name in ("request", "follow-up", None):
-        chosen = [c for c in cases if name is None or c["set"] == name]
+    # With held_out, each set also apart by whether the asked picture is a combination kept out of training.
+    groups = [(name, cells) for name in ("request", "follow-up", None)
+              for cells in ((None, False, True) if held_out else (None,))]
+    for name, unseen in groups:
+        chosen = [c for c in cases if (name is None or c["set"] == name) and unseen in (None, c["held_out"])]
         if chosen:
             s = summary(chosen)
-            print(f"| {name or 'both'} | {s['n']} | {s['colour']:.3f} | {s['shape']:.3f} | {s['position']:.3f} | "
+            row = (name or "both") + ("" if unseen is None else ", unseen" if unseen else ", seen")
+            print(f"| {row} | {s['n']} | {s['colour']:.3f} | {s['shape']:.3f} | {s['position']:.3f} | "
                   f"{s['all']:.3f} | {s['text']:.3f} | {s['text_shape']:.3f} |")
     # Shape accuracy per asked (shape, place), over colours (and, for follow-ups, starting shapes).
     for name in ("request", "follow-up"):
@@ -154,6 +159,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="generate's seed, and the follow-up sample's")
     parser.add_argument("--worst", type=int, default=40, help="wrong cells to list")
     parser.add_argument("--json", type=Path, default=None, help="also write every case's result here")
+    parser.add_argument("--mode", default="vokens", choices=["vokens", "two-stage"], help="generate's mode")
+    parser.add_argument("--held-out", action="store_true", help="report the cells prepare-data toy --hold-out "
+                        "keeps out of training apart (for a model trained on such data)")
     args = parser.parse_args()
 
     import torch
@@ -172,16 +180,18 @@ def main() -> None:
         pick = np.random.default_rng(args.seed).choice(len(more), min(args.follow_ups, len(more)), replace=False)
         more = [more[i] for i in sorted(pick)]
     cases += more
-    run(loaded, cases, args.batch_size, args.seed)
+    for case in cases:
+        case["held_out"] = toy.held_out(*case["want"])
+    run(loaded, cases, args.batch_size, args.seed, args.mode)
     took = time.perf_counter() - start
     sample = loaded.sample
-    print(f"model {info['name']} ({model}); sampling from its recipe: temperature {sample.temperature}, "
-          f"{sample.diffusion_steps} diffusion steps, guidance {sample.guidance_scale}; seed {args.seed}; "
-          f"{len(cases)} prompts in {took:.0f} s")
-    report(cases, args.worst)
+    print(f"model {info['name']} ({model}), mode {args.mode}; sampling from its recipe: temperature "
+          f"{sample.temperature}, {sample.diffusion_steps} diffusion steps, guidance {sample.guidance_scale}; "
+          f"seed {args.seed}; {len(cases)} prompts in {took:.0f} s")
+    report(cases, args.worst, args.held_out)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps([{k: c[k] for k in ("set", "cell", "want", "got", "text", "reply")}
+        args.json.write_text(json.dumps([{k: c[k] for k in ("set", "cell", "want", "got", "text", "reply", "held_out")}
                                          for c in cases], indent=1))
     print("\nreproduce: " + shlex.join(["python", "benchmarks/toy_grid.py", *sys.argv[1:]]))
 

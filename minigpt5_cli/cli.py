@@ -49,7 +49,8 @@ VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or 
 MMDialog: conversations as JSON Lines or one JSON array; images are <media_key>.jpg beside it.
 
 toy: the shapes world, generated (no --input): DIR/pairs, DIR/stories, DIR/stories_test (held \
-out, steps 1-4 in, step 5 out) and DIR/dialogs.
+out, steps 1-4 in, step 5 out) and DIR/dialogs; with --hold-out, some combinations are never \
+trained on, and DIR/stories_unseen ends on them.
 
 \b
 Examples:
@@ -93,12 +94,16 @@ def prepare_data(
     stories: int = typer.Option(1000, help="toy: training stories."),
     test_stories: int = typer.Option(200, help="toy: held-out stories (steps 1-4 in, step 5 out)."),
     dialogs: int = typer.Option(500, help="toy: dialogues."),
+    hold_out: bool = typer.Option(False, "--hold-out", help="toy: keep 3 colour-shape and 3 shape-place "
+                                  "combinations out of every training record, and add DIR/stories_unseen, "
+                                  "held-out stories whose last step shows one."),
 ) -> None:
     from minigpt5_cli.data import prepare as stage
 
     if fmt == "toy":
         summary = stage.prepare_toy(output, seed, {"pairs": pairs, "stories": stories, "stories_test": test_stories,
-                                                   "dialogs": dialogs}, image_size, overwrite=overwrite)
+                                                   "dialogs": dialogs}, image_size, overwrite=overwrite,
+                                    hold_out=hold_out)
         typer.echo(", ".join(f"{name} {s['kept']}" for name, s in summary.items()) + f"; written to {output}")
         return
     settings = stage.Settings(

@@ -92,6 +92,9 @@ def test_generator_stage_trains_and_saves_a_loadable_pipeline(toy_data, tmp_path
     state = json.loads((out / "scratch_state.json").read_text())
     assert state["vae_steps"] == 3 and state["steps"] == 3
     assert set(state["accuracy"]) == {"colour", "shape", "position"}
+    # 3 VAE steps carry few of the world's 162 pictures through the round trip; each wrong one is named.
+    assert 0 < len(state["vae_round_trip_wrong"]) <= 162
+    assert all(text.startswith(("a ", "an ")) for text in state["vae_round_trip_wrong"])
     gen = load_generator(str(out))
     assert gen.vae.config.scaling_factor != before.vae.config.scaling_factor  # measured on the latents
     for name in ("vae", "unet", "text_encoder"):

@@ -240,14 +240,18 @@ TOY_SETS = {"pairs": ("pairs", "train", False), "stories": ("stories", "train", 
 
 
 def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None = None, image_size: int = 0,
-                overwrite: bool = False, console: Console | None = None) -> dict:
+                overwrite: bool = False, console: Console | None = None, hold_out: bool = False) -> dict:
     """Generate the shapes world (`toyworld.world`) as four datasets under `output`: pairs, stories, the
-    held-out continuation set stories_test (its own random stream) and dialogs."""
+    held-out continuation set stories_test (its own random stream) and dialogs. `hold_out`: no record but
+    those of a fifth set, stories_unseen (as many as stories_test, each ending on one), shows a held-out
+    combination (`world.held_out`)."""
     import datasets
 
     from minigpt5_cli.toyworld import world as toy
 
     counts = {"pairs": 2000, "stories": 1000, "stories_test": 200, "dialogs": 500, **(counts or {})}
+    counts["stories_unseen"] = counts["stories_test"] if hold_out else 0
+    sets = {**TOY_SETS, "stories_unseen": ("stories", "unseen", True)} if hold_out else TOY_SETS
     size = image_size or toy.SIZE
     console = console or Console(stderr=True)
     out = Path(output)
@@ -257,11 +261,12 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
     summary = {}
     with files.staged(out, replace=overwrite) as tmp:
         with display.progress(console) as progress:
-            for name, (kind, split, continuation) in TOY_SETS.items():
+            for name, (kind, split, continuation) in sets.items():
                 task = progress.add_task(f"toy {name}", total=counts[name])
+                unseen = (split == "unseen") if hold_out else None
 
-                def rows(kind=kind, split=split, continuation=continuation, task=task, n=counts[name]):
-                    for rec in toy.records(kind, n, seed, size, split):
+                def rows(kind=kind, split=split, continuation=continuation, task=task, n=counts[name], unseen=unseen):
+                    for rec in toy.records(kind, n, seed, size, split, unseen):
                         progress.advance(task)
                         row = {"id": rec["id"], "steps": rec["steps"]}
                         if continuation:
@@ -269,18 +274,30 @@ def prepare_toy(output: str | Path, seed: int = 0, counts: dict[str, int] | None
                         yield row
 
                 feats = features(continuation, captions=True)
-                fingerprint = hashlib.sha256(json.dumps(["toy", name, seed, counts[name], size]).encode()).hexdigest()[:16]
+                key = ["toy", name, seed, counts[name], size] + ([unseen] if hold_out else [])
+                fingerprint = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
                 with _quiet_datasets():
                     ds = datasets.Dataset.from_generator(rows, features=feats, cache_dir=str(tmp / ".cache"),
                                                          fingerprint=fingerprint) if counts[name] else _empty(feats)
                 _save(ds, tmp / name)
                 summary[name] = {"format": "toy", "layout": kind, "input": None, "kept": len(ds), "rejected": {},
                                  "settings": {"seed": seed, "split": split, "image_size": size,
-                                              "continuation": continuation}, "cache": None}
+                                              "continuation": continuation, **_held_out(unseen)}, "cache": None}
                 (tmp / name / SUMMARY_FILE).write_text(json.dumps(summary[name], indent=2))
                 (tmp / name / REJECTS_FILE).write_text("")
         shutil.rmtree(tmp / ".cache", ignore_errors=True)
     return summary
+
+
+def _held_out(unseen: bool | None) -> dict:
+    """What a toy set's summary says of the held-out combinations, when they are held out."""
+    from minigpt5_cli.toyworld import world as toy
+
+    if unseen is None:
+        return {}
+    return {"held_out": {"colour_shape": sorted(map(list, toy.HELD_OUT_COLOURS)),
+                         "shape_place": sorted([s, list(c)] for s, c in toy.HELD_OUT_PLACES)},
+            "shows_held_out": "its last step" if unseen else "never"}
 
 
 def _empty(feats):

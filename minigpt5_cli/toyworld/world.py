@@ -125,14 +125,37 @@ def dialog(rng: np.random.Generator, size: int = SIZE) -> dict:
 
 KINDS = {"pairs": pair, "stories": story, "dialogs": dialog}
 NAMES = {"pairs": "pair", "stories": "story", "dialogs": "dialog"}
+SPLITS = ("train", "test", "unseen")  # each draws from its own random stream
+
+# Combinations that `prepare-data toy --hold-out` keeps out of every training record: three colour-shape
+# pairs (each in all 9 places) and three shape-place pairs (each in all 6 colours), 42 of the 162 cells.
+HELD_OUT_COLOURS = {("red", "circle"), ("green", "triangle"), ("purple", "square")}
+HELD_OUT_PLACES = {("circle", (0, 2)), ("square", (2, 1)), ("triangle", (1, 0))}
 
 
-def records(kind: str, n: int, seed: int, size: int = SIZE, split: str = "train"):
-    """`n` records of one kind, the same for the same seed; another split draws from another stream."""
-    rng = np.random.default_rng([seed, list(KINDS).index(kind), ("train", "test").index(split)])
-    for i in range(n):
+def held_out(colour: str, shape: str, cell: tuple[int, int]) -> bool:
+    """Whether (colour, shape, cell) shows a held-out combination."""
+    return (colour, shape) in HELD_OUT_COLOURS or (shape, tuple(cell)) in HELD_OUT_PLACES
+
+
+def shows_held_out(rec: dict, last: bool = False) -> bool:
+    """Whether any picture of `rec` (with `last`, its last one: a story's step to predict) is held out."""
+    pictures = [a for a in rec["attributes"] if a is not None]
+    return any(held_out(*a) for a in (pictures[-1:] if last else pictures))
+
+
+def records(kind: str, n: int, seed: int, size: int = SIZE, split: str = "train", unseen: bool | None = None):
+    """`n` records of one kind, the same for the same seed; another split draws from another stream.
+    `unseen`: None, any record; False, only records that show no held-out combination; True, only
+    those whose last picture shows one (drawn until `n` are found)."""
+    rng = np.random.default_rng([seed, list(KINDS).index(kind), SPLITS.index(split)])
+    i = 0
+    while i < n:
         rec = KINDS[kind](rng, size)
+        if unseen is not None and shows_held_out(rec, last=unseen) != unseen:
+            continue
         rec["id"] = f"{NAMES[kind]}-{split}-{i:05d}"
+        i += 1
         yield rec
 
 

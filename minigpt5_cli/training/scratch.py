@@ -227,6 +227,10 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
         if checker:
             state["vae_accuracy"] = checker(_decoded(vae, mean[checker.rows]))
             REPORT.print(f"vae: reconstructions read right: {_fmt(state['vae_accuracy'])}")
+            # Every picture the world has, through the VAE and back: one it cannot carry, no caption can draw.
+            state["vae_round_trip_wrong"] = wrong = _round_trip(vae, gen.resolution)
+            REPORT.print(f"vae: round trip of the world's {len(toy.combinations())} pictures: {len(wrong)} read back "
+                         "wrong" + (f" ({', '.join(wrong[:6])}{', ...' if len(wrong) > 6 else ''})" if wrong else ""))
 
         # 2. The UNet and text encoder, on the frozen VAE's latents.
         unet, text_encoder = pipe.unet.float().train(), pipe.text_encoder.float().train()
@@ -289,6 +293,16 @@ def _checker(source, captions: list[str], n: int) -> _Checker | None:
     rows = [i for i, c in enumerate(captions) if c in truth]
     rows = sorted({captions[i]: i for i in rows}.values())[:n]  # distinct captions, a fixed choice
     return _Checker(rows, [truth[captions[i]] for i in rows])
+
+
+def _round_trip(vae, resolution: int) -> list[str]:
+    """The captions of the world's pictures that its exact render, encoded and decoded, does not show."""
+    combos = toy.combinations()
+    pixels = torch.stack([imaging.to_pixels(toy.render(*c, size=resolution), resolution) for c in combos])
+    with torch.no_grad():
+        means = torch.cat([vae.encode(pixels[i:i + ENCODE_BATCH]).latent_dist.mean
+                           for i in range(0, len(pixels), ENCODE_BATCH)])
+    return [toy.caption(*c) for c, image in zip(combos, _decoded(vae, means)) if toy.read_attributes(image) != c]
 
 
 def _decoded(vae, latents: torch.Tensor) -> list:

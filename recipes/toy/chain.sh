@@ -2,7 +2,7 @@
 # The shapes world from nothing: data, both backbones trained from scratch, MiniGPT-5 stages 1 and
 # 2, a bundle, and the held-out stories generated and scored.
 #
-#   bash recipes/toy/chain.sh [ROOT]          # about 26 minutes on 2 CPU cores
+#   bash recipes/toy/chain.sh [ROOT]          # about 34 minutes on 2 CPU cores
 #   QUICK=1 bash recipes/toy/chain.sh ROOT    # tiny step counts: checks the plumbing in minutes
 #
 # Everything is written under ROOT (default: the current directory), laid out as the recipes name it:
