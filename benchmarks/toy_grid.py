@@ -11,7 +11,7 @@ its text with the dialogue's own reply. Sampling uses the model recipe's `sample
 its diffusion steps and guidance). Prints accuracy per attribute, shape accuracy per (shape, place), the
 worst cells, and the command that reproduces the run.
 
-    python benchmarks/toy_grid.py                      # both sets, 486 prompts: about 2.5 minutes on 2 CPU cores
+    python benchmarks/toy_grid.py                      # both sets, 486 prompts: about 14 s on 2 CPU cores
     python benchmarks/toy_grid.py --follow-ups 60      # a seeded sample of 60 follow-ups
     python benchmarks/toy_grid.py --model runs/toy/bundle --json out/grid.json
     python benchmarks/toy_grid.py --model unseen/runs/toy/bundle --mode two-stage --held-out   # recipes/toy/unseen.sh
