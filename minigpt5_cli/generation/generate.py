@@ -95,15 +95,14 @@ def check(settings: Settings, output: Path, model: Path) -> None:
 
 
 def check_output(output: Path, model: Path) -> None:
-    """Refuse an output folder that cannot be written, or one inside the model's own folder (a checkpoint, its run, a bundle, the model
-    that ships with the package): generate never writes among a model's files."""
+    """Refuse an output folder that cannot be written, or one inside the model's own folder (a checkpoint,
+    its run, a bundle, the model that ships with the package): generate never writes among a model's files."""
     files.writable_folder(output, "--output")
     path = Path(model)
     folder = checkpoint.checkpoint_folder(path) if path.is_dir() else None
     if folder is None or not (folder / "recipe.yaml").is_file():  # not a model folder: load refuses it
         return
-    owners = {path.resolve(), folder.resolve()}
-    owners |= {f.parent.resolve() for f in (path, folder) if checkpoint.is_checkpoint_name(f.resolve())}
+    owners = {*checkpoint.owners(path), *checkpoint.owners(folder)}
     for owner in sorted(owners, key=lambda f: len(f.parts)):  # the run before its checkpoint
         if files.inside(output, owner):
             raise UserError(f"--output {output} is inside the model folder {owner}; write the stories elsewhere")

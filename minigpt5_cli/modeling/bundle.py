@@ -91,11 +91,10 @@ def _is_bundle(folder: Path) -> bool:
 
 def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
     """Never write into, or over, the checkpoint or its run; replace only a bundle."""
-    from minigpt5_cli.modeling.checkpoint import is_checkpoint_name
+    from minigpt5_cli.modeling.checkpoint import owners
 
-    sources = [folder.resolve()] + ([folder.parent.resolve()] if is_checkpoint_name(folder) else [])
     target = out.resolve()
-    for source in sources:
+    for source in owners(folder):
         if target == source or source in target.parents or target in source.parents:
             raise UserError(f"{out} overlaps {source}, which holds the checkpoint; write the bundle elsewhere")
     if out.exists():

@@ -116,6 +116,12 @@ def is_checkpoint_name(folder: Path) -> bool:
     return bool(_NAME.search(folder.name))
 
 
+def owners(folder: Path) -> list[Path]:
+    """The folders a model folder's files belong to, resolved: itself, and for a run's checkpoint its run."""
+    folder = folder.resolve()
+    return [folder, folder.parent] if is_checkpoint_name(folder) else [folder]
+
+
 def _step_number(folder: Path) -> int:
     """The step in a checkpoint folder's name; -1 for another name."""
     found = _NAME.search(folder.name)

@@ -219,9 +219,7 @@ def _train_generator(recipe: recipes.Recipe, source, out: Path, console: Console
             state["vae_steps"] = step
         vae.eval().requires_grad_(False)
         with torch.no_grad():
-            posts = [vae.encode(images[i:i + ENCODE_BATCH]).latent_dist for i in range(0, len(images), ENCODE_BATCH)]
-            mean = torch.cat([p.mean for p in posts])
-            std = torch.cat([p.std for p in posts])
+            mean, std = _posterior(vae, images)
         if s.vae_steps:
             vae.register_to_config(scaling_factor=float(1 / mean.std()))
         if checker:
@@ -300,9 +298,14 @@ def _round_trip(vae, resolution: int) -> list[str]:
     combos = toy.combinations()
     pixels = torch.stack([imaging.to_pixels(toy.render(*c, size=resolution), resolution) for c in combos])
     with torch.no_grad():
-        means = torch.cat([vae.encode(pixels[i:i + ENCODE_BATCH]).latent_dist.mean
-                           for i in range(0, len(pixels), ENCODE_BATCH)])
+        means, _ = _posterior(vae, pixels)
     return [toy.caption(*c) for c, image in zip(combos, _decoded(vae, means)) if toy.read_attributes(image) != c]
+
+
+def _posterior(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and standard deviation of the VAE's posterior for each image, ENCODE_BATCH images a call."""
+    posts = [vae.encode(pixels[i:i + ENCODE_BATCH]).latent_dist for i in range(0, len(pixels), ENCODE_BATCH)]
+    return torch.cat([p.mean for p in posts]), torch.cat([p.std for p in posts])
 
 
 def _decoded(vae, latents: torch.Tensor) -> list:
