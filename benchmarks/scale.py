@@ -6,12 +6,18 @@ data as `prepare-data --cache-latents` gives it:
   the same tokens to its input embeddings, the UNet forward and backward to its conditioning input),
   interleaved in one process: the same ratio as train_overhead.py, at real width (target <= 1.10);
 - peak memory a step adds, measured in a fresh process, against `train --plan`'s estimate for the
-  same model and batch.
+  same model and batch; on a GPU also the step's whole peak (torch.cuda.max_memory_allocated: weights,
+  optimizer state, activations) against the plan's total;
+- tokens per second, and on a GPU the model-FLOPs utilisation: the FLOPs torch's FLOP counter counts
+  in one step (matrix products, convolutions, attention; forward and backward) per second of the
+  step, over the device's dense bf16 peak (--peak-tflops for a device not in PEAK_TFLOPS).
 
     python benchmarks/scale.py                                   # CPU: 2 of 32 layers, 256 tokens, fp32
     python benchmarks/scale.py --layers 32 --length 2560 --precision bf16   # on a GPU: the full model
+    python benchmarks/scale.py --tiny --length 128                # tiny:llava and tiny:sd: the script itself
 
-The weights are written once (bf16) under --cache (default /tmp/minigpt5-scale).
+The weights are written once (bf16; built on the GPU where there is one) under --cache (default
+/tmp/minigpt5-scale). --json FILE also writes the figures as JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from minigpt5_cli.recipe import PRECISIONS  # noqa: E402
 
 RECIPES = {1: REPO / "recipes" / "cc3m_stage1.yaml", 2: REPO / "recipes" / "vist_stage2_lora.yaml"}
+# Dense bf16 tensor-core peaks (TFLOP/s), by a name in the device's: the first found wins.
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0}
 
 
 def backbones(cache: Path, layers: int) -> tuple[str, str]:
@@ -48,7 +56,11 @@ def backbones(cache: Path, layers: int) -> tuple[str, str]:
         shapes = hub.resolve("paper:llava-1.5-7b", shapes_only=True)
         config = AutoConfig.from_pretrained(shapes)
         config.text_config.num_hidden_layers = layers
-        AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).save_pretrained(llm)
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # 7B initialised in seconds there
+            model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16)
+        model.save_pretrained(llm)
+        del model
+        torch.cuda.empty_cache()  # the children measure the device's memory
         AutoProcessor.from_pretrained(shapes).save_pretrained(llm)
     if not (sd / "model_index.json").is_file() or not list(sd.glob("unet/*.safetensors")):
         from minigpt5_cli.modeling.generators import _from_configs
@@ -85,6 +97,7 @@ def cached(model, batch: dict) -> dict:
 
 def timing(stage: int, llm: str, sd: str, args) -> dict:
     """Child process: median step times of ours and bare, interleaved."""
+    from torch.utils.flop_counter import FlopCounterMode
     from train_overhead import interleaved  # beside this file
 
     from minigpt5_cli.training.plan import forward_autocast, plan_batch
@@ -126,7 +139,11 @@ def timing(stage: int, llm: str, sd: str, args) -> dict:
         loss.backward()
 
     medians = interleaved({"ours": ours, "bare": bare}, args.steps, 1, device)
-    return {"device": device, "tokens": batch["input_ids"].numel(), **medians}
+    with FlopCounterMode(display=False) as flops:
+        ours()
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    return {"device": device, "name": name, "tokens": batch["input_ids"].numel(), "flops": flops.get_total_flops(),
+            **medians}
 
 
 def child(what: str, stage: int, llm: str, sd: str, args) -> dict:
@@ -141,6 +158,14 @@ def child(what: str, stage: int, llm: str, sd: str, args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def peak_tflops(name: str, precision: str, given: float | None) -> float | None:
+    """The device's dense peak for the run's precision: --peak-tflops, or PEAK_TFLOPS's bf16 figure
+    (fp16 alike); none for fp32 or an unknown device."""
+    if given or precision == "no":
+        return given
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=2, help="LLM decoder layers, of 32")
@@ -151,6 +176,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--stages", default="1,2")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/minigpt5-scale"))
+    parser.add_argument("--tiny", action="store_true", help="tiny:llava and tiny:sd in place of the paper's shapes")
+    parser.add_argument("--peak-tflops", type=float, help="the device's dense peak for MFU, TFLOP/s")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--child", choices=["time", "memory"], help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--llm", help=argparse.SUPPRESS)
@@ -162,31 +190,47 @@ def main() -> None:
     if args.child == "memory":
         from minigpt5_cli.training.plan import measured_growth
 
-        print(json.dumps({"growth": measured_growth(load_recipe(args.stage, args.llm, args.sd, args), args.batch)}))
+        growth = measured_growth(load_recipe(args.stage, args.llm, args.sd, args), args.batch)
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None  # over the measured step
+        print(json.dumps({"growth": growth, "peak": peak}))
         return
 
     from minigpt5_cli.training.plan import measure
 
-    llm, sd = backbones(args.cache, args.layers)
+    llm, sd = ("tiny:llava", "tiny:sd") if args.tiny else backbones(args.cache, args.layers)
     rows = []
     for stage in map(int, args.stages.split(",")):
-        planned = measure(load_recipe(stage, llm, sd, args)).activations(args.batch, args.checkpointing)
+        plan = measure(load_recipe(stage, llm, sd, args))
+        planned = plan.activations(args.batch, args.checkpointing)
         t = child("time", stage, llm, sd, args)
-        m = child("memory", stage, llm, sd, args)["growth"]
-        rows.append((stage, t, planned, m))
+        m = child("memory", stage, llm, sd, args)
+        peak = peak_tflops(t["name"], args.precision, args.peak_tflops) if t["device"] == "cuda" else None
+        rows.append({"stage": stage, **t, "tokens_per_s": t["tokens"] / t["ours"],
+                     "mfu": t["flops"] / t["ours"] / (peak * 1e12) if peak else None, "step_plan": planned,
+                     "step_measured": m["growth"], "peak_plan": plan.total(args.batch, args.checkpointing, False),
+                     "peak_measured": m["peak"]})
         print(f"stage {stage}: ours {t['ours']:.2f} s, bare {t['bare']:.2f} s, ratio {t['ours'] / t['bare']:.3f}; "
               f"{t['tokens'] / t['ours']:.0f} tokens/s; step memory planned {planned / 2**30:.2f} GiB, "
-              f"measured {m / 2**30:.2f} GiB", flush=True)
-    device = rows[0][1]["device"]
-    print(f"\ndevice {device}; LLaVA-1.5-7B width, {args.layers} of 32 layers; SD 2.1 base whole; micro-batch "
-          f"{args.batch}; data.max_length {args.length}; precision {args.precision}; checkpointing "
-          f"{'on' if args.checkpointing else 'off'}; cached latents")
-    print("\n| stage | step, ours (s) | step, bare (s) | ours / bare | tokens/s | step memory, plan (GiB) | "
-          "measured (GiB) |\n| --- | --- | --- | --- | --- | --- | --- |")
-    for stage, t, planned, m in rows:
-        print(f"| {stage} | {t['ours']:.2f} | {t['bare']:.2f} | {t['ours'] / t['bare']:.3f} | "
-              f"{t['tokens'] / t['ours']:.0f} | {planned / 2**30:.2f} | {m / 2**30:.2f} |")
-    print(f"\nreproduce: python benchmarks/scale.py {' '.join(sys.argv[1:])}".rstrip())
+              f"measured {m['growth'] / 2**30:.2f} GiB", flush=True)
+    device = rows[0]["name"]
+    shapes = "tiny:llava and tiny:sd" if args.tiny else \
+        f"LLaVA-1.5-7B width, {args.layers} of 32 layers; SD 2.1 base whole"
+    settings = (f"micro-batch {args.batch}; data.max_length {args.length}; precision {args.precision}; "
+                f"checkpointing {'on' if args.checkpointing else 'off'}; cached latents")
+    print(f"\ndevice {device}; {shapes}; {settings}")
+    print("\n| stage | step, ours (s) | step, bare (s) | ours / bare | tokens/s | MFU | step memory, plan (GiB) | "
+          "measured (GiB) | peak, plan (GiB) | measured (GiB) |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        peak = f"{r['peak_measured'] / 2**30:.2f}" if r["peak_measured"] is not None else "n/a"
+        print(f"| {r['stage']} | {r['ours']:.2f} | {r['bare']:.2f} | {r['ours'] / r['bare']:.3f} | "
+              f"{r['tokens_per_s']:.0f} | {mfu} | {r['step_plan'] / 2**30:.2f} | {r['step_measured'] / 2**30:.2f} | "
+              f"{r['peak_plan'] / 2**30:.2f} | {peak} |")
+    command = f"python benchmarks/scale.py {' '.join(sys.argv[1:])}".rstrip()
+    print(f"\nreproduce: {command}")
+    if args.json:
+        args.json.write_text(json.dumps({"command": command, "shapes": shapes, "settings": settings, "rows": rows},
+                                        indent=1))
 
 
 if __name__ == "__main__":

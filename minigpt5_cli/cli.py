@@ -99,11 +99,13 @@ def prepare_data(
                                   "held-out stories whose last step shows one."),
 ) -> None:
     from minigpt5_cli.data import prepare as stage
+    from minigpt5_cli.processes import alike
 
     if fmt == "toy":
-        summary = stage.prepare_toy(output, seed, {"pairs": pairs, "stories": stories, "stories_test": test_stories,
-                                                   "dialogs": dialogs}, image_size, overwrite=overwrite,
-                                    hold_out=hold_out)
+        with alike():
+            summary = stage.prepare_toy(output, seed, {"pairs": pairs, "stories": stories,
+                                                       "stories_test": test_stories, "dialogs": dialogs},
+                                        image_size, overwrite=overwrite, hold_out=hold_out)
         typer.echo(", ".join(f"{name} {s['kept']}" for name, s in summary.items()) + f"; written to {output}")
         return
     settings = stage.Settings(
@@ -112,7 +114,10 @@ def prepare_data(
         cache_latents=cache_latents, generator=generator, cache_dtype=cache_dtype,
         allow_outside_paths=allow_outside_paths,
     )
-    summary = stage.prepare(fmt, input_path, output, settings, overwrite=overwrite)
+    with alike():  # under accelerate launch, the main process prints a refusal
+        summary = stage.prepare(fmt, input_path, output, settings, overwrite=overwrite)
+    if summary is None:  # another process of a launched run: the main one writes and prints
+        return
     rejected = ", ".join(f"{k} {v}" for k, v in summary["rejected"].items()) or "none"
     typer.echo(f"{summary['kept']} kept, rejected: {rejected}; written to {output}")
 
@@ -169,6 +174,11 @@ Examples:
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/vist --batch-size 8
   minigpt5 generate --story stories.jsonl --model runs/vist_lora --output out/baseline --mode two-stage
   minigpt5 generate --story data/vist_test --model runs/vist_lora --output out/vist_test -b 8
+  accelerate launch -m minigpt5_cli generate -s data/vist_test -m runs/vist_lora -o out/vist_test -b 8
+
+Under accelerate launch each process generates its share of the stories, and the folder written is the
+one a single process writes; a run stopped part way and started again, with any number of processes,
+does only the stories still missing.
 """
 
 
@@ -221,11 +231,19 @@ def generate(
                                              "(links and .. resolved)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Let the model folder's LLM run "
                                            "code of its own, where its recipe asks to; only for a model you trust."),
+    shard: Optional[str] = typer.Option(None, "--shard", metavar="K/N", help="Generate only shard K of N (K from 1 "
+                                        "to N) in this process: batches K, K+N, K+2N, ... of the stories, those "
+                                        "process K of an N-process accelerate launch takes on a new output. Run "
+                                        "every shard, one after another or at once; the run that finds every "
+                                        "story finished writes index.html.", show_default=False),
 ) -> None:
+    from rich.console import Console
+
     from minigpt5_cli.generation import generate as stage
     from minigpt5_cli.generation.settings import Settings
     from minigpt5_cli.generation.stories import is_collection, read_stories
     from minigpt5_cli.modeling.bundle import default_model
+    from minigpt5_cli.processes import alike
 
     settings = Settings(mode=mode, steps=steps, max_new_tokens=max_new_tokens, top_p=top_p,
                               temperature=temperature, repetition_penalty=repetition_penalty,
@@ -233,10 +251,21 @@ def generate(
                               guidance_scale=guidance_scale, image_size=image_size, seed=seed,
                               batch_size=batch_size)
     model = model or default_model()
-    stage.check(settings, output, model)
-    stories = read_stories(story, outside=allow_outside_paths)
-    loaded = stage.load(str(model), precision=precision, device=device, trust_remote_code=trust_remote_code)
-    done = stage.generate(stories, loaded, settings, output, nested=is_collection(story), overwrite=overwrite)
+    part = stage.find_shard(shard)
+    console = Console(stderr=True, quiet=not part.main)
+    with alike():  # every process of a launch reads the same input: the main one says what is wrong
+        stage.check(settings, output, model)
+        stories = read_stories(story, outside=allow_outside_paths)
+        loaded = stage.load(str(model), precision=precision, device=device, console=console,
+                            trust_remote_code=trust_remote_code)
+    done = stage.generate(stories, loaded, settings, output, nested=is_collection(story), overwrite=overwrite,
+                          console=console, shard=part)
+    if not part.main:
+        return
+    if len(done) < len(stories):  # a --shard run before the last
+        typer.echo(f"{len(done)} of {plural(len(stories), 'story', 'stories')} in {output}; the other shards "
+                   "are still to run")
+        return
     page = output / ("index.html" if is_collection(story) else "story.html")
     typer.echo(f"{plural(len(done), 'story', 'stories')} in {output}; open {page}")
 
@@ -322,6 +351,7 @@ def evaluate(
     from minigpt5_cli.evaluation import evaluate as stage
     from minigpt5_cli.evaluation.compare import compare as compare_runs
     from minigpt5_cli.hub import pick_device
+    from minigpt5_cli.processes import alike
 
     if compare:
         Console().print(compare_runs(*compare))
@@ -336,7 +366,10 @@ def evaluate(
         is_splits=is_splits, device=pick_device(device), batch_size=batch_size, resamples=bootstrap, seed=seed,
         skip_unavailable=skip_unavailable, outside=allow_outside_paths,
     )
-    report = stage.evaluate(predictions, references, settings, output)
+    with alike():  # under accelerate launch, the main process prints a refusal
+        report = stage.evaluate(predictions, references, settings, output)
+    if report is None:  # another process of a launched run: the main one writes and prints
+        return
     Console().print(stage.table(report))
     typer.echo(f"wrote {output} and {output.with_suffix('.samples.csv')}")
 

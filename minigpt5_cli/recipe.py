@@ -70,6 +70,10 @@ class DataConfig:
     prompt_format: Literal["auto", "paper", "chat"] = "auto"
     instruction_prob: float = 0.01  # stage 1: share of samples in instruction form
     num_workers: int = 0
+    # Micro-batches of samples of about one length (mega-batches of 50 optimizer steps sorted longest
+    # first, as HF's Trainer groups them): far less padding where prompt lengths vary (the stage-2
+    # recipes set it). Off by default: a run saved without the key resumes in the order it began in.
+    group_by_length: bool = False
     # JSONL training files: read images wherever they name them (by default only inside the file's folder)
     allow_outside_paths: bool = False
 
@@ -385,6 +389,8 @@ def check(recipe: Recipe) -> None:
         raise UserError(f"stage {t.stage} trains no adapter: set adapter.kind=none")
     if t.stage in ("llm", "generator") and t.mixed_precision != "no":
         raise UserError(f"stage {t.stage} trains in float32: set train.mixed_precision=no")
+    if t.stage in ("llm", "generator") and recipe.data.group_by_length:
+        raise UserError(f"stage {t.stage} does not group batches by length: set data.group_by_length=false")
     if t.stage in ("llm", "generator") and t.gradient_checkpointing:
         raise UserError(f"stage {t.stage} does not checkpoint activations: set train.gradient_checkpointing=false")
     if t.gradient_checkpointing and recipe.adapter.kind == "prefix":

@@ -271,6 +271,13 @@ def evaluate_huge(c: Ctx) -> list[str]:
     return evaluate_args(c, predictions, references, metrics="toy_colour")
 
 
+def evaluate_is_without_images(c: Ctx, *compat: str) -> list[str]:
+    """IS over predictions with no generated image (the network, never reached, stands in)."""
+    c.monkeypatch.setattr("minigpt5_cli.evaluation.loaders.load_inception", lambda *a, **k: object())
+    lines = c.file("p.jsonl", '{"id": "a_1", "text": "x"}\n{"id": "a_2", "text": "y"}\n')
+    return evaluate_args(c, lines, lines, *compat, metrics="is")
+
+
 def evaluate_disk_full(c: Ctx) -> list[str]:
     """The CSV fails after metrics.json was written: neither old file is replaced."""
     c.file("m.json", "{}")
@@ -359,6 +366,12 @@ def image_outside_story(c: Ctx) -> list[str]:
     shutil.copy(IMAGES / "red_circle.png", c.tmp / "a.png")
     story = {"id": "s", "steps": [{"text": "a", "image": "../a.png"}]}
     return generate_args(c, c.file("s/story.json", json.dumps(story)))
+
+
+def generate_shard_launched(c: Ctx) -> list[str]:
+    """--shard in a process of a 2-process accelerate launch (its main one: the one that says why)."""
+    c.monkeypatch.setenv("WORLD_SIZE", "2")
+    return generate_args(c, "x", "--shard", "1/2")
 
 
 def output_in_model(c: Ctx) -> list[str]:
@@ -589,6 +602,12 @@ def recipe_naming_missing(c: Ctx, command: str) -> list[str]:
     return generate_args(c, "a circle.", model=recipe)
 
 
+def launched(c: Ctx, argv: list[str]) -> list[str]:
+    """`argv` in the main process of a 2-process accelerate launch, refused before it waits for the other."""
+    c.monkeypatch.setenv("WORLD_SIZE", "2")
+    return argv
+
+
 @dataclass
 class Case:
     id: str
@@ -757,6 +776,9 @@ CASES = [
     Case("train-checkpointing-scratch", lambda c: ["train", "-r", str(TOY / "generator.yaml"),
                                                    f"train.output_dir={c.tmp / 'run'}", "train.gradient_checkpointing=true"],
          "stage generator does not checkpoint activations"),
+    Case("train-grouped-scratch", lambda c: ["train", "-r", str(TOY / "llm.yaml"), f"train.output_dir={c.tmp / 'run'}",
+                                             "data.group_by_length=true"],
+         "stage llm does not group batches by length: set data.group_by_length=false"),
     Case("train-shapes-only-backbone", lambda c: train_args(c, "model.llm=paper:llava-1.5-7b"),
          "paper:llava-1.5-7b describes the model's shapes, without weights: use it with train --plan"),
     Case("train-deepspeed", deepspeed, "DeepSpeed is not supported: shard with FSDP instead"),
@@ -841,6 +863,11 @@ CASES = [
          "{tmp}/s/story.json: the image '../a.png' of step 1 is outside {tmp}/s"),
     Case("generate-output-in-model", output_in_model,
          "--output {tmp}/model/checkpoint-4/out is inside the model folder {tmp}/model;"),
+    Case("generate-shard-not-k-of-n", lambda c: generate_args(c, "x", "--shard", "2"), "--shard 2: give K/N"),
+    Case("generate-shard-out-of-range", lambda c: generate_args(c, "x", "--shard", "3/2"),
+         "--shard 3/2: K must be from 1 to N"),
+    Case("generate-shard-zero", lambda c: generate_args(c, "x", "--shard", "0/2"), "--shard 0/2: K must be from 1"),
+    Case("generate-shard-under-launch", generate_shard_launched, "--shard runs one shard in a process started by hand"),
     # evaluate
     Case("evaluate-image-outside", lambda c: evaluate_args(c, c.file("p/p.jsonl", json.dumps(
         {"id": "s", "text": "a", "images": [str(IMAGES / "red_circle.png")]})), SEQS),
@@ -869,6 +896,9 @@ CASES = [
     Case("evaluate-bootstrap", lambda c: evaluate_args(c, SEQS, SEQS, "--bootstrap", "1000000000"),
          "--bootstrap must be in [1, 100000]"),
     Case("evaluate-disk-full", evaluate_disk_full, "No space left on device"),
+    Case("evaluate-is-without-images", evaluate_is_without_images, "IS needs at least 2 generated images, found 0"),
+    Case("evaluate-compat-is-without-images", lambda c: evaluate_is_without_images(c, "--compat", "minigpt5"),
+         "IS needs at least 1 generated image, found 0"),
     # prepare-data
     Case("prepare-binary-cc3m-tsv", lambda c: ["prepare-data", "cc3m", "--input", str(c.file("c.tsv", BINARY)),
                                                "--output", str(c.tmp / "data")],
@@ -887,6 +917,12 @@ CASES = [
          "cannot write to {tmp}/ro"),
     Case("prepare-raced", prepare_raced, "{tmp}/data appeared while this run was writing it"),
     Case("prepare-disk-full", prepare_disk_full, "No space left on device"),
+    Case("prepare-launched-without-cache-latents", lambda c: launched(c, ["prepare-data", "cc3m", "--input",
+                                                                          str(c.file("c.tsv", "a\tb.png\n")),
+                                                                          "--output", str(c.tmp / "data")]),
+         "prepare-data spreads only --cache-latents over processes"),
+    Case("prepare-toy-launched", lambda c: launched(c, ["prepare-data", "toy", "--output", str(c.tmp / "data")]),
+         "prepare-data spreads only --cache-latents over processes"),
     # rate build
     Case("rate-build-missing-output", lambda c: rate_build_args(c, c.tmp / "nothing", generated(c, "b", ["s1"])),
          "--a {tmp}/nothing not found"),

@@ -538,9 +538,11 @@ def test_inception_score_never_splits_below_two_images(tmp_path, tiny_inception,
         M.inception_score(np.zeros((3, 4)), 2)
 
 
-@pytest.mark.parametrize("failing_call,name", [(1, "fid"), (2, "fid_per_story")])
-def test_a_fid_that_is_not_computable_keeps_the_other_metrics(tmp_path, tiny_inception, monkeypatch, failing_call,
-                                                              name):
+@pytest.mark.parametrize("compat", [False, True])
+def test_a_fid_that_is_not_computable_keeps_the_other_metrics(tmp_path, tiny_inception, monkeypatch, compat):
+    """pytorch-fid's imaginary-part check: by default a FID it refuses is reported as not computable, the
+    other metrics kept; under --compat minigpt5 the value is reported as the original's torchmetrics
+    gives it, and the result says the check would have refused it."""
     from minigpt5_cli.evaluation import maths
 
     names = ["red_circle", "red_square", "blue_circle", "blue_square"]
@@ -552,22 +554,21 @@ def test_a_fid_that_is_not_computable_keeps_the_other_metrics(tmp_path, tiny_inc
 
     def frechet(*args):
         calls.append(1)
-        if len(calls) == failing_call:
+        if len(calls) == 1:
             raise ValueError("imaginary component 12.5")
         return real(*args)
 
     monkeypatch.setattr(maths, "frechet_distance", frechet)
     out = tmp_path / "m.json"
-    assert run_cli("evaluate", "-p", str(preds), "-r", str(refs), "-m", "fid,rouge_l", "--compat", "minigpt5",
-                   "--inception-weights", tiny_inception, "-o", str(out)) == 0
+    assert run_cli("evaluate", "-p", str(preds), "-r", str(refs), "-m", "fid,rouge_l", *(["--compat", "minigpt5"] *
+                   compat), "--inception-weights", tiny_inception, "-o", str(out)) == 0
     m = json.loads(out.read_text())["metrics"]
     assert m["rouge_l"]["value"] == pytest.approx(1.0)
-    if name == "fid":
+    if not compat:
         assert m["fid"]["value"] is None and "imaginary" in m["fid"]["not_computable"]
-        assert m["fid_per_story"]["stories"] == 2
     else:
-        assert isinstance(m["fid"]["value"], float) and m["fid_per_story"]["stories"] == 1
-        assert list(m["fid_per_story"]["left_out"].values()) == [0, 1]
+        assert m["fid"]["value"] == pytest.approx(0, abs=1e-3) and "would refuse" in m["fid"]["pytorch_fid_check"]
+        assert m["fid_per_story"]["stories"] == 2 and m["fid_per_story"]["value"] == pytest.approx(0, abs=1e-3)
 
 
 def test_a_loader_bug_is_not_taken_for_a_missing_model(generated, continuation_refs, tmp_path, monkeypatch):

@@ -178,6 +178,20 @@ def test_two_stage_mode_from_checkpoint_and_from_recipe(runs, tmp_path):
         assert [list(seg) for seg in doc["generated"][0]["segments"]][-1] == ["image"]  # the image follows its text
 
 
+def test_a_recipe_s_untrained_parts_are_the_same_in_every_run(tmp_path):
+    """From a recipe the vokens, mapper and adapter are untrained but drawn alike in every run, so a run
+    and its rerun (or another process) write the same files."""
+    outs = [tmp_path / str(k) for k in range(2)]
+    for k, out in enumerate(outs):
+        torch.manual_seed(k)  # what came before the run differs, as between two processes
+        assert run_cli("generate", "--story", "there is a circle.", "--model", str(DEBUG / "stage2_lora.yaml"),
+                       "--output", str(out), *FAST) == 0
+    names = sorted(p.name for p in outs[0].iterdir())
+    assert names == sorted(p.name for p in outs[1].iterdir()) and any(n.endswith(".png") for n in names)
+    for name in names:
+        assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+
+
 def test_two_stage_never_emits_vokens(runs):
     loaded = G.load(str(runs / "lora"))
     model = loaded.net

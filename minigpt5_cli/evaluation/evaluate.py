@@ -6,6 +6,7 @@ metrics.json, a per-sample CSV and a table. The metric maths live in `maths.py`,
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,11 +15,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from minigpt5_cli import files
+from minigpt5_cli import files, processes
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.evaluation import loaders
 from minigpt5_cli.evaluation import maths as M
-from minigpt5_cli.evaluation.features import ClipFeatures, InceptionFeatures
+from minigpt5_cli.evaluation.features import ClipFeatures, InceptionFeatures, SbertFeatures
 from minigpt5_cli.evaluation.registry import METRICS, PRESETS, SELECTABLE
 from minigpt5_cli.evaluation.result import Result
 from minigpt5_cli.evaluation.samples import PREDICTION, Sample, match, read_predictions, read_references
@@ -77,6 +78,11 @@ def resolve_metrics(spec: str, compat: str | None = None) -> list[str]:
     return names
 
 
+def spread_sbert(model):
+    """The loaded S-BERT model; under a launch, one whose encodings are spread over the processes."""
+    return SbertFeatures(model) if processes.launched() > 1 else model
+
+
 class Models:
     """The networks the asked metrics need, each loaded once; a metric whose model fails to load is
     either an error or, with `skip_unavailable`, skipped with its reason."""
@@ -88,7 +94,7 @@ class Models:
         self.skipped: dict[str, str] = {}
         load = {
             "clip": lambda: loaders.load_clip(s.clip_model or loaders.CLIP_DEFAULT, s.device, s.batch_size),
-            "sbert": lambda: loaders.load_sbert(s.sbert_model, s.device),
+            "sbert": lambda: spread_sbert(loaders.load_sbert(s.sbert_model, s.device)),
             "wordnet": lambda: load_wordnet(s.wordnet),
             "inception": lambda: loaders.load_inception(s.inception_weights, s.device),
         }
@@ -134,12 +140,16 @@ class Scoring:
 
 
 def evaluate(predictions: str | Path, references: str | Path, s: Settings, output: str | Path,
-             console: Console | None = None) -> dict:
+             console: Console | None = None) -> dict | None:
     """Read, match, score, and write OUTPUT (metrics.json) and OUTPUT's .samples.csv beside it. The report
-    returned holds the `Result`s under "metrics"; the file holds their records."""
+    returned holds the `Result`s under "metrics"; the file holds their records. Under `accelerate launch`
+    the features are extracted over the processes and every process scores them all; the main process
+    alone prints, writes and returns the report, the others return None."""
     s.check()
     files.writable_file(Path(output), "--output")
-    console = console or Console(stderr=True)
+    procs = processes.join()
+    s = on_process(s, procs)
+    console = console or Console(stderr=True, quiet=not procs.main)
     preds, run = read_predictions(predictions, s.outside)
     pairs = match(preds, read_references(references, s.outside))
     models = Models(s, s.metrics)
@@ -151,6 +161,8 @@ def evaluate(predictions: str | Path, references: str | Path, s: Settings, outpu
         "bootstrap": {"level": 0.95, "resamples": s.resamples, "seed": s.seed, "method": "percentile, of the mean"},
         "metrics": scoring.results, "skipped": models.skipped,
     }
+    if not procs.main:
+        return None
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     written = {**report, "metrics": {name: r.record() for name, r in scoring.results.items()}}
@@ -159,6 +171,17 @@ def evaluate(predictions: str | Path, references: str | Path, s: Settings, outpu
     files.write_atomic({out: lambda f: f.write(json.dumps(written, indent=2, ensure_ascii=False)),
                         out.with_suffix(".samples.csv"): samples_writer(pairs, per_sample)})
     return report
+
+
+def on_process(s: Settings, procs: processes.Processes) -> Settings:
+    """The settings of one process of a launched run: cuda is its own GPU; FID statistics still to be
+    written are computed on every process, and written by the main one only."""
+    if procs.count == 1:
+        return s
+    stats = s.fid_real_stats
+    if not procs.main and stats and not Path(stats).is_file():  # before any collective: the main one has not
+        stats = None  # written it yet
+    return dataclasses.replace(s, device=procs.device if s.device == "cuda" else s.device, fid_real_stats=stats)
 
 
 def samples_writer(pairs, per_sample: dict[str, dict[str, float]]):

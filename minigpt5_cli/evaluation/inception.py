@@ -177,10 +177,29 @@ class FIDInceptionV3(nn.Module):
         return pool, pool @ self.fc.weight.T  # IS takes the logits without the bias, as torch-fidelity does
 
 
-def to_input(image) -> torch.Tensor:
-    """A PIL image -> (3, 299, 299) in [0, 1]: RGB, bilinear resize as pytorch-fid does it
-    (`F.interpolate`, align_corners=False, no antialias)."""
+def to_input(image, resize: str = "torch") -> torch.Tensor:
+    """A PIL image -> (3, 299, 299), RGB, the network's input. `resize` "torch": bilinear as pytorch-fid
+    does it (`F.interpolate`, align_corners=False, no antialias), in [0, 1]. "tf1": as torch-fidelity
+    does it (8-bit values, TensorFlow 1's bilinear rule, `resize_tf1`), divided by 256, so that the
+    network's 2x - 1 is torch-fidelity's (x - 128) / 128."""
     import numpy as np
 
-    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-    return F.interpolate(x[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)[None]
+    if resize == "tf1":
+        return resize_tf1(x, SIZE)[0] / 256
+    return F.interpolate(x / 255, size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+
+
+def resize_tf1(x: torch.Tensor, size: int) -> torch.Tensor:
+    """TensorFlow 1's bilinear resize of (N, C, H, W) to size x size, align_corners=False: output pixel i
+    reads input position i * in / out (no half-pixel offset), its neighbour clamped at the edge."""
+    def grid(n: int):
+        at = torch.arange(size, dtype=x.dtype) * torch.tensor(n / size, dtype=torch.float32)
+        lo = at.long()
+        return lo, (lo + 1).clamp_max(n - 1), at - lo.float()
+
+    (y0, y1, dy), (x0, x1, dx) = grid(x.shape[2]), grid(x.shape[3])
+    rows0, rows1 = x[:, :, y0, :], x[:, :, y1, :]
+    top = rows0[..., x0] + (rows0[..., x1] - rows0[..., x0]) * dx
+    bottom = rows1[..., x0] + (rows1[..., x1] - rows1[..., x0]) * dx
+    return top + (bottom - top) * dy[:, None]

@@ -171,14 +171,16 @@ def element_score(generated, reference) -> float | None:
 
 
 def mm_relevance_minigpt5(scores: list[float]) -> float:
-    """MiniGPT-5's CLIP-F1 of one dialog from its element scores (`element_score`, text-text and
-    image-image for each turn): precision is the sum of the real scores over the elements not
-    MISSING, recall over those not SPURIOUS; 0 when no element scored."""
+    """MiniGPT-5's CLIP-F1 of one dialog from the element scores of all its turns (`element_score`, text-text
+    and image-image): precision is the sum of the real scores over the elements not MISSING, recall over
+    those not SPURIOUS, F1 as the script computes it, negative when the sum is; 0 when no element scored
+    (or when precision + recall is 0, where the script divides by zero)."""
     real = [s for s in scores if s not in (MISSING, SPURIOUS)]
     if not real:
         return 0.0
     total = sum(real)
-    return _f1(total / sum(s != MISSING for s in scores), total / sum(s != SPURIOUS for s in scores))
+    precision, recall = total / sum(s != MISSING for s in scores), total / sum(s != SPURIOUS for s in scores)
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
 
 
 # ---------------------------------------------------------------- FID and IS
@@ -239,16 +241,18 @@ def inception_score(logits, splits: int = 10) -> tuple[float, float]:
     return float(np.mean(scores)), float(np.std(scores))
 
 
-def inception_features(images: list, net, device: str = "cpu", batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def inception_features(images: list, net, device: str = "cpu", batch_size: int = 32,
+                       resize: str = "torch") -> tuple[np.ndarray, np.ndarray]:
     """Pool3 features (n, 2048) and logits without bias (n, 1008) of PIL images, each resized to
-    299 x 299 (bilinear, as pytorch-fid) and scaled to [-1, 1]."""
+    299 x 299 and scaled to [-1, 1]: `resize` "torch" is pytorch-fid's bilinear, "tf1" torch-fidelity's
+    TensorFlow 1 bilinear with its (x - 128) / 128 (`inception.to_input`)."""
     import torch
 
     from minigpt5_cli.evaluation.inception import to_input
 
     pools, logits = [], []
     for i in range(0, len(images), batch_size):
-        x = torch.stack([to_input(im) for im in images[i:i + batch_size]]).to(device)
+        x = torch.stack([to_input(im, resize) for im in images[i:i + batch_size]]).to(device)
         with torch.inference_mode():
             pool, logit = net(x)
         pools.append(pool.double().cpu().numpy())

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.evaluation import compat as C
 from minigpt5_cli.evaluation import maths as M
 from minigpt5_cli.evaluation.result import Result
 
@@ -22,7 +23,8 @@ INCEPTION_RESIZE = ("each image resized to 299x299 with torch bilinear interpola
                     "antialias) as pytorch-fid does, inputs scaled to [-1, 1]")
 COMPAT_TEXT = ("MiniGPT-5's MMDialog handling: both texts cleaned (### removed, the text before [IMG0] kept, "
                "stripped, punctuation alone made empty), pairs with an empty reference left out, 0 for an empty "
-               "prediction, averaged per dialog (the id before its last '_') and then over dialogs")
+               "prediction, averaged per dialog (the id, less a '-TASK' suffix, before its last '_') and then over "
+               "dialogs")
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,6 @@ def result(name: str, definition: str, **kw) -> None:
     METRICS[name] = Metric(name, definition, None, selectable=False, in_all=False, **kw)
 
 
-def story_of(sample_id: str) -> str:
-    """The story (or dialog) a sample belongs to: its id before the last '_' (the original's story_step ids)."""
-    return sample_id.rsplit("_", 1)[0]
-
-
 # ---------------------------------------------------------------- text
 
 
@@ -74,7 +71,7 @@ def _compat_text(run, name: str, score, definition: str, label: str, **fields) -
     for i, v in zip(scored, score([kept[i][1] for i in scored], [kept[i][2] for i in scored]) if scored else []):
         values[i] = float(v)
     ids = [c[0] for c in kept]
-    dialogs = M.group_means([story_of(i) for i in ids], values)
+    dialogs = M.group_means([C.dialog_step(i)[0] for i in ids], values)
     run.results[name] = Result(
         float(np.mean(dialogs)) if dialogs else None, f"{definition}; {COMPAT_TEXT}", n=len(values),
         interval=run.bootstrap(dialogs), per_item=dict(zip(ids, values)), counts={"dialogs": len(dialogs)},
@@ -156,12 +153,31 @@ def _clip_fields(run) -> dict:
 
 
 def _clip_pairs(run, name: str, reference, missing: str) -> None:
+    if run.s.compat == "minigpt5":
+        return _clip_pairs_minigpt5(run, name)
     pairs = [(p, r) for p, r in run.pairs if p.images and reference(r)]
     left = {"no generated image": sum(not p.images for p, _ in run.pairs),
             missing: sum(bool(p.images) and not reference(r) for p, r in run.pairs)}
     gen = run.clip([p.images[0] for p, _ in pairs])
     ref = run.clip([reference(r) for _, r in pairs])
     run.mean(name, [p.id for p, _ in pairs], M.cosine(gen, ref) if pairs else [], left_out=left, **_clip_fields(run))
+
+
+def _clip_pairs_minigpt5(run, name: str) -> None:
+    """CLIP-I / CLIP-T as the original scores VIST: every sample with a generated image, against its
+    reference image as the loader hands it over (C.reference_image; black when it has none) or against
+    the loader's target text (image tokens and ### included)."""
+    pairs = [(p, r) for p, r in run.pairs if p.images]
+    if name == "clip_i":
+        ref = run.clip([C.Seen(r.images[0] if r.images else None, C.reference_image) for _, r in pairs])
+        how = "the reference image padded to a white square and resized to 512 x 512 (black when missing)"
+    else:
+        ref = run.clip([C.target_text(r.text, bool(r.images)) for _, r in pairs])
+        how = "the reference text as the loader's target: [IMG0]..[IMG7] after it when it has an image, then ###"
+    gen = run.clip([p.images[0] for p, _ in pairs])
+    run.mean(name, [p.id for p, _ in pairs], M.cosine(gen, ref) if pairs else [],
+             left_out={"no generated image": len(run.pairs) - len(pairs)},
+             **{**_clip_fields(run), "compat": f"{_clip_fields(run)['compat']}; {how}"})
 
 
 @metric("clip_i", "mean over samples of the plain cosine (no x100, no clamp) between transformers CLIP image "
@@ -186,20 +202,36 @@ def _mm_relevance(run) -> None:
     run.mean("mm_relevance", [p.id for p, _ in run.pairs], values, **_clip_fields(run))
 
 
-@metric("mm_relevance_minigpt5", "MiniGPT-5's CLIP-F1 variant of MM-Relevance: per sample (one dialog turn), CLIP "
-                                 "cosines text-text and image-image (first image); an element only the reference has "
-                                 "is missing (-1), one only the prediction has is spurious (-2); precision = sum / "
-                                 "elements not missing, recall = sum / elements not spurious; F1 per sample, mean "
-                                 "over samples", needs="clip", in_all=False)
+@metric("mm_relevance_minigpt5", "MiniGPT-5's CLIP-F1 variant of MM-Relevance, as its MMDialog script computes "
+                                 "it: per turn, CLIP cosines of the cleaned texts and of the first images; an "
+                                 "element only the reference has is missing (-1), one only the prediction has is "
+                                 "spurious (-2), an image expected when the loader's target holds [IMG0]; per "
+                                 "dialog (the id, less a '-TASK' suffix, before its last '_'), over all its turns, "
+                                 "precision = sum / elements not missing, recall = sum / elements not spurious, F1 "
+                                 "(negative when the sum is); mean over dialogs", needs="clip", in_all=False)
 def _mm_relevance_minigpt5(run) -> None:
-    run.clip([x for p, r in run.pairs for s in (p, r) for x in [s.text.strip(), *s.images[:1]] if x])
-    values = []
+    # (dialog, step, predicted text, reference text, generated image, reference image), as the script has them
+    rows = []
     for p, r in run.pairs:
-        scores = [M.element_score(run.clip.one(p.text.strip() or None), run.clip.one(r.text.strip() or None)),
-                  M.element_score(run.clip.one(p.images[0] if p.images else None),
-                                  run.clip.one(r.images[0] if r.images else None))]
-        values.append(M.mm_relevance_minigpt5([x for x in scores if x is not None]))
-    run.mean("mm_relevance_minigpt5", [p.id for p, _ in run.pairs], values, **_clip_fields(run))
+        target = C.target_text(r.text, bool(r.images))
+        wanted = "[IMG0]" in target  # the script expects an image from its target string
+        rows.append((*C.dialog_step(p.id), M.minigpt5_clean(p.text) or None, M.minigpt5_clean(target) or None,
+                     p.images[0] if p.images else None,
+                     C.Seen(r.images[0] if r.images else None, C.reference_image) if wanted else None))
+    run.clip([x for row in rows for x in row[2:] if x is not None])  # in batches, before the turns
+    turns: dict[str, dict[str, dict[str, float]]] = {}  # dialog -> step -> "text"/"image" -> score; later ids win
+    for dialog, step, *elements in rows:
+        scores = turns.setdefault(dialog, {}).setdefault(step, {})
+        for key, gen, ref in (("text", *elements[:2]), ("image", *elements[2:])):
+            score = M.element_score(run.clip.one(gen), run.clip.one(ref))
+            if score is not None:
+                scores[key] = score
+    values = [M.mm_relevance_minigpt5([s for step in steps.values() for s in step.values()])
+              for steps in turns.values()]
+    run.results["mm_relevance_minigpt5"] = Result(
+        float(np.mean(values)) if values else None, METRICS["mm_relevance_minigpt5"].definition, n=len(run.pairs),
+        interval=run.bootstrap(values), counts={"dialogs": len(values)}, details={"ci_over": "dialogs"},
+        **_clip_fields(run))
 
 
 # ---------------------------------------------------------------- Inception
@@ -208,13 +240,12 @@ def _mm_relevance_minigpt5(run) -> None:
 def _inception_fields(run, **details) -> dict:
     """The Inception metrics' weights, and the resize and `details` to record beside them."""
     return {"weights": getattr(run.models.inception, "description", "?"),
-            "details": {**details, "resize": INCEPTION_RESIZE}}
+            "details": {"resize": INCEPTION_RESIZE, **details}}
 
 
 def _generated(run):
-    """Every generated image with the id of its sample, and their Inception features and logits."""
-    owners = [p.id for p, _ in run.pairs for _ in p.images]
-    return owners, *run.inception([im for p, _ in run.pairs for im in p.images])
+    """The Inception features and logits of every generated image."""
+    return run.inception([im for p, _ in run.pairs for im in p.images])
 
 
 def _frechet(mu1, sigma1, mu2, sigma2) -> tuple[float | None, str | None]:
@@ -232,13 +263,14 @@ def _frechet(mu1, sigma1, mu2, sigma2) -> tuple[float | None, str | None]:
 def _fid(run) -> None:
     s = run.s
     stats = Path(s.fid_real_stats) if s.fid_real_stats else None
-    if s.compat == "minigpt5" and stats is not None and stats.is_file():
-        raise UserError("--compat minigpt5 computes a per-story FID from the reference images; "
-                        "it cannot come from --fid-real-stats")
-    owners, gen, _ = _generated(run)
-    real_ids = [r.id for _, r in run.pairs for _ in r.images]
+    if s.compat == "minigpt5":
+        if stats is not None and stats.is_file():
+            raise UserError("--compat minigpt5 computes a per-story FID from the reference images; "
+                            "it cannot come from --fid-real-stats")
+        return _fid_minigpt5(run)
+    gen = _generated(run)[0]
     if stats is not None and stats.is_file():
-        mu, sigma, n_real, real = *_read_stats(stats), None
+        mu, sigma, n_real = _read_stats(stats)
         real_source = str(stats)
     else:
         real = run.inception([im for _, r in run.pairs for im in r.images])[0]
@@ -259,38 +291,61 @@ def _fid(run) -> None:
                                 **_inception_fields(run, reference=real_source))
     if why:
         run.console.print(f"[yellow]warning:[/] FID not computable: {why}")
-    if s.compat == "minigpt5":
-        _fid_per_story(run, owners, gen, real_ids, real)
 
 
-result("fid_per_story", "MiniGPT-5 compatibility: FID computed separately for each story, samples grouped by the id "
-                        "before its last '_' (the original's story_step ids), over stories with at least 2 generated "
-                        "and 2 reference images, then averaged. Covariances of a few 2048-d features are "
-                        "rank-deficient: the number is not a meaningful FID", lower_is_better=True)
+result("fid_per_story", "MiniGPT-5 compatibility: FID computed separately for each story (the id, less a "
+                        "'-TASK' suffix, before its last '_'), over stories with more than one step, then "
+                        "averaged. Covariances of a few 2048-d features are rank-deficient: the number is not a "
+                        "meaningful FID, and pytorch-fid's imaginary-part check, a test of rounding noise there, is "
+                        "not run per story",
+       lower_is_better=True)
+
+COMPAT_FID = ("torchmetrics 1.2's FID as MiniGPT-5's VIST script calls it: the samples with a generated image, "
+              "against their reference images as the loader hands them over (padded to a white square, 512 x 512; "
+              "black when missing); both resized to a short side of 256 (bilinear, 8 bits), then to 299 x 299 by "
+              "TensorFlow 1's bilinear rule, (x - 128) / 128; the root's trace as the sum of the real parts of the "
+              "square roots of the eigenvalues of sigma_real sigma_gen, no check of an imaginary part")
+COMPAT_RESIZE = "8-bit images resized to 299 x 299 by TensorFlow 1's bilinear rule (torch-fidelity), (x - 128) / 128"
 
 
-def _fid_per_story(run, gen_ids, gen, real_ids, real) -> None:
-    values, failed, stories = [], [], sorted({story_of(i) for i in gen_ids})
-    for name in stories:
-        g = gen[[story_of(i) == name for i in gen_ids]]
-        r = real[[story_of(i) == name for i in real_ids]]
-        if len(g) < 2 or len(r) < 2:
-            continue
-        value, _ = _frechet(*M.feature_stats(g), *M.feature_stats(r))
-        if value is None:
-            failed.append(name)  # one story's FID is not computable: the others still are
-        else:
-            values.append(value)
-    small = len(stories) - len(values) - len(failed)
+def _compat_inception(run):
+    """The Inception features as torchmetrics computes them (C: TensorFlow 1's resize), cached apart."""
+    from minigpt5_cli.evaluation.features import InceptionFeatures
+
+    if "inception_tf1" not in run.memo:
+        run.memo["inception_tf1"] = InceptionFeatures(run.models.inception, run.s.device, run.s.batch_size,
+                                                      resize="tf1")
+    return run.memo["inception_tf1"]
+
+
+def _fid_minigpt5(run) -> None:
+    pairs = [(p, r) for p, r in run.pairs if p.images]
+    features = _compat_inception(run)
+    gen = features([C.Seen(p.images[0], C.fid_image) for p, _ in pairs])[0]
+    real = features([C.Seen(r.images[0] if r.images else None, C.reference_for_fid) for _, r in pairs])[0]
+    if len(gen) < 2:
+        raise UserError(f"FID needs at least 2 generated images, found {len(gen)}")
+    refused = C.pytorch_fid_refuses(real, gen)
+    check = "would refuse it: the root has an imaginary part above 1e-3" if refused else "passes"
+    run.results["fid"] = Result(C.frechet_distance(real, gen), METRICS["fid"].definition,
+                                counts={"n_generated": len(gen), "n_reference": len(real)}, compat=COMPAT_FID,
+                                **_inception_fields(run, pytorch_fid_check=check, resize=COMPAT_RESIZE))
+    if refused:
+        run.console.print("[yellow]warning:[/] pytorch-fid's check would refuse this FID (an imaginary part of "
+                          "the root above 1e-3); --compat minigpt5 reports it as the original does")
+    steps: dict[str, dict[str, int]] = {}  # story -> step -> row in gen/real; a later id of a step wins
+    for k, (p, _) in enumerate(pairs):
+        story, step = C.dialog_step(p.id)
+        steps.setdefault(story, {})[step] = k
+    values = [C.frechet_distance(real[rows], gen[rows])
+              for rows in (list(v.values()) for v in steps.values()) if len(rows) > 1]
     run.results["fid_per_story"] = Result(
         float(np.mean(values)) if values else None, METRICS["fid_per_story"].definition,
         counts={"stories": len(values)},
-        left_out={"stories with fewer than 2 generated or reference images": small,
-                  "stories whose FID is not computable (a large imaginary part of the root)": len(failed)},
-        compat="per-story FID averaged over stories", **_inception_fields(run))
-    if failed:
-        run.console.print(f"[yellow]warning:[/] per-story FID not computable for {len(failed)} stories "
-                          f"(e.g. {failed[0]!r}); averaged over the other {len(values)}")
+        left_out={"stories with one step": len(steps) - len(values),
+                  "samples without a generated image": len(run.pairs) - len(pairs)},
+        compat="per-story FID averaged over stories, " + COMPAT_FID.split(": ", 1)[1],
+        **_inception_fields(run, resize=COMPAT_RESIZE))
 
 
 def _read_stats(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
@@ -305,7 +360,9 @@ def _read_stats(path: Path) -> tuple[np.ndarray, np.ndarray, int | None]:
               "generated images in consecutive splits of at least 2 images; mean and population std over splits",
         needs="inception")
 def _is(run) -> None:
-    _, _, logits = _generated(run)
+    if run.s.compat == "minigpt5":
+        return _is_minigpt5(run)
+    logits = _generated(run)[1]
     if len(logits) < 2:
         raise UserError(f"IS needs at least 2 generated images, found {len(logits)}")
     splits = min(run.s.is_splits, len(logits) // 2)  # a split of one image would score exactly 1
@@ -315,6 +372,20 @@ def _is(run) -> None:
     mean, std = M.inception_score(logits, splits)
     run.results["is"] = Result(mean, METRICS["is"].definition, std=std, counts={"n_generated": len(logits)},
                                **_inception_fields(run, splits=splits))
+
+
+def _is_minigpt5(run) -> None:
+    images = [p.images[0] for p, _ in run.pairs if p.images]
+    if not images:
+        raise UserError("IS needs at least 1 generated image, found 0")
+    logits = _compat_inception(run)(images)[1]
+    mean, std, parts = C.inception_score(logits, run.s.is_splits, run.s.seed)
+    run.results["is"] = Result(
+        mean, METRICS["is"].definition, std=std, counts={"n_generated": len(logits)},
+        compat=f"torchmetrics 1.2's IS as MiniGPT-5's scripts call it: each sample's first generated image, "
+               f"{COMPAT_RESIZE}; the logits shuffled (torch.randperm seeded with --seed {run.s.seed}), split by "
+               f"torch.chunk into at most {run.s.is_splits} parts of ceil(n / {run.s.is_splits}); std with n - 1",
+        **_inception_fields(run, splits=parts, resize=COMPAT_RESIZE))
 
 
 # ---------------------------------------------------------------- shapes world

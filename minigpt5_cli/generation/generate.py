@@ -8,18 +8,24 @@ the generator's own text encoder renders one image per response from that text.
 
 Randomness is per story and per image (seeded from `--seed` and the story's position in the
 input), so a story comes out the same at any batch size, up to float rounding in padded batches.
+
+Batch k holds the input's stories k*B to k*B+B-1 that are still to do, whatever the number of processes
+(`Shard`): a story's batch-mates, hence its float rounding, are those of a one-process run, so N
+processes, or N `--shard` runs, write the same files as one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from datetime import timedelta
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
-from minigpt5_cli import display, files
+from minigpt5_cli import display, files, processes
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.prompts import NEXT
 from minigpt5_cli.data.samples import Sample
@@ -77,7 +83,11 @@ def load(model: str, precision: str | None = None, device: str | None = None,
         recipes.check_found(recipe, where=path)  # the user's own recipe: paths from the current folder
     device = pick_device(device)
     precision = run_precision(precision or recipe.train.mixed_precision, device, console)
-    net = build_model(recipe.model, recipe.adapter, precision=precision)
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # a recipe's untrained parts are the same in every run and process
+        torch.manual_seed(0)
+        net = build_model(recipe.model, recipe.adapter, precision=precision)
     if folder is not None:
         checkpoint.load(net, folder)
     net.to(device).eval()
@@ -170,15 +180,64 @@ def run_batch(settings: Settings, jobs: list[Job], decoder: Decoder, renderer: R
         progress.remove_task(images)
 
 
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """The share of a generate job this process does: of the batches, every `count`-th from the `index`-th.
+    `launched`: a process of an accelerate launch, whose processes agree on what is left to do and wait
+    for each other; otherwise a run of its own (`--shard K/N`, or the whole job)."""
+
+    index: int = 0
+    count: int = 1
+    launched: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Whether this process speaks for the job: it prints, shows progress and writes the index."""
+        return self.index == 0 or not self.launched
+
+    def share(self, batches: list[list[Job]]) -> list[list[Job]]:
+        """This shard's batches, out of `batches` (the input's, less the stories done, maybe emptied).
+        A launch's processes look at the folder at one moment: they deal out what is left, so they stay
+        even however much an earlier run did. Separate --shard runs may run hours apart, while the
+        folder fills: they deal out the input's batches, which stay the same between them."""
+        if self.launched:
+            return [b for b in batches if b][self.index::self.count]
+        return [b for b in batches[self.index::self.count] if b]
+
+
+def find_shard(shard: str | None) -> Shard:
+    """This process's share: `--shard K/N`, or its place among the processes of an accelerate launch
+    (its process group joined), or the whole job. Refuses a malformed --shard, and one under a launch."""
+    if processes.launched() > 1:
+        with processes.alike():
+            if shard is not None:
+                raise UserError("--shard runs one shard in a process started by hand; under accelerate launch "
+                                "each process takes its own shard already: leave --shard out")
+            # A process done with its share waits at the end for the others' last batches, however long.
+            joined = processes.join(timeout=timedelta(hours=24))
+        return Shard(joined.index, joined.count, launched=True)
+    if shard is None:
+        return Shard()
+    parts = re.fullmatch(r"([0-9]+)/([0-9]+)", shard.strip())
+    if not parts:
+        raise UserError(f"--shard {shard}: give K/N, shard K of N (e.g. --shard 1/2)")
+    k, n = int(parts[1]), int(parts[2])
+    if not 1 <= k <= n:
+        raise UserError(f"--shard {shard}: K must be from 1 to N")
+    return Shard(k - 1, n)
+
+
 def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path, nested: bool,
-             overwrite: bool = False, console: Console | None = None) -> list[Path]:
-    """Generate every story and write its folder; finished stories already under `out` are kept. Unset
-    `settings` come from the model's recipe."""
+             overwrite: bool = False, console: Console | None = None, shard: Shard = Shard()) -> list[Path]:
+    """Generate every story of `shard` and write its folder; finished stories already under `out` are kept.
+    Unset `settings` come from the model's recipe. Returns the folders of the job's finished stories; the
+    index lists them once every story is finished."""
     model, info = loaded.net, loaded.info
-    settings = settings.resolve(loaded.sample)  # checked as it is resolved
-    check_output(out, Path(info["checkpoint"] or info["recipe"]))
-    console = console or Console(stderr=True)
-    decoder, renderer = Decoder(model, loaded.data, settings), Renderer(model, settings)  # these check the settings
+    console = console or Console(stderr=True, quiet=not shard.main)
+    with processes.alike():
+        settings = settings.resolve(loaded.sample)  # checked as it is resolved
+        check_output(out, Path(info["checkpoint"] or info["recipe"]))
+        decoder, renderer = Decoder(model, loaded.data, settings), Renderer(model, settings)  # these check the settings
     if settings.mode == "vokens" and not info["trained"]:
         console.print("[yellow]warning:[/] no checkpoint: the vokens and the mapper are untrained")
     if model.processor is None and any(s.image is not None for st in stories for s in st.steps):
@@ -187,6 +246,57 @@ def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path
     folders = {st.id: out / folder_name(st.id) if nested else out for st in stories}
     if nested and len(set(folders.values())) < len(folders):
         folders = {job.story.id: out / f"{job.index:05d}-{folder_name(job.story.id)}" for job in jobs}
+    plan, error = None, None
+    if shard.main:  # under a launch, the main process reads the folder before any process writes in it
+        try:
+            plan = _plan(jobs, folders, out, nested, overwrite, console)
+        except UserError as e:
+            error = e
+    with processes.alike():
+        before = processes.broadcast(plan, error)  # {index: stamp} of the stories to do
+    _warn_unknown(model, [jobs[i].story for i in before], console)  # after the refusals: an error stays one line
+    size = settings.batch_size
+    mine = shard.share([[job for job in jobs[i:i + size] if job.index in before] for i in range(0, len(jobs), size)])
+    ours = {job.index for batch in mine for job in batch}
+    others = [jobs[i] for i in before if i not in ours] if shard.main else []  # counted as their story.json appear
+    new = _new_folders([out] + [folders[job.story.id] for batch in mine for job in batch])
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
+              "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
+                                             "device")}}
+    written = 0
+
+    def count() -> int:
+        return written + sum(stamp(folders[job.story.id]) != before[job.index] for job in others)
+
+    progress = display.progress(console, disable=not shard.main)
+    try:
+        with progress:
+            task = progress.add_task("stories", total=len(before))
+            for batch in mine:
+                run_batch(settings, batch, decoder, renderer, progress)
+                for job in batch:
+                    write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
+                                before[job.index])
+                    job.responses = []  # written: a long run holds only its batch's pictures
+                written += len(batch)
+                progress.update(task, completed=count())
+            processes.gather(None)  # every process of a launch done
+            if others:
+                progress.update(task, completed=count())
+    except BaseException:
+        _remove_empty(new)
+        raise
+    done = [folders[job.story.id] for job in jobs if finished(folders[job.story.id], job)]
+    if nested and shard.main and len(done) == len(jobs):  # a --shard run that is not the last leaves it
+        write_index(out, done)
+    return done
+
+
+def _plan(jobs: list[Job], folders: dict[str, Path], out: Path, nested: bool, overwrite: bool,
+          console: Console) -> dict[int, int | None]:
+    """The stories to do, as {index: their story.json's stamp}, after refusing an output folder that holds
+    files of others or another story where one goes; says how many finished ones are kept."""
     if nested and index_clash(out):
         raise UserError(f"{out / INDEX} was not written by minigpt5; pick another --output")
     todo = [job for job in jobs if overwrite or not finished(folders[job.story.id], job)]
@@ -203,32 +313,7 @@ def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path
         kept = display.plural(len(jobs) - len(todo), "story", "stories")
         console.print(f"{kept} already under {out} {'is' if len(jobs) - len(todo) == 1 else 'are'} kept; "
                       "--overwrite redoes them")
-    _warn_unknown(model, [job.story for job in todo], console)  # after the refusals: an error stays one line
-    before = {job.story.id: stamp(folders[job.story.id]) for job in todo}
-    new = _new_folders([out] + [folders[job.story.id] for job in todo])
-    out.mkdir(parents=True, exist_ok=True)
-    record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
-              "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
-                                             "device")}}
-    progress = display.progress(console)
-    try:
-        with progress:
-            task = progress.add_task("stories", total=len(todo))
-            for i in range(0, len(todo), settings.batch_size):
-                batch = todo[i:i + settings.batch_size]
-                run_batch(settings, batch, decoder, renderer, progress)
-                for job in batch:
-                    write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
-                                before[job.story.id])
-                    job.responses = []  # written: a long run holds only its batch's pictures
-                progress.advance(task, len(batch))
-    except BaseException:
-        _remove_empty(new)
-        raise
-    done = [folders[job.story.id] for job in jobs if finished(folders[job.story.id], job)]
-    if nested:
-        write_index(out, done)
-    return done
+    return {job.index: stamp(folders[job.story.id]) for job in todo}
 
 
 def _warn_unknown(model: MiniGPT5, stories: list[Story], console: Console) -> None:

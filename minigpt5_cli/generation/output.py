@@ -7,10 +7,7 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from minigpt5_cli import files
@@ -28,23 +25,33 @@ def folder_name(story_id: str) -> str:
     return name[:100]
 
 
+# story.json while the files it lists move in or out: a run killed meanwhile leaves the story unfinished,
+# and the list tells the next run which files in the folder are its own.
+PENDING = f".{STORY_FILE}.partial"
+
+
 def write_story(folder: Path, job: Job, record: dict, before: int | None) -> dict:
-    """Write one story's files; `story.json` goes in last, so its presence means the story is complete.
-    Other files in `folder` are left alone. `before`: the story.json this run planned to replace (its
-    `stamp`); if another run wrote one meanwhile, nothing is replaced."""
+    """Write one story's files; `story.json` appears last, so its presence means the story is complete,
+    and a run killed while writing leaves it to be done again. The files are written beside `folder`
+    first (`files.staged`: a name unique to the run, as runs may share an output folder; one a killed run
+    left is removed by the next). Other files in `folder` are left alone. `before`: the story.json this
+    run planned to replace (its `stamp`); if another run wrote one meanwhile, nothing is replaced."""
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".partial-"))  # unique: runs may share an output folder
-    try:
+    with files.staged(folder, into=True) as tmp:
         doc = _write_files(tmp, job, record)
         if stamp(folder) != before:
             raise UserError(f"{folder / STORY_FILE} was written by another run meanwhile; nothing of this story "
                             "replaced it (run again to keep it, or --overwrite to redo it)")
-        for old in _written(folder):  # an earlier run's files, story.json first
-            old.unlink(missing_ok=True)
-        for f in sorted(tmp.iterdir(), key=lambda f: f.name == STORY_FILE):
-            os.replace(f, folder / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        old = _written(folder)
+        if old:  # an earlier run's files: its list set aside first, removed last
+            old[0].replace(folder / PENDING)
+            for path in old[1:]:
+                path.unlink(missing_ok=True)
+        # Moved here rather than by `staged`: a run killed meanwhile leaves its partial folder locked as
+        # while writing, so the next one takes it for stale.
+        for name in [PENDING] + sorted(f.name for f in tmp.iterdir() if f.name not in (PENDING, files.LOCK_FILE)):
+            (tmp / name).replace(folder / name)  # the new list first, then the files it names
+    (folder / PENDING).replace(folder / STORY_FILE)
     return doc
 
 
@@ -73,7 +80,7 @@ def _write_files(tmp: Path, job: Job, record: dict) -> dict:
         text = " ".join(s["text"] for s in segments if "text" in s)
         generated.append({"text": text, "images": images, "segments": segments})
     doc = {"id": job.story.id, "input": inputs, "generated": generated, **record}
-    (tmp / STORY_FILE).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
+    (tmp / PENDING).write_text(json.dumps(doc, indent=2, ensure_ascii=False))
     (tmp / "story.md").write_text(_markdown(doc))
     (tmp / "story.html").write_text(_html(doc))
     return doc
@@ -87,11 +94,11 @@ def stamp(folder: Path) -> int | None:
         return None
 
 
-def read_record(folder: Path) -> dict | None:
-    """`folder`'s story.json when it is one generate wrote (it parses, with an id, the input steps and
-    the generated responses and their images); None when there is none. A story.json of another
-    shape is not ours: `clashes` lists it."""
-    path = folder / STORY_FILE
+def read_record(folder: Path, name: str = STORY_FILE) -> dict | None:
+    """`folder`'s story.json (or another `name`) when it is one generate wrote (it parses, with an id, the
+    input steps and the generated responses and their images); None when there is none. A story.json of
+    another shape is not ours: `clashes` lists it."""
+    path = folder / name
     if not path.is_file():
         return None
     try:
@@ -112,13 +119,15 @@ def finished(folder: Path, job: Job) -> bool:
 
 
 def _written(folder: Path) -> list[Path]:
-    """The files an earlier run wrote into `folder`, as its story.json lists them, story.json first."""
-    doc = read_record(folder)
-    if not doc:
-        return []
-    names = [s.get("image") for s in doc["input"]] + [i for g in doc["generated"] for i in g["images"]]
-    return [folder / STORY_FILE, folder / "story.md", folder / "story.html"] + \
-        [folder / n for n in names if isinstance(n, str) and _OURS.fullmatch(n)]
+    """The files an earlier run wrote into `folder`, as its story.json lists them, or the list of a run
+    killed while writing the story (`PENDING`): the list first."""
+    for name in (STORY_FILE, PENDING):
+        doc = read_record(folder, name)
+        if doc:
+            names = [s.get("image") for s in doc["input"]] + [i for g in doc["generated"] for i in g["images"]]
+            return [folder / name, folder / "story.md", folder / "story.html"] + \
+                [folder / n for n in names if isinstance(n, str) and _OURS.fullmatch(n)]
+    return []
 
 
 def clashes(folder: Path) -> list[str]:

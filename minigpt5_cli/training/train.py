@@ -28,6 +28,7 @@ from rich.console import Console
 
 from minigpt5_cli import files, hub
 from minigpt5_cli import recipe as recipes
+from minigpt5_cli.data.batching import GroupedSampler, lengths
 from minigpt5_cli.data.collate import Collator
 from minigpt5_cli.data.samples import TrainSet
 from minigpt5_cli.data.sources import load_sources
@@ -151,8 +152,11 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
                        seed=t.seed, instruction_prob=recipe.data.instruction_prob,
                        images_in_prompt=model.llm_info.accepts_images, tasks=recipe.data.tasks)
     collate = Collator.for_model(model, recipe.data)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=True, collate_fn=collate,
-                                         num_workers=recipe.data.num_workers)
+    # Grouped by length, or shuffled by accelerate's seedable sampler; either order follows from the epoch.
+    sampler = GroupedSampler(lengths(dataset, collate), t, accelerator.num_processes) if recipe.data.group_by_length \
+        else None
+    loader = torch.utils.data.DataLoader(dataset, batch_size=t.batch_size, shuffle=sampler is None, sampler=sampler,
+                                         collate_fn=collate, num_workers=recipe.data.num_workers)
     optimizer = make_optimizer(model, recipe)
     model.run_all_parts = accelerator.distributed_type == DistributedType.FSDP
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -206,8 +210,8 @@ def _run(recipe: recipes.Recipe, precision: str, accelerator, resume: bool, cons
 
 def _batches(accelerator, loader, start: int) -> Iterator:
     """The prepared loader's batches from micro-batch `start` on, epoch after epoch: the data order
-    follows from the micro-batch's index alone (each epoch's shuffle seeded by its number), so a
-    resumed run takes the batches an uninterrupted one takes."""
+    follows from the micro-batch's index alone (each epoch's shuffle, grouped by length or not, seeded
+    by its number), so a resumed run takes the batches an uninterrupted one takes."""
     per_epoch = len(loader)
     for micro in itertools.count(start):
         epoch, skip = divmod(micro, per_epoch)
