@@ -83,8 +83,7 @@ EOF
 }
 
 # The model (b) and (c) generate with: a checkpoint of the paper's stage-2 recipe on the backbones of (a),
-# its vokens, mapper and LoRA as initialised from seed 0 (a recipe given to generate draws them anew in
-# every process, and two runs would not write the same pictures).
+# its vokens, mapper and LoRA as initialised from seed 0, loaded as a trained model is.
 model() {
     [[ -f $work/model/recipe.yaml ]] && return
     "$py" - recipes/vist_stage2_lora.yaml "$work/model" "model.llm=$llm" "model.generator=$sd" train.init_from=none \

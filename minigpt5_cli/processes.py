@@ -52,17 +52,21 @@ def join(timeout: timedelta | None = None) -> Processes:
     return Processes(state.process_index, state.num_processes, str(state.device))
 
 
+WAIT = 600
+
+
 @contextmanager
 def alike():
     """A block whose refusals every process of a launch meets alike: on the same input, or through a
     collective. The main process raises it (its one line); the others wait, silent, for the launcher to
-    stop them once the main one has ended, so that its line is never cut short."""
+    stop them once the main one has ended, so that its line is never cut short (a slow main process,
+    still loading a model, has WAIT seconds to get there)."""
     try:
         yield
-    except UserError:
+    except (UserError, OSError):  # OSError: a full disk the main process met and handed on
         if os.environ.get("RANK", "0") == "0":
             raise
-        time.sleep(60)
+        time.sleep(WAIT)
         raise SystemExit(2) from None
 
 

@@ -1,4 +1,5 @@
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,3 +35,14 @@ def run_cli(*argv: str) -> int:
     except SystemExit as e:
         return e.code or 0
     return 0
+
+
+# Two CPU processes over gloo, as `accelerate launch` starts them on a machine without GPUs.
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "minigpt5_cli"]
+
+
+def launch(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """`accelerate launch -m minigpt5_cli ARGV` on two CPU processes, offline; its output captured."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([*LAUNCH, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)

@@ -897,6 +897,9 @@ CASES = [
          "--bootstrap must be in [1, 100000]"),
     Case("evaluate-disk-full", evaluate_disk_full, "No space left on device"),
     Case("evaluate-is-without-images", evaluate_is_without_images, "IS needs at least 2 generated images, found 0"),
+    Case("evaluate-compat-fid-real-stats", lambda c: evaluate_args(c, SEQS, SEQS, "--compat", "minigpt5",
+                                                                   "--fid-real-stats", str(c.tmp / "real.npz")),
+         "--compat minigpt5 computes FID from the reference images of the samples scored"),
     Case("evaluate-compat-is-without-images", lambda c: evaluate_is_without_images(c, "--compat", "minigpt5"),
          "IS needs at least 1 generated image, found 0"),
     # prepare-data

@@ -4,11 +4,8 @@ take the batches one process takes with N times the accumulation."""
 
 import itertools
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -25,7 +22,7 @@ from minigpt5_cli.modeling.model import MiniGPT5
 from minigpt5_cli.training import train as train_module
 from minigpt5_cli.training.train import model_for
 
-from conftest import DEBUG, REPO, run_cli
+from conftest import DEBUG, launch, run_cli
 from test_fsdp import close
 from test_train import interrupt_after_saving, weights
 
@@ -167,11 +164,7 @@ def test_grouped_training_resumes_exactly(stories, tmp_path, monkeypatch):
 def test_grouped_on_two_processes_trains_what_one_process_trains(stories, tmp_path):
     extra = ("train.mixed_precision=no", "train.max_steps=4")
     assert run_cli(*grouped_args(tmp_path / "one", stories, "train.grad_accum=4", *extra)) == 0
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "minigpt5_cli",
-           *grouped_args(tmp_path / "two", stories, "train.grad_accum=2", *extra)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    proc = launch(*grouped_args(tmp_path / "two", stories, "train.grad_accum=2", *extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
     two, earlier = weights(tmp_path / "two" / "checkpoint-4"), weights(tmp_path / "two" / "checkpoint-2")
     close(two, weights(tmp_path / "one" / "checkpoint-4"), earlier)

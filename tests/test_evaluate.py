@@ -214,6 +214,7 @@ def test_mm_relevance_f1_by_hand():
     p, rec = 0.6 / 1, 0.6 / 2
     assert M.mm_relevance_minigpt5(scores) == pytest.approx(2 * p * rec / (p + rec))
     assert M.mm_relevance_minigpt5([M.SPURIOUS]) == 0.0
+    assert M.mm_relevance_minigpt5([-0.5, M.MISSING]) == pytest.approx(-1 / 3)  # as the script: not clamped at 0
     assert M.element_score(None, None) is None
 
 

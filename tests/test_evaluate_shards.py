@@ -3,27 +3,17 @@ shards and gathered, the metrics computed alike, the files written once."""
 
 import csv
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from conftest import REPO, run_cli
+from conftest import launch, run_cli
 from test_evaluate import _jsonl, _with_images, sentences, tiny_clip, tiny_inception  # noqa: F401 (fixtures)
 
 NAMES = ["red_circle", "red_square", "blue_circle", "blue_square", "green_circle", "green_square", "yellow_circle"]
 METRICS = "clip_i,clip_t,mm_relevance,mm_relevance_minigpt5,fid,is,sbert,rouge_l,bleu1,bleu2"
 TEXT = {"bleu1", "bleu2", "rouge_l"}
-
-
-def launch(*argv: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "minigpt5_cli", *argv]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture

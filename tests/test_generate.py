@@ -178,9 +178,14 @@ def test_two_stage_mode_from_checkpoint_and_from_recipe(runs, tmp_path):
         assert [list(seg) for seg in doc["generated"][0]["segments"]][-1] == ["image"]  # the image follows its text
 
 
-def test_a_recipe_s_untrained_parts_are_the_same_in_every_run(tmp_path):
+def test_a_recipe_s_untrained_parts_are_the_same_in_every_run(tmp_path, monkeypatch):
     """From a recipe the vokens, mapper and adapter are untrained but drawn alike in every run, so a run
-    and its rerun (or another process) write the same files."""
+    and its rerun (or another process) write the same files. A single story's temporary files lie inside
+    --output, never beside it."""
+    from minigpt5_cli import files
+
+    partial, places = files._partial, []
+    monkeypatch.setattr(files, "_partial", lambda out: places.append(out.parent) or partial(out))
     outs = [tmp_path / str(k) for k in range(2)]
     for k, out in enumerate(outs):
         torch.manual_seed(k)  # what came before the run differs, as between two processes
@@ -190,6 +195,7 @@ def test_a_recipe_s_untrained_parts_are_the_same_in_every_run(tmp_path):
     assert names == sorted(p.name for p in outs[1].iterdir()) and any(n.endswith(".png") for n in names)
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
+    assert places and all(place in outs for place in places)
 
 
 def test_two_stage_never_emits_vokens(runs):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run_cli
+from conftest import REPO, launch, run_cli
 
 # 9 stories in batches of 2: 5 batches, 3 for the first of two processes and 2 for the second. Sampled
 # (temperature 1), so that the text depends on each story's seed.
@@ -17,8 +17,6 @@ ARGS = ["--diffusion-steps", "2", "--max-new-tokens", "24", "-b", "2", "--temper
 SHAPES = ["red circle", "blue square", "green triangle", "yellow circle", "red square", "blue triangle",
           "green circle", "yellow square", "red triangle"]
 FIRST = ["s0", "s1", "s4", "s5", "s8"]  # shard 1 of 2: batches 1, 3 and 5
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "minigpt5_cli"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +42,6 @@ def generate(stories, out, *extra) -> int:
 def files_of(folder) -> dict:
     """Every file under `folder`, hidden ones included: {relative path: bytes}."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def launch(*argv, cwd=REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([*LAUNCH, *argv], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_write_what_one_writes(stories, reference, tmp_path):
@@ -96,8 +89,8 @@ def test_progress_counts_the_stories_every_process_finishes(stories, reference, 
     assert counts == ["stories 0/9", "stories 3/9", "stories 5/9", "stories 6/9"], counts
 
 
-# Runs generate as the command line does, killed (SIGKILL, nothing cleaned up) once story s2's list and
-# one of its files are in its folder, the other files not yet.
+# Runs generate as the command line does, killed (SIGKILL, nothing cleaned up) once story s3's list and
+# one of its files are in its folder, the other files not yet: s2, its batch-mate, is written whole.
 KILLED_WHILE_WRITING = """
 import os, signal, sys
 from pathlib import Path
@@ -106,7 +99,7 @@ replace, moved = Path.replace, []
 
 def replace_then_die(self, target):
     done = replace(self, target)
-    moved.extend([target] if Path(target).parent.name == "s2" else [])
+    moved.extend([target] if Path(target).parent.name == "s3" else [])
     if len(moved) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return done
@@ -117,9 +110,9 @@ main(sys.argv[1:])
 """
 
 
-def test_a_story_killed_while_written_is_done_again(stories, reference, tmp_path):
-    """Not taken as finished, its files not taken for someone else's: the rerun writes it whole, and the
-    killed run's partial folder is gone."""
+def test_a_story_killed_while_written_is_done_again(stories, reference, tmp_path, monkeypatch):
+    """Not taken as finished, its files not taken for someone else's: the rerun writes it whole, with the
+    batch-mate it had (already written, not rewritten), and the killed run's partial folder is gone."""
     from minigpt5_cli.generation.output import PENDING
 
     out = tmp_path / "out"
@@ -128,10 +121,20 @@ def test_a_story_killed_while_written_is_done_again(stories, reference, tmp_path
                            *ARGS], cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == -9, proc.stderr[-3000:]
-    assert (out / "s2" / PENDING).is_file() and not (out / "s2" / "story.json").exists()
-    assert len(list((out / "s2").iterdir())) == 2 and list(out.glob(".s2.partial-*"))
+    assert (out / "s3" / PENDING).is_file() and not (out / "s3" / "story.json").exists()
+    partial = list((out / "s3").glob(".story.json.partial-*"))  # inside the story's folder, never outside --output
+    assert len(partial) == 1 and len(list((out / "s3").iterdir())) == 3
+    assert files_of(out / "s2") == files_of(reference / "s2")
+    written = (out / "s2" / "story.json").stat().st_mtime_ns
+    from minigpt5_cli.generation import generate as G
+
+    run, batches = G.run_batch, []
+    monkeypatch.setattr(G, "run_batch", lambda settings, jobs, *a: batches.append([j.story.id for j in jobs]) or
+                        run(settings, jobs, *a))
     assert run_cli("generate", "-s", str(stories), "-o", str(out), *ARGS) == 0
+    assert batches[0] == ["s2", "s3"]  # s3 beside the batch-mate it had, so padded alike
     assert files_of(out) == files_of(reference)
+    assert (out / "s2" / "story.json").stat().st_mtime_ns == written
 
 
 def test_every_process_refuses_alike_and_the_main_one_says_why(stories, tmp_path):

@@ -5,8 +5,7 @@ import json
 
 import numpy as np
 
-from conftest import run_cli
-from test_evaluate_shards import launch
+from conftest import launch, run_cli
 from test_prepare import cc3m_pairs, rows
 
 TENSORS = ("latent_mean", "latent_logvar", "caption_embed")

@@ -49,6 +49,9 @@ class Settings:
         for option, value, high in (("--is-splits", self.is_splits, 1000), ("--batch-size", self.batch_size, 4096),
                                     ("--bootstrap", self.resamples, 100_000)):
             in_range(option, value, (1, high, True, True))
+        if self.compat == "minigpt5" and self.fid_real_stats:
+            raise UserError("--compat minigpt5 computes FID from the reference images of the samples scored, as "
+                            "the original does; leave out --fid-real-stats")
 
 
 def default_clip_model(spec: str) -> str:

@@ -263,10 +263,7 @@ def _frechet(mu1, sigma1, mu2, sigma2) -> tuple[float | None, str | None]:
 def _fid(run) -> None:
     s = run.s
     stats = Path(s.fid_real_stats) if s.fid_real_stats else None
-    if s.compat == "minigpt5":
-        if stats is not None and stats.is_file():
-            raise UserError("--compat minigpt5 computes a per-story FID from the reference images; "
-                            "it cannot come from --fid-real-stats")
+    if s.compat == "minigpt5":  # (Settings.check refuses --fid-real-stats with it)
         return _fid_minigpt5(run)
     gen = _generated(run)[0]
     if stats is not None and stats.is_file():

@@ -9,9 +9,10 @@ the generator's own text encoder renders one image per response from that text.
 Randomness is per story and per image (seeded from `--seed` and the story's position in the
 input), so a story comes out the same at any batch size, up to float rounding in padded batches.
 
-Batch k holds the input's stories k*B to k*B+B-1 that are still to do, whatever the number of processes
-(`Shard`): a story's batch-mates, hence its float rounding, are those of a one-process run, so N
-processes, or N `--shard` runs, write the same files as one.
+Batch k holds the input's stories k*B to k*B+B-1, whatever the number of processes (`Shard`), and runs
+whole while one of them is still to do: a story's batch-mates, hence its float rounding, are those of a
+one-process run, so N processes, N `--shard` runs, or a run stopped and run again, write the same files
+as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ class Shard:
         return self.index == 0 or not self.launched
 
     def share(self, batches: list[list[Job]]) -> list[list[Job]]:
-        """This shard's batches, out of `batches` (the input's, less the stories done, maybe emptied).
+        """This shard's batches, out of `batches` (the input's, those with no story to do emptied).
         A launch's processes look at the folder at one moment: they deal out what is left, so they stay
         even however much an earlier run did. Separate --shard runs may run hours apart, while the
         folder fills: they deal out the input's batches, which stay the same between them."""
@@ -256,10 +257,13 @@ def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path
         before = processes.broadcast(plan, error)  # {index: stamp} of the stories to do
     _warn_unknown(model, [jobs[i].story for i in before], console)  # after the refusals: an error stays one line
     size = settings.batch_size
-    mine = shard.share([[job for job in jobs[i:i + size] if job.index in before] for i in range(0, len(jobs), size)])
-    ours = {job.index for batch in mine for job in batch}
+    # A batch with a story to do runs whole: one a stopped run wrote in part gives its missing stories the
+    # batch-mates, and the float rounding, of an uninterrupted run; its finished stories are not rewritten.
+    grid = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    mine = shard.share([batch if any(job.index in before for job in batch) else [] for batch in grid])
+    ours = {job.index for batch in mine for job in batch if job.index in before}
     others = [jobs[i] for i in before if i not in ours] if shard.main else []  # counted as their story.json appear
-    new = _new_folders([out] + [folders[job.story.id] for batch in mine for job in batch])
+    new = _new_folders([out] + [folders[jobs[i].story.id] for i in ours])
     out.mkdir(parents=True, exist_ok=True)
     record = {"mode": settings.mode, "settings": dataclasses.asdict(settings),
               "model": {k: info[k] for k in ("name", "llm", "generator", "checkpoint", "recipe", "precision",
@@ -276,10 +280,11 @@ def generate(stories: list[Story], loaded: Loaded, settings: Settings, out: Path
             for batch in mine:
                 run_batch(settings, batch, decoder, renderer, progress)
                 for job in batch:
-                    write_story(folders[job.story.id], job, {**record, "seed": settings.seed, "index": job.index},
-                                before[job.index])
+                    if job.index in before:
+                        write_story(folders[job.story.id], job, {**record, "seed": settings.seed,
+                                                                 "index": job.index}, before[job.index])
+                        written += 1
                     job.responses = []  # written: a long run holds only its batch's pictures
-                written += len(batch)
                 progress.update(task, completed=count())
             processes.gather(None)  # every process of a launch done
             if others:

@@ -32,12 +32,12 @@ PENDING = f".{STORY_FILE}.partial"
 
 def write_story(folder: Path, job: Job, record: dict, before: int | None) -> dict:
     """Write one story's files; `story.json` appears last, so its presence means the story is complete,
-    and a run killed while writing leaves it to be done again. The files are written beside `folder`
-    first (`files.staged`: a name unique to the run, as runs may share an output folder; one a killed run
-    left is removed by the next). Other files in `folder` are left alone. `before`: the story.json this
+    and a run killed while writing leaves it to be done again. The files are written in a temporary
+    folder inside `folder` first (`files.staged` beside its story.json: never outside the output; a name
+    unique to the run, as runs may share an output folder; one a killed run left is removed by the next). Other files in `folder` are left alone. `before`: the story.json this
     run planned to replace (its `stamp`); if another run wrote one meanwhile, nothing is replaced."""
     folder.mkdir(parents=True, exist_ok=True)
-    with files.staged(folder, into=True) as tmp:
+    with files.staged(folder / STORY_FILE, into=True) as tmp:
         doc = _write_files(tmp, job, record)
         if stamp(folder) != before:
             raise UserError(f"{folder / STORY_FILE} was written by another run meanwhile; nothing of this story "
