@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from minigpt5_cli.interleaved.cli import arena_app
 from minigpt5_cli.demo.cli import DEMO_HELP
 from minigpt5_cli.demo.cli import demo as demo_command
 from minigpt5_cli.display import plural
@@ -376,6 +377,7 @@ def evaluate(
 
 app.command("demo", help=DEMO_HELP, short_help="A local web page to write a story with a model.")(demo_command)
 app.add_typer(rate_app, name="rate")
+app.add_typer(arena_app, name="arena")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,7 @@ waits for the others; the main one prints it (`alike`)."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -45,6 +46,7 @@ def join(timeout: timedelta | None = None) -> Processes:
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"), **({"timeout": timeout} if timeout else {}))
+    atexit.register(_leave)
     if started > state.num_processes:  # e.g. a multi-GPU config on a machine without GPUs
         raise UserError(f"accelerate started {started} processes, but they did not join one process group "
                         f"({state.distributed_type}): the accelerate config does not fit this machine; "
@@ -53,6 +55,15 @@ def join(timeout: timedelta | None = None) -> Processes:
 
 
 WAIT = 600
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter tears down: a process done before the others (their
+    main one still writing) would otherwise abort on the group's threads at exit."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextmanager

@@ -1025,6 +1025,43 @@ CASES = [
          "{tmp}/study/key.json is not a study key written by rate build: a story appears twice"),
     Case("rate-results-old-key-without-path", lambda c: old_study(c, lambda k: k["models"]["a"].pop("path")),
          "{tmp}/old/study.json is not a study key written by rate build: model a lacks a name, option or path"),
+    # arena
+    Case("arena-sample-missing-data", lambda c: arena_sample_args(c, c.tmp / "none.jsonl"),
+         "--data {tmp}/none.jsonl not found"),
+    Case("arena-sample-data-not-json", lambda c: arena_sample_args(c, c.file("d.jsonl", "{not json\n")),
+         "{tmp}/d.jsonl line 1: not valid JSON"),
+    Case("arena-sample-not-opening", lambda c: arena_sample_args(c, c.file("d.jsonl", '{"id": "1"}\n')),
+         "{tmp}/d.jsonl line 1 is not an OpenING record (no total_uid or subtask_name)"),
+    Case("arena-sample-folder-without-data", lambda c: arena_sample_args(c, c.file("o/notes.txt", "x").parent),
+         "--data {tmp}/o holds neither of test_data.jsonl and dev_data.jsonl"),
+    Case("arena-sample-unknown-model", lambda c: arena_sample_args(
+        c, None, "--models", "gill,Nope", "--baseline", str(c.file("b.json", '[{"0": {"name": "gill"}}, '
+                                                                        '{"1": {"name": "Emu2"}}]'))),
+         "--models: 'Nope' is not in {tmp}/b.json; it names gill, Emu2"),
+    Case("arena-sample-not-a-model-list", lambda c: arena_sample_args(c, None, "--baseline",
+                                                                      str(c.file("b.json", '{"0": "gill"}'))),
+         "{tmp}/b.json is not OpenING's baseline_models.json"),
+    Case("arena-sample-one-model", lambda c: arena_sample_args(c, None, "--models", "gill"),
+         "an arena needs at least 2 models"),
+    Case("arena-sample-no-pairs", lambda c: arena_sample_args(c, None, "--per-instance", "0"),
+         "--per-instance must be at least 1"),
+    Case("arena-sample-too-few-models", lambda c: arena_sample_args(c, None, "--per-instance", "2"),
+         "--per-instance 2 needs more models: with 3, an instance gets at most 1 pair"),
+    Case("arena-results-missing", lambda c: ["arena", "results", str(c.tmp / "none.json"), "-o", str(c.tmp / "r.json")],
+         "{tmp}/none.json not found"),
+    Case("arena-results-not-json", lambda c: arena_results_args(c, c.file("j.json", "[{")),
+         "{tmp}/j.json: not valid JSON"),
+    Case("arena-results-not-a-list", lambda c: arena_results_args(c, c.file("j.json", '{"A": 1}')),
+         "{tmp}/j.json is not a list of judgements"),
+    Case("arena-results-no-winner", lambda c: arena_results_args(c, c.file("j.json", json.dumps(
+        [{"data_id": "1", "model_A": {"id": "0", "name": "a"}, "model_B": {"id": "1", "name": "b"}}]))),
+         "{tmp}/j.json record 1 is not a judgement: it needs data_id, model_A and model_B"),
+    Case("arena-results-jsonl-no-model", lambda c: arena_results_args(c, c.file("j.jsonl", '{"data_id": "1", '
+                                                                               '"winner": "A"}\n')),
+         "{tmp}/j.jsonl line 1 is not a judgement"),
+    Case("arena-results-empty", lambda c: arena_results_args(c, c.file("j.json", "[]")), "no judgements in {tmp}/j.json"),
+    Case("arena-results-compat", lambda c: arena_results_args(c, c.file("j.json", "[]"), "--compat", "isg"),
+         "--compat 'isg': the choices are opening"),
     # demo
     Case("demo-port-in-use", lambda c: ["demo", "--port", str(port_in_use(c))], "port "),
     Case("demo-missing-model", lambda c: ["demo", "--port", str(free_port()), "--model", str(c.tmp / "none")],
@@ -1037,6 +1074,18 @@ CASES = [
     Case("demo-without-gradio", lambda c: without(c, "gradio") + ["demo", "--port", str(free_port())],
          "the demo needs Gradio: pip install 'minigpt5[demo]'"),
 ]
+
+
+def arena_sample_args(c: Ctx, data: Path | None, *extra: str) -> list[str]:
+    """arena sample on `data` (one OpenING record when None), models a, b and c unless `extra` says."""
+    if data is None:
+        data = c.file("test_data.jsonl", '{"total_uid": "0101001", "subtask_name": "Recipe"}\n')
+    models = [] if "--models" in extra or "--baseline" in extra else ["--models", "a,b,c"]
+    return ["arena", "sample", "--data", str(data), *models, "--per-instance", "1", *extra, "-o", str(c.tmp / "p.json")]
+
+
+def arena_results_args(c: Ctx, judgements: Path, *extra: str) -> list[str]:
+    return ["arena", "results", str(judgements), "-o", str(c.tmp / "r.json"), *extra]
 
 
 def generated(c: Ctx, name: str, ids: list[str], text: str = "a circle.", doc: str | None = None) -> Path:
