@@ -72,9 +72,9 @@ def test_the_last_judgement_of_a_pair_counts_and_jsonl_reads(tmp_path):
 
 
 def test_wilson_with_halves():
-    low, high = arena.wilson(2.5, 10)
+    low, high = stats.wilson(2.5, 10)
     assert stats.wilson(2, 10)[0] < low < stats.wilson(3, 10)[0] < 0.25 < high < stats.wilson(3, 10)[1]
-    assert arena.wilson(3.0, 10) == stats.wilson(3, 10)
+    assert stats.wilson(3.0, 10) == stats.wilson(3, 10)
 
 
 def opening_file(path: Path, sizes: dict[str, int]) -> Path:

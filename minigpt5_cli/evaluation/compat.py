@@ -31,6 +31,11 @@ def target_text(text: str, has_image: bool) -> str:
     return " ".join(x for x in (text.strip(), IMG_TOKENS if has_image else "") if x) + " ###"
 
 
+def target(sample) -> str:
+    """The loader's target string for a reference sample (`target_text`)."""
+    return target_text(sample.text, bool(sample.images))
+
+
 def dialog_step(sample_id: str) -> tuple[str, str]:
     """The script's (dialog, step) of an id `DIALOG_STEP[-TASK]` (its `123_4-mm`, `story_3-gen`): the id
     without a `-TASK` suffix, split at its last '_'. An id without '_' (ours: one sample per dialog,
@@ -54,6 +59,12 @@ class Seen:
 
         image = self.picture.open() if self.picture else Image.new("RGB", (REFERENCE_SIDE, REFERENCE_SIDE))
         return self.chain(image)
+
+
+def reference(sample, chain=None) -> Seen:
+    """A reference sample's first image as the script hands it over (`reference_image`, or `chain`);
+    the loader's black stand-in when it has none."""
+    return Seen(sample.images[0] if sample.images else None, chain or reference_image)
 
 
 def reference_image(image):

@@ -169,15 +169,16 @@ def _clip_pairs_minigpt5(run, name: str) -> None:
     the loader's target text (image tokens and ### included)."""
     pairs = [(p, r) for p, r in run.pairs if p.images]
     if name == "clip_i":
-        ref = run.clip([C.Seen(r.images[0] if r.images else None, C.reference_image) for _, r in pairs])
+        ref = run.clip([C.reference(r) for _, r in pairs])
         how = "the reference image padded to a white square and resized to 512 x 512 (black when missing)"
     else:
-        ref = run.clip([C.target_text(r.text, bool(r.images)) for _, r in pairs])
+        ref = run.clip([C.target(r) for _, r in pairs])
         how = "the reference text as the loader's target: [IMG0]..[IMG7] after it when it has an image, then ###"
     gen = run.clip([p.images[0] for p, _ in pairs])
+    fields = _clip_fields(run)
     run.mean(name, [p.id for p, _ in pairs], M.cosine(gen, ref) if pairs else [],
              left_out={"no generated image": len(run.pairs) - len(pairs)},
-             **{**_clip_fields(run), "compat": f"{_clip_fields(run)['compat']}; {how}"})
+             **fields | {"compat": f"{fields['compat']}; {how}"})
 
 
 @metric("clip_i", "mean over samples of the plain cosine (no x100, no clamp) between transformers CLIP image "
@@ -213,11 +214,10 @@ def _mm_relevance_minigpt5(run) -> None:
     # (dialog, step, predicted text, reference text, generated image, reference image), as the script has them
     rows = []
     for p, r in run.pairs:
-        target = C.target_text(r.text, bool(r.images))
+        target = C.target(r)
         wanted = "[IMG0]" in target  # the script expects an image from its target string
         rows.append((*C.dialog_step(p.id), M.minigpt5_clean(p.text) or None, M.minigpt5_clean(target) or None,
-                     p.images[0] if p.images else None,
-                     C.Seen(r.images[0] if r.images else None, C.reference_image) if wanted else None))
+                     p.images[0] if p.images else None, C.reference(r) if wanted else None))
     run.clip([x for row in rows for x in row[2:] if x is not None])  # in batches, before the turns
     turns: dict[str, dict[str, dict[str, float]]] = {}  # dialog -> step -> "text"/"image" -> score; later ids win
     for dialog, step, *elements in rows:
@@ -319,7 +319,7 @@ def _fid_minigpt5(run) -> None:
     pairs = [(p, r) for p, r in run.pairs if p.images]
     features = _compat_inception(run)
     gen = features([C.Seen(p.images[0], C.fid_image) for p, _ in pairs])[0]
-    real = features([C.Seen(r.images[0] if r.images else None, C.reference_for_fid) for _, r in pairs])[0]
+    real = features([C.reference(r, C.reference_for_fid) for _, r in pairs])[0]
     if len(gen) < 2:
         raise UserError(f"FID needs at least 2 generated images, found {len(gen)}")
     refused = C.pytorch_fid_refuses(real, gen)

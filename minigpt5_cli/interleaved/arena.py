@@ -20,7 +20,6 @@ import math
 import random
 from collections import defaultdict
 from pathlib import Path
-from statistics import NormalDist
 
 from rich.markup import escape
 from rich.table import Table
@@ -180,18 +179,8 @@ class Tally:
         for name, k, of in (("fdt", self.fdt_wins, n), ("without_tie", self.wins, decided),
                             ("tie_zero", self.wins, n), ("tie_half", self.wins + self.ties / 2, n)):
             out[name] = k / of if of else None
-            out[f"{name}_ci95"] = list(wilson(k, of))
+            out[f"{name}_ci95"] = list(stats.wilson(k, of))
         return out
-
-
-def wilson(k: float, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of k / n, where k may hold halves (ties as half a win): Wilson's formula."""
-    if k == int(k):
-        return stats.wilson(int(k), n, level)
-    z = NormalDist().inv_cdf(0.5 + level / 2)
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
 
 
 def aggregate(judgements: list[dict], compat: str | None = None) -> dict:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from statistics import NormalDist
 
 from scipy.stats import binomtest
 
 
-def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of the share k / n; (0, 1) when there is nothing to share."""
+def wilson(k: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """The Wilson score interval of the share k / n, by its formula, so k may hold halves (a tie as half
+    a win); (0, 1) when there is nothing to share."""
     if n == 0:
         return 0.0, 1.0
-    ci = binomtest(k, n).proportion_ci(level, method="wilson")
-    return float(ci.low), float(ci.high)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    p, d = k / n, 1 + z * z / n
+    centre, half = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def sign_test(wins: int, losses: int) -> float:
