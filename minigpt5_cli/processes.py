@@ -35,22 +35,28 @@ def launched() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def check_joined(joined: int, kind) -> None:
+    """Refuse a launch whose processes did not join one group of `joined` (`kind`, accelerate's distributed
+    type): e.g. a multi-GPU config on a machine without GPUs, which would run separate copies."""
+    started = launched()
+    if started > joined:
+        raise UserError(f"accelerate started {started} processes, but they did not join one process group "
+                        f"({kind}): the accelerate config does not fit this machine; "
+                        "on CPUs set ACCELERATE_USE_CPU=true, or launch one process")
+
+
 def join(timeout: timedelta | None = None) -> Processes:
     """This process's place in a launched run, its process group joined (each process on its own GPU, or
     on the CPU under ACCELERATE_USE_CPU); a plain run is one process. `timeout`: how long a collective
     waits for the others (accelerate's default otherwise)."""
-    started = launched()
-    if started == 1:
+    if launched() == 1:
         return Processes()
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
     state = PartialState(parse_flag_from_env("ACCELERATE_USE_CPU"), **({"timeout": timeout} if timeout else {}))
     atexit.register(_leave)
-    if started > state.num_processes:  # e.g. a multi-GPU config on a machine without GPUs
-        raise UserError(f"accelerate started {started} processes, but they did not join one process group "
-                        f"({state.distributed_type}): the accelerate config does not fit this machine; "
-                        "on CPUs set ACCELERATE_USE_CPU=true, or launch one process")
+    check_joined(state.num_processes, state.distributed_type)
     return Processes(state.process_index, state.num_processes, str(state.device))
 
 

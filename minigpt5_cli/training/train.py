@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
 import signal
 import threading
@@ -26,7 +25,7 @@ from typing import Iterator
 import torch
 from rich.console import Console
 
-from minigpt5_cli import files, hub
+from minigpt5_cli import files, hub, processes
 from minigpt5_cli import recipe as recipes
 from minigpt5_cli.data.batching import GroupedSampler, lengths
 from minigpt5_cli.data.collate import Collator
@@ -115,11 +114,7 @@ def _train(recipe: recipes.Recipe, resume: bool, console: Console | None) -> Pat
         # its checkpoints hold; not supported yet.
         raise UserError("DeepSpeed is not supported: shard with FSDP instead (accelerate launch --config_file "
                         "recipes/accelerate/fsdp.yaml)")
-    started = int(os.environ.get("WORLD_SIZE", "1"))
-    if started > accelerator.num_processes:  # e.g. a multi-GPU config on a machine without GPUs
-        raise UserError(f"accelerate started {started} processes, but they did not join one process group "
-                        f"({accelerator.distributed_type}): the accelerate config does not fit this machine; "
-                        "on CPUs set ACCELERATE_USE_CPU=true, or launch one process")
+    processes.check_joined(accelerator.num_processes, accelerator.distributed_type)
     with locked(out, accelerator):
         return _run(recipe, precision, accelerator, resume, console, report)
 
