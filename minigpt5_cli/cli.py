@@ -10,11 +10,14 @@ from typing import Optional
 import typer
 
 from minigpt5_cli.interleaved.cli import arena_app
+from minigpt5_cli.interleaved.judge_cli import JUDGE_HELP, judge as judge_command
+from minigpt5_cli.interleaved.scores_cli import SCORES_HELP, scores as scores_command
 from minigpt5_cli.demo.cli import DEMO_HELP
 from minigpt5_cli.demo.cli import demo as demo_command
 from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import WRITE_ERRORS
+from minigpt5_cli.official.cli import official_app
 from minigpt5_cli.rating.cli import rate_app
 
 app = typer.Typer(
@@ -38,7 +41,8 @@ Examples:
 
 
 PREPARE_HELP = """Turn CC3M, VIST or MMDialog, as found on disk, into one Hugging Face dataset that train
-reads directly. Bad records are skipped, counted in DIR/summary.json and listed in DIR/rejects.jsonl.
+reads directly; or a benchmark (OpenING, ISG-Bench, MMIE) into stories that generate continues. Bad records
+are skipped, counted in DIR/summary.json and listed in DIR/rejects.jsonl.
 
 CC3M: a TSV (official caption<TAB>url with --images named by row number; MiniGPT-5's \
 caption<TAB>image_path; GILL's caption<TAB>image) or img2dataset output (webdataset .tar shards, \
@@ -48,6 +52,12 @@ VIST: a story-in-sequence JSON with --images, or the VIST root with --split; or 
 {story_id: [{caption, image_id, sequence_index}]} form with --image-mapping.
 
 MMDialog: conversations as JSON Lines or one JSON array; images are <media_key>.jpg beside it.
+
+opening, isg, mmie: OpenING's test_data.jsonl or dev_data.jsonl (or the folder holding them, with \
+--split test or dev), ISG-Bench's ISG-Bench.jsonl, MMIE's JSON list, each with its images/ folder beside \
+it. Writes DIR/stories.jsonl (generate --story DIR/stories.jsonl continues it; minigpt5 export writes the \
+answers back in the benchmark's format) and copies the images into DIR at the same paths (hard links where \
+the file system allows); images are not resized.
 
 toy: the shapes world, generated (no --input): DIR/pairs, DIR/stories, DIR/stories_test (held \
 out, steps 1-4 in, step 5 out) and DIR/dialogs; with --hold-out, some combinations are never \
@@ -59,6 +69,8 @@ Examples:
   minigpt5 prepare-data vist --input vist/ --split train --output data/vist
   minigpt5 prepare-data vist --input vist/ --split test --continuation --output data/vist_test
   minigpt5 prepare-data mmdialog --input mmdialog/train/conversations.json --output data/mmdialog
+  minigpt5 prepare-data opening --input OpenING-benchmark/ --split test --output data/opening
+  minigpt5 prepare-data isg --input ISG_eval/ISG-Bench.jsonl --output data/isg
   minigpt5 prepare-data toy --output data/toy --seed 0
   minigpt5 prepare-data cc3m --input cc3m_wds/ --output data/cc3m --cache-latents \\
       --generator stabilityai/stable-diffusion-2-1-base
@@ -66,12 +78,14 @@ Examples:
 
 
 @app.command("prepare-data", help=PREPARE_HELP, short_help="CC3M, VIST or MMDialog into one dataset that train "
-             "reads; toy generates the shapes world.")
+             "reads; OpenING, ISG-Bench or MMIE into stories; toy generates the shapes world.")
 def prepare_data(
-    fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist, mmdialog, or toy (the shapes world)."),
+    fmt: str = typer.Argument(..., metavar="FORMAT", help="cc3m, vist, mmdialog, opening, isg, mmie, or toy (the "
+                              "shapes world)."),
     input_path: Optional[Path] = typer.Option(None, "--input", "-i", help="The raw data: a file or a folder."),
     output: Path = typer.Option(..., "--output", "-o", help="The dataset folder to write."),
-    split: Optional[str] = typer.Option(None, help="VIST: the split, when --input is the VIST root.",
+    split: Optional[str] = typer.Option(None, help="VIST: the split, when --input is the VIST root; OpenING: test "
+                                        "or dev, when --input is the folder holding both.",
                                         show_default="the root's only split"),
     images: Optional[Path] = typer.Option(None, help="The image folder, where the format keeps it apart."),
     image_mapping: Optional[Path] = typer.Option(None, help="VIST derived form: {image_id: path} JSON."),
@@ -109,6 +123,11 @@ def prepare_data(
                                         image_size, overwrite=overwrite, hold_out=hold_out)
         typer.echo(", ".join(f"{name} {s['kept']}" for name, s in summary.items()) + f"; written to {output}")
         return
+    if fmt in stage.BENCHMARKS:  # their stories keep the images and texts as distributed
+        for option, given in (("--image-size", image_size), ("--num-proc", num_proc != 1),
+                              ("--no-clean-captions", not clean_captions)):
+            if given:
+                raise UserError(f"{option} does not apply to {fmt}: its images and texts are kept as they are")
     settings = stage.Settings(
         split=split or "", images=str(images or ""), image_mapping=str(image_mapping or ""), clean_captions=clean_captions,
         continuation=continuation, strict=strict, num_proc=num_proc, image_size=image_size or 512,
@@ -216,8 +235,9 @@ def generate(
                                                 show_default="the recipe's; paper: 1.0"),
     repetition_penalty: Optional[float] = typer.Option(None, help="HF-style repetition penalty; 1 turns it off.",
                                                        show_default="the recipe's; paper: 2.0"),
-    min_images: int = typer.Option(1, help="A response that ends with fewer images gets a voken group "
-                                   "at its end; 0 lets the model decide alone."),
+    min_images: Optional[int] = typer.Option(None, help="A response that ends with fewer images gets a voken group "
+                                             "at its end; 0 lets the model decide alone.",
+                                             show_default="the recipe's; paper: 1"),
     diffusion_steps: Optional[int] = typer.Option(None, help="Denoising steps per image.",
                                                   show_default="the recipe's; paper: 50"),
     guidance_scale: Optional[float] = typer.Option(None, help="Classifier-free guidance; 1 turns it off.",
@@ -375,9 +395,55 @@ def evaluate(
     typer.echo(f"wrote {output} and {output.with_suffix('.samples.csv')}")
 
 
-app.command("demo", help=DEMO_HELP, short_help="A local web page to write a story with a model.")(demo_command)
+EXPORT_HELP = """Write a model's answers to a benchmark prepared by prepare-data as the benchmark's own
+scorer reads them: --generated is the generate output over DIR/stories.jsonl; --gold exports the benchmark's
+reference answers as if a model had written them. Several models can be exported into one folder.
+
+\b
+  opening: OUTPUT/NAME_output/<total_uid>.json and its images <total_uid>-o-<k>.jpg (k from 0)
+  isg:     OUTPUT/NAME.jsonl (each record with its "output" blocks) and OUTPUT/NAME_images/
+  mmie:    OUTPUT/NAME.json (MMIE's list with "answer" and "model") and OUTPUT/NAME_images/
+
+For isg and mmie the benchmark's own images are linked into OUTPUT at their paths too, so that OUTPUT is the \
+folder their scripts read (ISG-eval.py --input_file OUTPUT/NAME.jsonl --root OUTPUT; MMIE's main.py \
+--input_dir OUTPUT --input_name NAME.json).
+
+\b
+Examples:
+  minigpt5 export --format opening --generated out/opening --data data/opening --name MiniGPT-5 --output exp
+  minigpt5 export --format opening --gold --data data/opening --name Human --output exp
+  minigpt5 export --format isg --generated out/isg --data data/isg --name MiniGPT-5 --output exp/isg
+"""
+
+
+@app.command("export", help=EXPORT_HELP, short_help="A model's answers in a benchmark's own format (OpenING, "
+             "ISG-Bench, MMIE).")
+def export_answers(
+    fmt: str = typer.Option(..., "--format", "-f", help="opening, isg or mmie."),
+    data: Path = typer.Option(..., "--data", "-d", help="The folder prepare-data wrote for the benchmark."),
+    name: str = typer.Option(..., "--name", "-n", help="The model's name, as the benchmark's files name it."),
+    output: Path = typer.Option(..., "--output", "-o", help="The export folder."),
+    generated: Optional[Path] = typer.Option(None, "--generated", "-g", help="generate's output folder over "
+                                             "DIR/stories.jsonl."),
+    gold: bool = typer.Option(False, "--gold", help="Export the reference answers instead of --generated."),
+    partial: bool = typer.Option(False, "--partial", help="Export despite missing answers, with a warning: opening "
+                                 "leaves those stories out; isg and mmie write them with no answer, which their "
+                                 "scorers count as failed."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace this model's earlier export."),
+) -> None:
+    from minigpt5_cli.interleaved.export import export as run
+
+    typer.echo(run(fmt, data, name, output, generated=generated, gold=gold, partial=partial, overwrite=overwrite))
+
+
 app.add_typer(rate_app, name="rate")
 app.add_typer(arena_app, name="arena")
+app.command("judge", help=JUDGE_HELP, short_help="Judge exported outputs with a benchmark's judge (OpenING, "
+            "ISG-Bench, MMIE).")(judge_command)
+app.command("scores", help=SCORES_HELP, short_help="A benchmark's scores from judgements (ISG-Bench, MMIE).")(
+    scores_command)
+app.command("demo", help=DEMO_HELP, short_help="A local web page to write a story with a model.")(demo_command)
+app.add_typer(official_app, name="import-official")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -130,6 +130,31 @@ def json_lines(path: Path) -> Iterator[tuple[int, str, object]]:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
 
 
+def json_records(path: Path, what: str) -> list[tuple[str, object]]:
+    """(where, record) for each record of a JSON list, or of JSON Lines when the file is named .jsonl."""
+    if not path.is_file():
+        raise UserError(f"{path} not found" if not path.exists() else f"{path} is not a file")
+    if path.suffix == ".jsonl":
+        return [(where, r) for _, where, r in json_lines(path)]
+    doc = read_json(path)
+    if not isinstance(doc, list):
+        raise UserError(f"{path} is not a list of {what} (nor JSON Lines named .jsonl)")
+    return [(f"{path} record {i}", r) for i, r in enumerate(doc, start=1)]
+
+
+def python_tree(path: Path, option: str):
+    """The syntax tree of the Python file `path` (someone else's: a benchmark's or the original code's), to
+    read its strings from; the file is parsed, never run. `option` names where it came from."""
+    import ast
+
+    if not path.is_file():
+        raise UserError(f"{option}: {path} not found (give a checkout of the repository it belongs to)")
+    try:
+        return ast.parse(read_text(path), str(path))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise UserError(f"{option}: {path} is not Python this version can read ({e})") from None
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether `path` lies in the folder `root` (or is it) once both are resolved: `..` and symbolic
     links followed, so that neither leads out of it."""

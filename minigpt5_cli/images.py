@@ -101,3 +101,35 @@ def to_pixels(img: Image.Image, size: int) -> torch.Tensor:
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.resize((size, size), Image.BICUBIC, box=(left, top, left + side, top + side))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+# CLIP's per-channel mean and standard deviation, which MiniGPT-4's vision tower was trained with
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def white_square(img: Image.Image) -> Image.Image:
+    """`img` centred on a white square as wide as its long side."""
+    side = max(img.size)
+    if img.width == img.height:
+        return img
+    canvas = Image.new(img.mode, (side, side), (255, 255, 255))
+    canvas.paste(img, ((side - img.width) // 2, (side - img.height) // 2))
+    return canvas
+
+
+def clip_pixels(img: Image.Image, size: int, square: bool = False) -> torch.Tensor:
+    """A prompt image as the released MiniGPT-5 reads one: the short side resized to `size` (bilinear, the
+    long side in proportion, rounded down), the centre `size` x `size` cropped, scaled to [0, 1] and
+    normalised by CLIP's mean and std. `square`: padded to a white square first (its demo does)."""
+    img = to_rgb(img)
+    if square:
+        img = white_square(img)
+    w, h = img.size
+    other = int(size * max(w, h) / min(w, h))
+    if min(w, h) != size or max(w, h) != other:
+        img = img.resize((size, other) if w <= h else (other, size), Image.BILINEAR)
+    left, top = round((img.width - size) / 2), round((img.height - size) / 2)  # as torchvision's centre crop
+    img = img.crop((left, top, left + size, top + size))
+    pixels = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)
+    return (pixels - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]

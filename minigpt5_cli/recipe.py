@@ -66,8 +66,17 @@ class DataConfig:
     tasks: list[Literal["turn", "gen", "multimodal", "understanding"]] = field(default_factory=lambda: ["turn"])
     max_length: int = 512  # tokens per sample; older history steps are dropped to fit
     history: int = 4  # previous steps kept in a stage-2 prompt
-    # paper: `###Human: ... ###Assistant:` text; chat: the LLM's chat template; auto: chat when it has one
-    prompt_format: Literal["auto", "paper", "chat"] = "auto"
+    # paper: `###Human: ... ###Assistant:` text; chat: the LLM's chat template; auto: chat when it has one;
+    # official: the released MiniGPT-5's templates and tokenisation (a BLIP-2 or text-only LLM)
+    prompt_format: Literal["auto", "paper", "chat", "official"] = "auto"
+    # how a BLIP-2 LLM's prompt images become pixels: its image processor, or the released MiniGPT-5's
+    # preprocessing (short side resized, centre crop, CLIP's mean and std), official_pad after padding to a
+    # white square (its demo)
+    image_preprocessing: Literal["processor", "official", "official_pad"] = "processor"
+    # official: the system prompts written before a story (instruction tasks) and before a dialogue; empty:
+    # none (import-official writes the released model's own)
+    story_system: str = ""
+    dialogue_system: str = ""
     instruction_prob: float = 0.01  # stage 1: share of samples in instruction form
     num_workers: int = 0
     # Micro-batches of samples of about one length (mega-batches of 50 optimizer steps sorted longest
@@ -137,6 +146,12 @@ class SampleConfig:
     repetition_penalty: float = 2.0
     diffusion_steps: int = 50
     guidance_scale: float = 7.5
+    # The released MiniGPT-5's sampling, where it differs from ours (import-official's recipe sets these):
+    penalize: Literal["prompt", "response"] = "prompt"  # response: its BOS and the sampled tokens only
+    eos_ids: list[int] = field(default_factory=list)  # token ids that end a response; empty: the tokenizer's eos
+    mask_vokens: bool = True  # [IMG1]..[IMG7] are never sampled (only [IMG0] opens a group)
+    render: Literal["all", "first"] = "all"  # first: only a response's first voken group becomes an image
+    min_images: int = 1  # a response that ends with fewer images gets a voken group at its end; 0: the model decides
 
 
 @dataclass
@@ -353,7 +368,7 @@ RANGES = {
     "train.keep_checkpoints": _at_least(1), "train.log_every": _at_least(1),
     "sample.max_new_tokens": _at_least(1), "sample.top_p": (0, 1, False, True), "sample.temperature": _at_least(0),
     "sample.repetition_penalty": _above(0), "sample.diffusion_steps": _at_least(1),
-    "sample.guidance_scale": _at_least(0),
+    "sample.guidance_scale": _at_least(0), "sample.min_images": _at_least(0),
 }
 
 
@@ -383,6 +398,9 @@ def check(recipe: Recipe) -> None:
     if m.mapper.kind == "paper" and m.mapper.hidden and m.mapper.hidden % m.mapper.heads:
         raise UserError(f"recipe key 'model.mapper.hidden' ({m.mapper.hidden}) must be a multiple of "
                         f"'model.mapper.heads' ({m.mapper.heads})")
+    if any(i < 0 for i in recipe.sample.eos_ids):
+        raise UserError(f"recipe key 'sample.eos_ids' holds token ids, none below 0; got "
+                        f"{_show(recipe.sample.eos_ids)}")
     if not recipe.data.tasks:
         raise UserError("recipe key 'data.tasks' needs at least one task")
     if t.stage != "2" and recipe.adapter.kind != "none":

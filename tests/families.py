@@ -374,3 +374,14 @@ def mllama(out: Path) -> None:
 
 
 VISION.update({"idefics3": idefics3, "smolvlm": smolvlm, "paligemma": paligemma, "gemma3": gemma3, "mllama": mllama})
+
+
+def blip_2(out: Path) -> None:
+    """BLIP-2 hosting a Llama, as MiniGPT-4 is laid out: each image's query embeddings spliced where the prompt
+    holds its image tokens (its processor would put them before the text)."""
+    from minigpt5_cli.builders import tiny
+
+    tiny.build("tiny:blip2", out)
+
+
+VISION["blip_2"] = blip_2

@@ -1,8 +1,9 @@
-"""OpenING's Interleaved Arena: `arena sample` (their pair file, seeded) and `arena results` (their four win rates).
+"""OpenING's Interleaved Arena: `arena sample` (their pair file, seeded) and `arena results` (their four win rates,
+and a judge's agreement with human labels).
 
 The oracle tests run OpenING's own scripts from a checkout named by MINIGPT5_ORACLE_OPENING (skipped without it):
-its shipped judgements give the paper's numbers, and random tournaments give the same rates through their
-calculate_model_winrate.py as through ours.
+its shipped judgements give the paper's numbers and agreement, and random tournaments give the same rates
+through their calculate_model_winrate.py, and the same agreement through their calculate_agreement.py, as ours.
 """
 
 import contextlib
@@ -139,6 +140,23 @@ def test_golden_numbers_from_their_judgements(tmp_path):
         assert tuple(pct(row[m]) for m in arena.METRICS) == rates, ids[model_id]
 
 
+
+@needs_oracle
+def test_golden_agreement_of_their_judge_with_their_raters():
+    human = GOLDEN.parent / "judge_modelAB_results.json"
+    if not GOLDEN.is_file() or not human.is_file():
+        pytest.skip(f"{GOLDEN} or {human} is not in the checkout")
+    found = arena.agreement(arena.read_judgements([human]), arena.read_judgements([GOLDEN]))
+    assert {k: (pct(v["agreement"]), v["battles"]) for k, v in found.items()} == {
+        "with_tie": (66.45, 4301), "without_tie": (91.11, 2362), "fdt": (82.42, 4301)}
+
+def their_script(name: str):
+    """One of OpenING's scripts from the checkout, imported (their scripts guard their main part)."""
+    spec = importlib.util.spec_from_file_location(f"opening_{Path(name).stem}", Path(ORACLE) / name)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 def their_rates(module, results, folder: Path) -> tuple[list[dict], list[dict]]:
     """Each of their four functions' printed rates {name: "12.34%"} and CSV matrix {(row, column): cell}."""
     printed, matrices = [], []
@@ -156,9 +174,7 @@ def their_rates(module, results, folder: Path) -> tuple[list[dict], list[dict]]:
 
 @needs_oracle
 def test_random_tournaments_against_their_script(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("opening_winrate", Path(ORACLE) / "calculate_model_winrate.py")
-    theirs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(theirs)
+    theirs = their_script("calculate_model_winrate.py")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "Interleaved_Arena").mkdir()
     rng = random.Random(0)
@@ -189,3 +205,69 @@ def test_random_tournaments_against_their_script(tmp_path, monkeypatch):
                     assert arena.differences(report) >= differ, t  # their matrix leaves out models with no decided battle
                 else:
                     assert mine == matrix, (t, metric, compat)
+
+
+def test_agreement_with_human_labels(tmp_path, capsys):
+    human = [battle("1", "X", "Y", "A"), battle("2", "X", "Y", "Tie(A)"), battle("3", "Y", "Z", "B"),
+             battle("4", "X", "Z", "Tie"), battle("5", "Y", "X", "tie(b)"), battle("6", "X", "Y", "B")]
+    judged = [battle("1", "X", "Y", "A"), battle("2", "X", "Y", "Tie(B)"), battle("3", "Y", "Z", "Tie(B)"),
+              battle("4", "X", "Z", "A"), battle("5", "Y", "X", "B"), battle("7", "X", "Y", "A")]
+    (tmp_path / "h.json").write_text(json.dumps(human))
+    (tmp_path / "j.jsonl").write_text("".join(json.dumps(j) + "\n" for j in judged))
+    assert run_cli("arena", "results", str(tmp_path / "j.jsonl"), "--human", str(tmp_path / "h.json"),
+                   "-o", str(tmp_path / "r.json")) == 0
+    assert "with tie 40.00% of 5, without tie 100.00% of 1, FDT 60.00% of 5" in capsys.readouterr().out
+    found = json.loads((tmp_path / "r.json").read_text())["agreement"]
+    assert (found["human"], found["study"]) == ([str(tmp_path / "h.json")], None)
+    assert {k: (v["agreed"], v["battles"]) for k, v in found.items() if isinstance(v, dict)} == {
+        "with_tie": (2, 5), "without_tie": (1, 1), "fdt": (3, 5)}
+    assert found["fdt"]["agreement"] == 0.6 and found["fdt"]["ci95"] == list(stats.wilson(3, 5))
+    assert arena.agreement(human[:1], judged[1:])["with_tie"]["agreement"] is None  # no battle in common
+
+
+
+def test_agreement_with_a_rating_study(tmp_path, capsys):
+    """Two raters' answers on a rate build page over models X and Y, unblinded by its key: each answer to
+    the question asked is one human label, turned to the side each judged battle put the model on."""
+    from test_rating import export, text_outputs
+
+    x, y = text_outputs(tmp_path, ["1", "2", "3"])
+    x, y = x.rename(tmp_path / "X"), y.rename(tmp_path / "Y")
+    assert run_cli("rate", "build", "--a", str(x), "--b", str(y), "-o", str(tmp_path / "study"), "--seed", "1") == 0
+    key = json.loads((tmp_path / "study" / "key.json").read_text())
+    for rater, choices in (("r1", "atb"), ("r2", "bat")):  # a: X, b: Y, t: tie; stories 1, 2, 3
+        answers = {sid: {"together": {"t": "tie"}.get(c, c), "language": "a"} for sid, c in zip("123", choices)}
+        (tmp_path / f"{rater}.json").write_text(json.dumps(export(key, rater, answers)))
+    judged = [battle("1", "X", "Y", "A"), battle("2", "Y", "X", "Tie(B)"), battle("3", "X", "Y", "B"),
+              battle("4", "X", "Y", "A"), battle("1", "X", "Z", "B")]  # not rated: another story, another model
+    (tmp_path / "j.json").write_text(json.dumps(judged))
+    argv = ["arena", "results", str(tmp_path / "j.json"), "--study", str(tmp_path / "study"), "--human",
+            str(tmp_path / "r1.json"), "--human", str(tmp_path / "r2.json"), "-o", str(tmp_path / "r.json")]
+    assert run_cli(*argv) == 0
+    assert "with tie 50.00% of 6, without tie 66.67% of 3, FDT 50.00% of 6" in capsys.readouterr().out
+    found = json.loads((tmp_path / "r.json").read_text())["agreement"]
+    assert (found["study"], found["question"]) == (str(tmp_path / "study"), "together")
+    assert run_cli(*argv, "--question", "language") == 0  # always X: A in battles 1 and 3, B in 2
+    assert "with tie 33.33% of 6, without tie 50.00% of 4, FDT 66.67% of 6" in capsys.readouterr().out
+
+@needs_oracle
+def test_agreement_against_their_script(tmp_path):
+    theirs = their_script("calculate_agreement.py")
+    rng = random.Random(0)
+    names = ["Show-o", "gill", "MiniGPT-5", "Human", "Emu2", "anole"]
+    winners = ["A", "B", "Tie(A)", "Tie(B)", "Tie", "tie(a)"]
+    for t in range(500):
+        def draw():
+            return [battle(str(rng.randrange(6)), *rng.sample(names[:4], 2), ids=names, winner=rng.choice(winners))
+                    for _ in range(rng.randint(1, 30))]
+        human, judged = draw(), draw()
+        (tmp_path / "h.json").write_text(json.dumps(human))
+        (tmp_path / "j.json").write_text(json.dumps(judged))
+        ours = arena.agreement(*(arena.read_judgements([tmp_path / n]) for n in ("h.json", "j.json")))
+        people, judge = (theirs.load_evaluation_results(str(tmp_path / n)) for n in ("h.json", "j.json"))
+        for name, function in (("with_tie", "calculate_agreement_with_tie"),
+                               ("without_tie", "calculate_agreement_without_tie"),
+                               ("fdt", "calculate_agreement_force_divide")):
+            percent, total = getattr(theirs, function)(people, judge)
+            assert (ours[name]["battles"], round(100 * (ours[name]["agreement"] or 0), 9)) == \
+                (total, round(percent, 9)), (t, name)

@@ -608,6 +608,66 @@ def launched(c: Ctx, argv: list[str]) -> list[str]:
     return argv
 
 
+# prepare-data opening|isg|mmie and export
+def benchmark(c: Ctx, fmt: str) -> Path:
+    """The benchmark's data file as distributed (the formats tests' fixtures), under {tmp}/raw."""
+    from test_benchmark_formats import isg, mmie, opening
+
+    return {"opening": opening, "isg": isg, "mmie": mmie}[fmt](c.tmp / "raw")
+
+
+def beside(c: Ctx, fmt: str, name: str, content: str) -> Path:
+    """The folder of the benchmark's data file, with the file `name` holding `content` beside it."""
+    folder = benchmark(c, fmt).parent
+    (folder / name).write_text(content)
+    return folder
+
+
+def export_args(c: Ctx, *extra: str, fmt: str = "opening", source: str | None = None) -> list[str]:
+    """export into {tmp}/exp from {tmp}/d, the benchmark `source` (`fmt` unless told) prepared, then `extra`."""
+    assert run_cli("prepare-data", source or fmt, "--input", str(benchmark(c, source or fmt)), "--output",
+                   str(c.tmp / "d")) == 0
+    return ["export", "--format", fmt, "--data", str(c.tmp / "d"), "--name", "m", "--output", str(c.tmp / "exp"),
+            *extra]
+
+
+def export_twice(c: Ctx) -> list[str]:
+    args = export_args(c, "--gold")
+    assert run_cli(*args) == 0
+    return args
+
+
+def export_generated(c: Ctx, change: Callable[[Path], object]) -> list[str]:
+    """export of {tmp}/g, generate's output for OpenING's story 0301098 (its folder `change`d)."""
+    out = generated(c, "g", ["0301098"], "Draw a lighthouse.")
+    change(out / "0301098")
+    return export_args(c, "--generated", str(out), "--partial")
+
+
+def export_over_other_image(c: Ctx) -> list[str]:
+    """ISG's gold answers exported into {tmp}/exp, which holds another file at a query image's path."""
+    args = export_args(c, "--gold", fmt="isg")
+    c.file("exp/images/0000_q1.png", "another")
+    return args
+
+
+def export_image_leading_out(c: Ctx) -> list[str]:
+    """ISG's gold answers exported from {tmp}/d, whose stories.jsonl names a Golden image by a path through .."""
+    args = export_args(c, "--gold", fmt="isg")
+    path = c.tmp / "d/stories.jsonl"
+    path.write_text(path.read_text().replace('"images/0000_g1.png"', '"../d/images/0000_g1.png"', 1))
+    return args
+
+
+def export_into_linked_folder(c: Ctx) -> list[str]:
+    """ISG's gold answers exported into {tmp}/exp, whose images/ is a link to a folder outside it."""
+    args = export_args(c, "--gold", fmt="isg")
+    (c.tmp / "elsewhere").mkdir()
+    (c.tmp / "exp").mkdir()
+    (c.tmp / "exp/images").symlink_to(c.tmp / "elsewhere")
+    return args
+
+
 @dataclass
 class Case:
     id: str
@@ -616,6 +676,176 @@ class Case:
 
 
 PAIR = json.dumps({"caption": "x", "image": "a.png"})
+
+
+# OpenING judge: a pair of exported answers on one instance, nothing loaded (every refusal comes first)
+def opening_record(inputs: list | None = None, output: list | None = None) -> str:
+    steps = [{"image": "./images/S/1-i-0.png", "text": "<BEGIN> Look <image>"}] if inputs is None else inputs
+    return json.dumps({"total_uid": "1", "conversations": [{"input": steps}, {"output": output or [
+        {"text": "an answer <image>", "image": "1-o-0.png"}]}]})
+
+
+def opening_judge_args(c: Ctx, *extra: str, x: str | None = None, y: str | None = None, pairs: str | None = None,
+                       out: str = "j.jsonl", data: bool = True) -> list[str]:
+    """judge --benchmark opening over models X and Y (their output files `x`, `y`), with --pairs and --data
+    (the prepared folder holding the input image) unless `pairs` is "" or `data` False."""
+    picture = (IMAGES / "red_circle.png").read_bytes()
+    c.file("data/images/S/1-i-0.png", picture)
+    for name, doc in (("X", x), ("Y", y)):
+        c.file(f"exp/{name}_output/1.json", doc or opening_record())
+        c.file(f"exp/{name}_output/1-o-0.png", picture)
+    c.file("pairs.json", pairs or json.dumps([{"data_id": "1", "model_A": {"id": "0", "name": "X"},
+                                               "model_B": {"id": "1", "name": "Y"}}]))
+    given = (["--pairs", str(c.tmp / "pairs.json")] if pairs != "" else []) + \
+        (["--data", str(c.tmp / "data")] if data and "--data" not in extra else [])
+    return ["judge", "--benchmark", "opening", "--judge", str(c.tmp / "judge"), "--exports", str(c.tmp / "exp"),
+            *given, "-o", str(c.tmp / out), *extra]
+
+
+def opening_output_linked_out(c: Ctx) -> list[str]:
+    argv = opening_judge_args(c)
+    image = c.tmp / "exp" / "X_output" / "1-o-0.png"
+    image.unlink()
+    image.symlink_to(c.file("elsewhere.png", (IMAGES / "red_circle.png").read_bytes()))
+    return argv
+
+
+def opening_text_only_judge(c: Ctx) -> list[str]:
+    import families
+
+    argv = opening_judge_args(c)
+    families.qwen2(c.tmp / "judge")
+    return argv
+
+
+def agreement_args(c: Ctx, *extra: str, human: bool = True) -> list[str]:
+    """arena results on one judged battle between models a and b, with a rating study (its answers unless not
+    `human`)."""
+    judged = c.file("j.json", json.dumps([{"data_id": "s1", "model_A": {"id": "0", "name": "a"},
+                                           "model_B": {"id": "1", "name": "b"}, "winner": "A"}]))
+    given = ["--human", str(answers(c, study(c)))] if human else []
+    return arena_results_args(c, judged, "--study", str(study(c)), *given, *extra)
+
+
+# ISG-Bench and MMIE judges, and their scores: one exported sample, refused before any request is made
+ISG_PROMPTS = "".join(f"{n} = 'x'\n" for n in ("_TEXT_TEXT_JUDGE_PROMPT", "_TEXT_IMAGE_JUDGE_PROMPT",
+                                                "_IMAGE_IMAGE_JUDGE_PROMPT", "_DSG_PROMPT")) + \
+    "_EVALUATE_WHOLE_W_GT_PROMPT = ['a', 'b', 'c', 'd']\nVQA_dict = {'Score': 's'}\n"
+MMIE_PROMPTS = "R = 'r'\ndef get_prompt(i):\n" + "".join(f"    if '{t}' in i:\n        return R + '{{answer}}'\n"
+                                                          for t in ("SA", "PBL", "MSR"))
+
+
+def isg_record(**changes) -> dict:
+    blocks = [{"type": "text", "content": "t"}, {"type": "image", "content": "images/q.png"}]
+    return {"id": "0", "Category": "HowTo", "Query": blocks, "Golden": blocks, "predict": {}, "output": blocks, **changes}
+
+
+def benchmark_judge_args(c: Ctx, benchmark: str, *extra: str, records: list | None = None, prompts: str | None = None,
+                         out: str = "j.jsonl") -> list[str]:
+    """judge --benchmark isg|mmie over model m's export of one sample (`records`), its image under --data and
+    beside the export, with the benchmark's prompts in a stand-in checkout (none when `prompts` is "")."""
+    for folder in ("data", "exp"):
+        c.file(f"{folder}/images/q.png", (IMAGES / "red_circle.png").read_bytes())
+    if benchmark == "isg":
+        c.file("exp/m.jsonl", "".join(json.dumps(r) + "\n" for r in records or [isg_record()]))
+        c.file("bench/ISG_eval/get_judge_prompt.py", ISG_PROMPTS if prompts is None else prompts)
+    else:
+        c.file("exp/m.json", json.dumps([{"id": "SA_1", "question": [{"text": "q", "image": "images/q.png"}],
+                                          "answer": "a", "gt_answer": [{"text": None}]}] if records is None else records))
+        c.file("bench/prompts.py", MMIE_PROMPTS if prompts is None else prompts)
+    return ["judge", "--benchmark", benchmark, "--api", "http://127.0.0.1:9/v1", "--judge", "j", "--exports",
+            str(c.tmp / "exp"), "--data", str(c.tmp / "data"), *(["--prompts", str(c.tmp / "bench")] if prompts != ""
+                                                                 else []), "-o", str(c.tmp / out), *extra]
+
+
+def scores_args(c: Ctx, benchmark: str, content: str, name: str = "j.jsonl", *extra: str) -> list[str]:
+    return ["scores", "--benchmark", benchmark, str(c.file(name, content)), "-o", str(c.tmp / "s.json"), *extra]
+
+
+# import-official: tiny files in the original layouts, one of them spoiled
+def official_args(c: Ctx, spoil=None, stage1: str = "stage1.ckpt", stage2: str | None = "stage2.ckpt") -> list[str]:
+    """import-official minigpt5 over a tiny base imported here, `spoil(state)` applied to stage 1 first."""
+    import torch
+    from test_import_official import import_base, official_checkpoints, upstream
+
+    torch.manual_seed(0)
+    s1, _ = official_checkpoints(c.tmp, import_base(c.tmp))
+    if spoil:
+        doc = torch.load(s1)
+        spoil(doc["state_dict"])
+        torch.save(doc, s1)
+    return ["import-official", "minigpt5", "--stage1", str(c.tmp / stage1), "--base", str(c.tmp / "base"),
+            "--generator", "tiny:sd", "--upstream", str(upstream(c.tmp / "MiniGPT-5")), "--output", str(c.tmp / "out"),
+            *(["--stage2", str(c.tmp / stage2)] if stage2 else [])]
+
+
+def spoiled_upstream(c: Ctx, text: str | None) -> list[str]:
+    """import-official minigpt5 with a checkout whose dataloader.py is `text` (None: absent)."""
+    args = official_args(c)
+    (c.tmp / "MiniGPT-5" / "dataloader.py").unlink()
+    if text is not None:
+        c.file("MiniGPT-5/dataloader.py", text)
+    return args
+
+
+def lavis_args(c: Ctx, eva: dict | None = None, blip2: dict | None = None) -> list[str]:
+    from test_import_official import lavis_files
+
+    return ["import-official", "minigpt4", *lavis_files(c.tmp / "lavis", eva, blip2), "--output", str(c.tmp / "out")]
+
+
+def spoiled_eva(unknown: bool = False) -> dict:
+    """A tiny EVA state dict lacking a tensor, or holding one the original has no module for."""
+    import torch
+    from test_import_official import eva_state
+
+    state = eva_state()
+    if unknown:
+        state["blocks.0.ls1"] = torch.ones(1)
+    else:
+        del state["blocks.1.mlp.fc2.bias"]
+    return state
+
+
+def not_only_tensors() -> dict:
+    import argparse
+
+    return {"cls_token": argparse.Namespace(x=1)}
+
+
+def reshaped(c: Ctx, file: str, name: str, *shape: int) -> list[str]:
+    """import-official minigpt4 with the tensor `name` of the tiny "eva" or "blip2" state at `shape`."""
+    import torch
+    from test_import_official import blip2_state, eva_state
+
+    state = eva_state() if file == "eva" else blip2_state()
+    state[name] = torch.zeros(shape)
+    return lavis_args(c, **{file: state})
+
+
+def damaged_base(c: Ctx, damage) -> list[str]:
+    """import-official minigpt5 over a base folder that `damage(folder)` spoils after it is imported."""
+    args = official_args(c)
+    damage(c.tmp / "base")
+    return args
+
+
+def image_token_in_story(c: Ctx) -> list[str]:
+    """train a tiny BLIP-2 model on a story whose text holds its image token."""
+    story = json.dumps({"id": "a", "steps": [{"text": "a circle <image> here."}, {"text": "it moves."}]})
+    return train_args(c, "model.llm=tiny:blip2", "train.init_from=none", "data.extra=[]",
+                      f"data.train={c.file('s.jsonl', story + chr(10))}", recipe="stage2_lora.yaml")
+
+
+def base_index(folder: Path, shard: str) -> None:
+    """An index placing every tensor of the base folder `folder` in `shard`."""
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        names = list(f.keys())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(names, shard)}))
+
+
 CASES = [
     # bundle: never deletes what it did not write
     Case("bundle-overwrite-user-folder", bundle_over_user_folder, "{tmp}/mine is not a bundle minigpt5 wrote"),
@@ -1033,7 +1263,7 @@ CASES = [
     Case("arena-sample-not-opening", lambda c: arena_sample_args(c, c.file("d.jsonl", '{"id": "1"}\n')),
          "{tmp}/d.jsonl line 1 is not an OpenING record (no total_uid or subtask_name)"),
     Case("arena-sample-folder-without-data", lambda c: arena_sample_args(c, c.file("o/notes.txt", "x").parent),
-         "--data {tmp}/o holds neither of test_data.jsonl and dev_data.jsonl"),
+         "--data {tmp}/o holds none of test_data.jsonl, dev_data.jsonl, stories.jsonl; give the file"),
     Case("arena-sample-unknown-model", lambda c: arena_sample_args(
         c, None, "--models", "gill,Nope", "--baseline", str(c.file("b.json", '[{"0": {"name": "gill"}}, '
                                                                         '{"1": {"name": "Emu2"}}]'))),
@@ -1073,6 +1303,283 @@ CASES = [
          "rate results draws its plot with matplotlib: pip install 'minigpt5[rate]'"),
     Case("demo-without-gradio", lambda c: without(c, "gradio") + ["demo", "--port", str(free_port())],
          "the demo needs Gradio: pip install 'minigpt5[demo]'"),
+    # the released model's prompts and image preprocessing: for a BLIP-2 LLM only
+    Case("train-official-prompts-for-llava", lambda c: train_args(c, f"data.train={PAIRS}",
+                                                                  "data.prompt_format=official"),
+         "data.prompt_format=official writes images as a BLIP-2 LLM reads them; this LLM's processor writes its own"),
+    Case("train-official-images-for-llava", lambda c: train_args(c, f"data.train={PAIRS}",
+                                                                 "data.image_preprocessing=official"),
+         "data.image_preprocessing=official is the released MiniGPT-5's, for a BLIP-2 LLM"),
+    Case("train-negative-eos-id", lambda c: train_args(c, "sample.eos_ids=[1, -1]"),
+         "recipe key 'sample.eos_ids' holds token ids, none below 0; got [1, -1]"),
+    # judge --benchmark opening (IntJudge), arena results --human and --study
+    Case("judge-opening-no-pairs", lambda c: opening_judge_args(c, pairs=""), "--benchmark opening needs --pairs"),
+    Case("judge-opening-output-not-jsonl", lambda c: opening_judge_args(c, out="j.json"),
+         "--output {tmp}/j.json: name it .jsonl"),
+    Case("judge-opening-exports-missing", lambda c: opening_judge_args(c, "--exports", str(c.tmp / "none")),
+         "--exports {tmp}/none is not a folder"),
+    Case("judge-opening-data-not-a-folder", lambda c: opening_judge_args(c, "--data", str(c.file("d.txt", "x"))),
+         "--data {tmp}/d.txt is not a folder"),
+    Case("judge-opening-pairs-missing", lambda c: opening_judge_args(c, "--pairs", str(c.tmp / "none.json")),
+         "{tmp}/none.json not found"),
+    Case("judge-opening-not-pairs", lambda c: opening_judge_args(c, pairs='[{"data_id": "1"}]'),
+         "{tmp}/pairs.json record 1 is not a pair: it needs data_id, model_A and model_B"),
+    Case("judge-opening-no-pairs-in-file", lambda c: opening_judge_args(c, pairs="[]"), "no pairs in {tmp}/pairs.json"),
+    Case("judge-opening-missing-output",
+         lambda c: [*opening_judge_args(c), (c.tmp / "exp/Y_output/1.json").unlink()][:-1],
+         "no output Y_output/1.json in --exports {tmp}/exp (1 output file missing)"),
+    Case("judge-opening-model-leads-out", lambda c: opening_judge_args(c, pairs=json.dumps(
+        [{"data_id": "1", "model_A": {"id": "0", "name": "../X"}, "model_B": {"id": "1", "name": "Y"}}])),
+         "model '../X', instance '1': {tmp}/exp/../X_output/1.json leads outside --exports {tmp}/exp"),
+    Case("judge-opening-not-an-output", lambda c: opening_judge_args(c, x='{"conversations": []}'),
+         "{tmp}/exp/X_output/1.json is not an OpenING output"),
+    Case("judge-opening-other-inputs",
+         lambda c: opening_judge_args(c, y=opening_record([{"image": None, "text": "?"}])),
+         "{tmp}/exp/X_output/1.json and {tmp}/exp/Y_output/1.json answer different inputs"),
+    Case("judge-opening-no-data", lambda c: opening_judge_args(c, data=False),
+         "{tmp}/exp/X_output/1.json: its input holds images; give --data"),
+    Case("judge-opening-input-leads-out", lambda c: opening_judge_args(
+        c, x=opening_record([{"image": "../x.png", "text": "a"}]), y=opening_record([{"image": None, "text": "a"}])),
+         "{tmp}/exp/X_output/1.json: input image '../x.png' leads outside --data {tmp}/data"),
+    Case("judge-opening-input-missing", lambda c: opening_judge_args(
+        c, x=opening_record([{"image": "images/none.png", "text": "a"}]),
+        y=opening_record([{"image": None, "text": "a"}])),
+         "{tmp}/exp/X_output/1.json: input image {tmp}/data/images/none.png not found"),
+    Case("judge-opening-output-image-linked-out", opening_output_linked_out,
+         "{tmp}/exp/X_output/1.json: image '1-o-0.png' leads outside its folder"),
+    Case("judge-opening-output-not-judgements", lambda c: [c.file("j.jsonl", '{"a": 1}\n'), *opening_judge_args(c)][1:],
+         "{tmp}/j.jsonl line 1 is not a judgement"),
+    Case("judge-opening-output-foreign", lambda c: [c.file("j.jsonl", "my notes"), *opening_judge_args(c)][1:],
+         "{tmp}/j.jsonl does not end with a judgement"),
+    Case("judge-opening-prompts-no-script", lambda c: opening_judge_args(c, "--prompts", str(c.tmp)),
+         "--prompts {tmp}: no IntJudge_judge_AB.py in it"),
+    Case("judge-opening-prompts-no-message", lambda c: opening_judge_args(
+        c, "--prompts", str(c.file("o/IntJudge_judge_AB.py", "SYSTEM_MESSAGE = open('s').read()\n").parent)),
+         "{tmp}/o/IntJudge_judge_AB.py: no SYSTEM_MESSAGE string in it"),
+    Case("judge-opening-text-only-judge", opening_text_only_judge, "--judge '{tmp}/judge' is a text-only model"),
+    Case("arena-results-human-missing", lambda c: arena_results_args(c, c.file("j.json", json.dumps(
+        [{"data_id": "1", "model_A": {"id": "0", "name": "a"}, "model_B": {"id": "1", "name": "b"}, "winner": "A"}])),
+        "--human", str(c.tmp / "h.json")), "{tmp}/h.json not found"),
+    Case("arena-results-study-without-human", lambda c: agreement_args(c, human=False),
+         "--study needs --human: the answer files its raters exported"),
+    Case("arena-results-study-question", lambda c: agreement_args(c, "--question", "style"),
+         "--question 'style': the study asks language, image, together"),
+    Case("arena-results-study-none-rated", agreement_args, "no judged battle was rated in {tmp}/study: it compares"),
+    Case("arena-results-study-not-a-study",
+         lambda c: agreement_args(c, "--study", str(c.file("s/notes.txt", "x").parent)),
+         "{tmp}/s is not a study folder"),
+    # judge --benchmark isg|mmie, scores
+    Case("judge-isg-no-api", lambda c: [a for a in benchmark_judge_args(c, "isg") if not a.startswith(("--api", "http"))],
+         "--benchmark isg needs --api"),
+    Case("judge-isg-api-not-http", lambda c: benchmark_judge_args(c, "isg", "--api", "ftp://x"),
+         "--api 'ftp://x' is not an http:// or https:// URL"),
+    Case("judge-isg-no-prompts", lambda c: benchmark_judge_args(c, "isg", prompts=""), "--benchmark isg needs --prompts"),
+    Case("judge-isg-prompts-missing", lambda c: benchmark_judge_args(c, "isg", "--prompts", str(c.tmp / "none")),
+         "--prompts: {tmp}/none/ISG_eval/get_judge_prompt.py not found"),
+    Case("judge-isg-prompts-lacking", lambda c: benchmark_judge_args(c, "isg", prompts="_DSG_PROMPT = 1\n"),
+         "{tmp}/bench/ISG_eval/get_judge_prompt.py lacks _TEXT_TEXT_JUDGE_PROMPT, _TEXT_IMAGE_JUDGE_PROMPT"),
+    Case("judge-isg-prompts-not-python", lambda c: benchmark_judge_args(c, "isg", prompts="x = (\n"),
+         "--prompts: {tmp}/bench/ISG_eval/get_judge_prompt.py is not Python this version can read"),
+    Case("judge-isg-output-not-jsonl", lambda c: benchmark_judge_args(c, "isg", out="j.json"),
+         "--output {tmp}/j.json: name it .jsonl"),
+    Case("judge-isg-exports-empty", lambda c: benchmark_judge_args(c, "isg", "--exports", str(c.tmp / "data")),
+         "--exports {tmp}/data holds no .jsonl export"),
+    Case("judge-isg-not-a-record", lambda c: benchmark_judge_args(c, "isg", records=[{"id": "0"}]),
+         "{tmp}/exp/m.jsonl line 1 is not an ISG-Bench record"),
+    Case("judge-isg-questions-not-objects", lambda c: benchmark_judge_args(c, "isg", records=[isg_record(
+        predict={"image_qa": {"questions": [{"id": [0], "Preliminary": []}]}})]),
+         "{tmp}/exp/m.jsonl line 1 is not an ISG-Bench record"),
+    Case("judge-isg-not-blocks", lambda c: benchmark_judge_args(c, "isg", records=[isg_record(output=[{"type": "video"}])]),
+         "{tmp}/exp/m.jsonl line 1: output is not a list of blocks"),
+    Case("judge-isg-twice", lambda c: benchmark_judge_args(c, "isg", records=[isg_record(), isg_record()]),
+         "{tmp}/exp/m.jsonl line 2: id '0' appears twice"),
+    Case("judge-isg-image-leads-out", lambda c: benchmark_judge_args(c, "isg", records=[isg_record(
+        Golden=[{"type": "image", "content": "../exp/images/q.png"}])]),
+         "{tmp}/exp/m.jsonl line 1: image '../exp/images/q.png' lies outside {tmp}/data"),
+    Case("judge-isg-image-missing", lambda c: benchmark_judge_args(c, "isg", records=[isg_record(
+        output=[{"type": "image", "content": "none.png"}])]), "{tmp}/exp/m.jsonl line 1: image {tmp}/exp/none.png not found"),
+    Case("judge-mmie-no-prompts", lambda c: benchmark_judge_args(c, "mmie", prompts=""),
+         "--benchmark mmie needs --prompts"),
+    Case("judge-mmie-rubric-missing", lambda c: benchmark_judge_args(c, "mmie", prompts=MMIE_PROMPTS.replace("MSR", "X")),
+         "{tmp}/bench/prompts.py lacks the MSR rubric"),
+    Case("judge-mmie-not-a-list", lambda c: benchmark_judge_args(c, "mmie", records={"id": "SA_1"}),
+         "{tmp}/exp/m.json is not MMIE's format"),
+    Case("judge-mmie-not-a-sample", lambda c: benchmark_judge_args(c, "mmie", records=[{"id": "SA_1", "answer": 1}]),
+         "{tmp}/exp/m.json sample 1 is not an MMIE sample"),
+    Case("judge-mmie-no-task", lambda c: benchmark_judge_args(c, "mmie", records=[
+        {"id": "X_1", "question": [], "answer": "a", "gt_answer": [{"text": None}]}]),
+         "{tmp}/exp/m.json sample 1: id 'X_1' names none of SA, PBL, MSR"),
+    Case("judge-mmie-image-missing", lambda c: benchmark_judge_args(c, "mmie", records=[
+        {"id": "SA_1", "question": [{"text": "q", "image": "none.png"}], "answer": "a", "gt_answer": [{"text": None}]}]),
+         "1 image not found, the first {tmp}/data/none.png"),
+    Case("judge-isg-output-an-export", lambda c: [c.file("j.jsonl", json.dumps(isg_record()) + "\n"),
+                                                  *benchmark_judge_args(c, "isg")][1:],
+         "{tmp}/j.jsonl is not a judgement file of ISG-Bench; give another --output"),
+    Case("judge-isg-output-foreign-end", lambda c: [c.file("j.jsonl", "my notes"),
+                                                    *benchmark_judge_args(c, "isg")][1:],
+         "{tmp}/j.jsonl does not end with a judgement"),
+    Case("judge-mmie-output-an-export", lambda c: [c.file("j.jsonl", '{"id": "SA_1", "question": []}'),
+                                                   *benchmark_judge_args(c, "mmie")][1:],
+         "{tmp}/j.jsonl is not a judgement file of MMIE; give another --output"),
+    Case("scores-benchmark", lambda c: scores_args(c, "opening", "{}"), "--benchmark 'opening': the choices are isg, mmie"),
+    Case("scores-compat", lambda c: scores_args(c, "isg", "{}", "j.jsonl", "--compat", "mmie"),
+         "--compat 'mmie': with --benchmark isg, the only choice is isg"),
+    Case("scores-not-a-judgement", lambda c: scores_args(c, "isg", '{"Category": "HowTo"}\n'),
+         "{tmp}/j.jsonl line 1 is not a judgement"),
+    Case("scores-mmie-not-a-list", lambda c: scores_args(c, "mmie", '{"id": "SA_1"}', "j.json"),
+         "{tmp}/j.json is not a list of judgements"),
+    Case("scores-mmie-no-feedback", lambda c: scores_args(c, "mmie", '[{"id": "SA_1", "model": "m"}]', "j.json"),
+         "judgement 'SA_1' of m has no gpt_feedback"),
+    Case("scores-empty", lambda c: scores_args(c, "mmie", "", "j.jsonl"), "no judgements in {tmp}/j.jsonl"),
+    # prepare-data opening|isg|mmie and export
+    Case("prepare-opening-both-splits", lambda c: ["prepare-data", "opening", "--input",
+                                                   str(beside(c, "opening", "dev_data.jsonl", "")), "-o", str(c.tmp / "d")],
+         "{tmp}/raw/OpenING-benchmark holds both test_data.jsonl and dev_data.jsonl; pick one with --split"),
+    Case("prepare-opening-unknown-split", lambda c: ["prepare-data", "opening", "--input",
+                                                     str(benchmark(c, "opening").parent), "--split", "train", "-o",
+                                                     str(c.tmp / "d")], "--split 'train': OpenING's splits are test and dev"),
+    Case("prepare-isg-split", lambda c: ["prepare-data", "isg", "--input", str(benchmark(c, "isg")), "--split", "test",
+                                         "-o", str(c.tmp / "d")], "--split applies to OpenING (test or dev)"),
+    Case("prepare-isg-no-data-file", lambda c: ["prepare-data", "isg", "--input", str(c.file("e/x.txt", "").parent),
+                                                "-o", str(c.tmp / "d")], "{tmp}/e holds no ISG-Bench.jsonl"),
+    Case("prepare-mmie-two-files", lambda c: ["prepare-data", "mmie", "--input", str(beside(c, "mmie", "more.json", "[]")),
+                                              "-o", str(c.tmp / "d")],
+         "{tmp}/raw/mmie holds 2 JSON files beside overview.json; give the data file"),
+    Case("prepare-mmie-not-a-list", lambda c: ["prepare-data", "mmie", "--input", str(c.file("m.json", '{"id": "SA"}')),
+                                               "-o", str(c.tmp / "d")], "{tmp}/m.json is not MMIE's data"),
+    Case("prepare-benchmark-continuation", lambda c: ["prepare-data", "isg", "--input", str(benchmark(c, "isg")),
+                                                      "--continuation", "-o", str(c.tmp / "d")],
+         "--continuation does not apply to isg"),
+    Case("prepare-benchmark-image-size", lambda c: ["prepare-data", "mmie", "--input", str(benchmark(c, "mmie")),
+                                                    "--image-size", "256", "-o", str(c.tmp / "d")],
+         "--image-size does not apply to mmie: its images and texts are kept as they are"),
+    Case("prepare-opening-strict", lambda c: ["prepare-data", "opening", "--strict", "-o", str(c.tmp / "d"), "--input",
+                                              str(beside(c, "opening", "bad.jsonl", '{"total_uid": "0101001"}\n')
+                                                  / "bad.jsonl")],
+         '0101001: malformed record (expected "conversations"'),
+    Case("export-unknown-format", lambda c: export_args(c, "--gold", fmt="vist", source="isg"),
+         "--format 'vist': the choices are opening, isg, mmie"),
+    Case("export-neither-answers", lambda c: export_args(c), "give either --generated"),
+    Case("export-both-answers", lambda c: export_args(c, "--gold", "--generated", str(c.tmp / "g")),
+         "give either --generated"),
+    Case("export-name-not-a-file-name", lambda c: export_args(c, "--gold", "--name", "../m"),
+         "--name '../m': a model's name is a file name here"),
+    Case("export-data-not-prepared", lambda c: ["export", "--format", "isg", "--gold", "--data",
+                                                str(c.file("e/x.txt", "").parent), "--name", "m", "-o", str(c.tmp / "x")],
+         "--data {tmp}/e holds no stories.jsonl"),
+    Case("export-other-benchmark", lambda c: export_args(c, "--gold", source="isg"),
+         "{tmp}/d/stories.jsonl holds isg stories, not opening"),
+    Case("export-generated-missing", lambda c: export_args(c, "--generated", str(c.tmp / "none")),
+         "--generated {tmp}/none is not a folder generate wrote"),
+    Case("export-stories-missing", lambda c: export_args(c, "--generated", str(generated(c, "g", ["0301098"],
+                                                                                         "Draw a lighthouse."))),
+         "--generated {tmp}/g lack 2 stories of {tmp}/d/stories.jsonl, the first '0301096'; pass --partial"),
+    Case("export-another-input", lambda c: export_args(c, "--generated", str(generated(c, "g", ["0301098"]))),
+         "{tmp}/g/0301098/story.json continues another input than story '0301098'"),
+    Case("export-over-an-export", export_twice, "{tmp}/exp/m_output exists; pass --overwrite to replace it"),
+    Case("prepare-opening-no-data-file", lambda c: ["prepare-data", "opening", "--input", str(c.file("e/x.txt", "").parent),
+                                                    "-o", str(c.tmp / "d")],
+         "{tmp}/e holds no test_data.jsonl or dev_data.jsonl"),
+    Case("prepare-opening-split-of-another-file", lambda c: ["prepare-data", "opening", "--input",
+                                                             str(benchmark(c, "opening")), "--split", "dev", "-o",
+                                                             str(c.tmp / "d")],
+         "--split dev names another file than {tmp}/raw/OpenING-benchmark/test_data.jsonl"),
+    Case("prepare-isg-missing-input", lambda c: ["prepare-data", "isg", "--input", str(c.tmp / "none"), "-o",
+                                                 str(c.tmp / "d")], "input not found: {tmp}/none"),
+    Case("export-data-not-a-story", lambda c: ["export", "--format", "isg", "--gold", "--data",
+                                               str(c.file("e/stories.jsonl", '{"id": "1"}\n').parent), "--name", "m",
+                                               "-o", str(c.tmp / "x")],
+         "{tmp}/e/stories.jsonl line 1 is not a story prepare-data wrote for a benchmark"),
+    Case("export-no-stories", lambda c: ["export", "--format", "isg", "--gold", "--data",
+                                         str(c.file("e/stories.jsonl", "\n").parent), "--name", "m", "-o", str(c.tmp / "x")],
+         "{tmp}/e/stories.jsonl holds no stories"),
+    Case("export-story-twice", lambda c: export_generated(c, lambda f: shutil.copytree(f, f.with_name("again"))),
+         "story '0301098' is in both {tmp}/g/0301098 and {tmp}/g/again"),
+    Case("export-story-image-missing", lambda c: export_generated(c, lambda f: (f / "image-1.png").unlink()),
+         "{tmp}/g/0301098/story.json: its image 'image-1.png' is not a file in {tmp}/g/0301098"),
+    Case("export-story-linked-out", lambda c: export_generated(c, lambda f: shutil.move(f, c.tmp / "elsewhere") and
+                                                               f.symlink_to(c.tmp / "elsewhere")),
+         "{tmp}/g/0301098 leads outside --generated {tmp}/g"),
+    Case("export-over-another-image", export_over_other_image,
+         "{tmp}/exp/images/0000_q1.png is not the image of {tmp}/d at that path"),
+    Case("export-id-not-a-file-name", lambda c: ["export", "--format", "opening", "--gold", "--data", str(c.file(
+        "e/stories.jsonl", json.dumps({"id": "../x", "benchmark": "opening", "source": {}, "steps": [], "blocks": [],
+                                       "reference": []}) + "\n").parent), "--name", "m", "-o", str(c.tmp / "x")],
+         "{tmp}/e/stories.jsonl: story id '../x' is not a plain file name"),
+    Case("export-story-image-leads-out", export_image_leading_out,
+         "{tmp}/d/stories.jsonl line 1: story '0000' names image '../d/images/0000_g1.png': the folder was not"),
+    Case("export-output-folder-linked-out", export_into_linked_folder,
+         "{tmp}/exp/images/0000_q1.png leads outside --output {tmp}/exp"),
+    # import-official: the original files checked name by name before anything is written
+    Case("import-official-missing-key", lambda c: official_args(c, lambda s: s.pop("fc.0.bias")),
+         "--stage1 {tmp}/stage1.ckpt lacks fc.0.bias"),
+    Case("import-official-extra-key", lambda c: official_args(c, lambda s: s.update({"fc.1.weight": s["fc.0.bias"]})),
+         "--stage1 {tmp}/stage1.ckpt holds fc.1.weight, which this layout has no place for"),
+    Case("import-official-wrong-shape", lambda c: official_args(c, lambda s: s.update(
+        {"t2i_decoder_prompt": s["t2i_decoder_prompt"].repeat(1, 2, 1)})),
+         "--stage1 {tmp}/stage1.ckpt: t2i_decoder_prompt is [1, 32, 32], expected [1, 16, 32]"),
+    Case("import-official-stage2-as-stage1", lambda c: official_args(c, stage1="stage2.ckpt", stage2=None),
+         "--stage1 {tmp}/stage2.ckpt is a stage-2 checkpoint; give it as --stage2"),
+    Case("import-official-stage1-as-stage2", lambda c: official_args(c, stage2="stage1.ckpt"),
+         "--stage2 {tmp}/stage1.ckpt is a stage-1 checkpoint; give it as --stage1"),
+    Case("import-official-not-a-lightning-file", lambda c: official_args(c, stage2="lavis/eva_vit_g.pth"),
+         "--stage2 {tmp}/lavis/eva_vit_g.pth holds no 'state_dict' mapping"),
+    Case("import-official-eva-missing-key", lambda c: lavis_args(c, eva=spoiled_eva()),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth lacks blocks.1.mlp.fc2.bias"),
+    Case("import-official-eva-unknown-key", lambda c: lavis_args(c, eva=spoiled_eva(unknown=True)),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth holds blocks.0.ls1, which this layout has no place for"),
+    Case("import-official-not-only-tensors", lambda c: lavis_args(c, eva=not_only_tensors()),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth holds more than tensors (argparse.Namespace)"),
+    Case("import-official-not-a-torch-file", lambda c: official_args(c, stage2=c.file("s.ckpt", "text").name),
+         "--stage2 {tmp}/s.ckpt is not a torch weight file"),
+    Case("import-official-output-not-ours", lambda c: lavis_args(c) + ["--output", str(c.file("mine/a", "x").parent),
+                                                                       "--overwrite"],
+         "{tmp}/mine is not a folder import-official wrote; --overwrite replaces only such a folder"),
+    Case("import-official-output-in-base", lambda c: official_args(c) + ["--output", str(c.tmp / "base" / "x")],
+         "--output {tmp}/base/x overlaps {tmp}/base, an input; write it elsewhere"),
+    Case("import-official-base-not-imported", lambda c: ["import-official", "minigpt5", "--stage1",
+                                                         str(c.file("s1.ckpt", "x")), "--base", str(c.tmp / "nobase"),
+                                                         "--upstream", str(c.tmp), "--output", str(c.tmp / "out")],
+         "--base {tmp}/nobase is not a folder import-official minigpt4 wrote"),
+    # import-official: the system prompts read from the original's dataloader.py, never run
+    Case("import-official-upstream-without-dataloader", lambda c: spoiled_upstream(c, None),
+         "--upstream {tmp}/MiniGPT-5 has no dataloader.py; give a checkout of eric-ai-lab/MiniGPT-5"),
+    Case("import-official-upstream-not-python", lambda c: spoiled_upstream(c, "class VISTDataset(:\n"),
+         "--upstream: {tmp}/MiniGPT-5/dataloader.py is not Python this version can read"),
+    Case("import-official-upstream-without-dialogue-prompt", lambda c: spoiled_upstream(
+        c, "class VISTDataset:\n    system_prompt1 = 'a'\nclass MMDialogDataset:\n    system_prompt = make()\n"),
+         "--upstream {tmp}/MiniGPT-5/dataloader.py assigns no string to system_prompt in MMDialogDataset (the "
+         "dialogue system prompt)"),
+    Case("import-official-vit-deeper-than-the-file", lambda c: lavis_args(c) + ["--vision-layers", "4"],
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth lacks blocks.3."),
+    Case("import-official-pos-embed-1d", lambda c: reshaped(c, "eva", "pos_embed", 5),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth: pos_embed is [5], expected 3 dimensions"),
+    Case("import-official-cls-token-0d", lambda c: reshaped(c, "eva", "cls_token"),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth: cls_token is [], expected 3 dimensions"),
+    Case("import-official-query-tokens-1d", lambda c: reshaped(c, "blip2", "query_tokens", 16),
+         "--qformer {tmp}/lavis/blip2_pretrained_flant5xxl.pth: query_tokens is [16], expected 3 dimensions"),
+    Case("import-official-cross-key-1d", lambda c: reshaped(
+        c, "blip2", "Qformer.bert.encoder.layer.0.crossattention.self.key.weight", 16),
+         "--qformer {tmp}/lavis/blip2_pretrained_flant5xxl.pth: Qformer.bert.encoder.layer.0.crossattention.self.key."
+         "weight is [16], expected 2 dimensions"),
+    Case("import-official-base-without-weights", lambda c: damaged_base(
+        c, lambda base: (base / "model.safetensors").unlink()), "--base {tmp}/base is damaged: "),
+    Case("import-official-base-damaged-shard", lambda c: damaged_base(
+        c, lambda base: (base / "model.safetensors").write_bytes(b"\x08" + bytes(40))), "--base {tmp}/base is damaged: "),
+    Case("import-official-base-damaged-index", lambda c: damaged_base(
+        c, lambda base: (base / "model.safetensors.index.json").write_text("{")), "--base {tmp}/base is damaged: "),
+    Case("import-official-image-token-in-story", image_token_in_story,
+         "a story step's text holds <image>, the LLM's image token, which would take an image's place: "
+         "'a circle <image> here.'"),
+    Case("import-official-base-index-leads-out", lambda c: damaged_base(
+        c, lambda base: base_index(base, "../stage1.ckpt")),
+         "--base {tmp}/base is damaged: its index places language_model.model.embed_tokens.weight in "
+         "{tmp}/base/../stage1.ckpt, outside it"),
+    Case("train-negative-min-images", lambda c: train_args(c, "sample.min_images=-1"),
+         "recipe key 'sample.min_images' must be at least 0, got -1"),
+    Case("generate-negative-min-images", lambda c: generate_args(c, c.file("s.json", '{"steps": [{"text": "a"}]}'),
+                                                                 "--min-images", "-1"),
+         "--min-images must be at least 0, got -1"),
 ]
 
 

@@ -143,3 +143,19 @@ def test_the_page_lists_the_words_a_shapes_model_knows(loaded, tmp_path):
     other = type("Net", (), {"tokenizer": AutoTokenizer.from_pretrained(hub.resolve("tiny:llava"))})
     assert vocabulary(other) == ""  # another world's model: no shapes to list
 
+
+
+@pytest.mark.parametrize("least", [0, 2])
+def test_the_sliders_start_at_the_models_own_sampling(loaded, tmp_path, least):
+    """The images-at-least slider starts at the recipe's sample.min_images (0 for the released model), as
+    generate's --min-images does."""
+    import dataclasses
+
+    import gradio as gr
+
+    from minigpt5_cli.demo.app import build_app
+
+    model = dataclasses.replace(loaded, sample=dataclasses.replace(loaded.sample, min_images=least))
+    app = build_app(model, tmp_path)
+    [slider] = [b for b in app.blocks.values() if isinstance(b, gr.Slider) and b.label == "Images at least"]
+    assert slider.value == least

@@ -51,7 +51,9 @@ def test_family_trains_both_stages_and_generates_with_images(family, tmp_path):
         assert doc["generated"][0]["images"], sid
 
 
-VISION_ONLY = list(F.VISION)
+# BLIP-2's processor puts one image's tokens before the text, whatever the prompt: tests/test_blip2.py
+# compares our batches with the model's own forward instead.
+VISION_ONLY = [f for f in F.VISION if f != "blip_2"]
 
 
 @pytest.mark.parametrize("prompt_format", ["auto", "paper"])

@@ -254,13 +254,15 @@ def test_index_lists_prompts_with_small_thumbnails(runs, tmp_path, capsys):
 def test_help_texts_read_whole(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "240")
     helps = {}
-    for command in ([], ["prepare-data"], ["train"], ["generate"], ["bundle"], ["evaluate"], ["arena", "results"]):
+    for command in ([], ["prepare-data"], ["train"], ["generate"], ["bundle"], ["evaluate"], ["arena", "results"],
+                    ["export"], ["judge"], ["scores"], ["import-official", "minigpt5"]):
         run_cli(*command, "--help")
         helps[" ".join(command)] = capsys.readouterr().out
     for command, text in helps.items():
         assert not re.search(r"\w \.(\s|$)", text), command  # "Nucleus sampling .": a default eaten as markup
     rows = [line.split()[1] for line in helps[""].splitlines() if line.startswith("│ ")]
-    assert rows == ["--help", "prepare-data", "train", "generate", "bundle", "evaluate", "demo", "rate", "arena"], rows
+    assert rows == ["--help", "prepare-data", "train", "generate", "bundle", "evaluate", "export", "judge", "scores",
+                    "demo", "rate", "arena", "import-official"], rows
     assert "MiniGPT-5's caption<TAB>image_path" in helps["prepare-data"]  # a paragraph is not cut mid-sentence
     assert "cc3m, toy" in " ".join(helps["evaluate"].split())
 

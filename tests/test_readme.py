@@ -121,3 +121,29 @@ def test_broken_readme_fails(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(AssertionError, match="--no-such-option` exited 2"):
         run_readme(broken, tmp_path / "run")
+
+
+def test_every_readme_command_names_real_commands_and_options():
+    """Every `minigpt5 ...` line of the README's bash blocks, in every section (most need data or weights this
+    machine lacks, so they are not run), names an existing command and only options that command has."""
+    import typer
+
+    from minigpt5_cli.cli import app
+
+    root = typer.main.get_command(app)
+    checked = 0
+    for block in re.findall(r"^```bash\n(.*?)^```", README.read_text(encoding="utf-8"), flags=re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv[:1] != ["minigpt5"]:
+                continue
+            command, words = root, argv[1:]
+            while hasattr(command, "commands") and words and words[0] in command.commands:  # a group (typer's click)
+                command, words = command.commands[words[0]], words[1:]
+            assert not hasattr(command, "commands"), f"`{line}` names no command of {command.name}"
+            known = {name for p in command.params for name in p.opts + p.secondary_opts}
+            for word in words:
+                if word.startswith("-") and word != "-":
+                    assert word.split("=")[0] in known, f"`{line}`: {command.name} has no option {word}"
+            checked += 1
+    assert checked > 40, checked  # the parser found the README's commands

@@ -1,7 +1,8 @@
 """Tiny random-weight backbones, built from configs and saved with `save_pretrained`.
 
 They exist so that tests and the debug recipes run offline in seconds. A recipe names them as
-`tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text), `tiny:sd` (Stable
+`tiny:llama` (text-only causal LM), `tiny:llava` (image-text-to-text), `tiny:blip2` (BLIP-2 with a
+Llama language model and a sentencepiece-style tokenizer, as MiniGPT-4 is built), `tiny:sd` (Stable
 Diffusion 1/2), `tiny:sdxl`, `tiny:sd3` or `tiny:flux`. `hub.resolve` builds the folder once into a
 cache and returns its path; the production loaders (`backbones.py`, `generators.py`) then load it
 like any local folder.
@@ -19,7 +20,8 @@ import torch
 
 from minigpt5_cli.builders.common import clip_tokenizer
 
-NAMES = ("tiny:llama", "tiny:llava", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava", "toy:sd")
+NAMES = ("tiny:llama", "tiny:llava", "tiny:blip2", "tiny:sd", "tiny:sdxl", "tiny:sd3", "tiny:flux", "toy:llava",
+         "toy:sd")
 WEIGHTS = True  # random weights, saved: loadable as any model folder
 BUILD_SEED = 0  # the weights of every tiny and toy backbone
 
@@ -39,7 +41,8 @@ def build(name: str, out: str | Path) -> str:
     out = Path(out)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(BUILD_SEED)
-        builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3, "tiny:flux": _build_flux}.get(name) or \
+        builder = {"tiny:sdxl": _build_sdxl, "tiny:sd3": _build_sd3, "tiny:flux": _build_flux,
+                   "tiny:blip2": _build_blip2}.get(name) or \
             (_build_sd if name.endswith(":sd") else _build_llm)
         builder(out, SIZES[name])
     return str(out)
@@ -49,6 +52,8 @@ def build(name: str, out: str | Path) -> str:
 SIZES = {
     "tiny:llama": {"vision": False, "width": 32, "layers": 2, "heads": 4, "kv_heads": 2},
     "tiny:llava": {"vision": True, "width": 32, "layers": 2, "heads": 4, "kv_heads": 2, "vision_width": 32},
+    "tiny:blip2": {"width": 32, "layers": 2, "heads": 4, "kv_heads": 2, "vision_width": 16, "image": 28, "patch": 14,
+                   "qformer_width": 16, "queries": 4},
     "toy:llava": {"vision": True, "width": 128, "layers": 4, "heads": 4, "kv_heads": 4, "vision_width": 64,
                   "toy": True},
     "tiny:sd": {"cond_len": 16, "width": 32, "vae": (8, 16, 16), "latent": 4, "unet": (16, 32), "head_dim": 4,
@@ -137,6 +142,51 @@ def _build_llm(out: Path, size: dict) -> None:
         image_token="<image>", num_additional_image_tokens=1,
     )
     processor.save_pretrained(out)
+
+
+def _sentencepiece_tokenizer(specials: list[str]):
+    """LLaMA's tokenizer shape: BPE over Metaspace pieces, the "▁" written only at the text's start (as
+    today's transformers loads LLaMA's), no normalisation, BOS before a text; `specials` added after the
+    vocabulary, as MiniGPT-4 adds its own."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, fuse_unk=True, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")  # pieces learnt per word
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(content=" ", left=1)])
+    alphabet = [chr(c) for c in range(32, 127)] + ["\n"]  # every ASCII character a piece of its own
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=alphabet,
+                                  show_progress=False)
+    tok.train_from_iterator(_CORPUS + ["###Human: ###Assistant: <Img> </Img> Pictures come in turn"], trainer)
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   extra_special_tokens={"image_token": specials[0]} if specials else {},
+                                   model_max_length=512, add_prefix_space=None)
+
+
+def _build_blip2(out: Path, size: dict) -> None:
+    """BLIP-2 hosting a decoder-only Llama: a ViT, a Q-Former with `queries` query tokens and a projection
+    into the LLM's width, as MiniGPT-4 is laid out; the processor with its image token and query count."""
+    from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
+                              Blip2VisionConfig)
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = _sentencepiece_tokenizer(["<image>"])
+    vision, qformer = size["vision_width"], size["qformer_width"]
+    config = Blip2Config(
+        vision_config=Blip2VisionConfig(hidden_size=vision, intermediate_size=2 * vision, num_hidden_layers=2,
+                                        num_attention_heads=2, image_size=size["image"], patch_size=size["patch"]),
+        qformer_config=Blip2QFormerConfig(hidden_size=qformer, intermediate_size=2 * qformer, num_hidden_layers=2,
+                                          num_attention_heads=2, encoder_hidden_size=vision, vocab_size=8),
+        text_config=_text_config(len(tok), tok, size), num_query_tokens=size["queries"],
+        image_token_index=tok.convert_tokens_to_ids("<image>"),
+    )
+    Blip2ForConditionalGeneration(config).save_pretrained(out)
+    images = BlipImageProcessorPil(size={"height": size["image"], "width": size["image"]})
+    Blip2Processor(image_processor=images, tokenizer=tok, num_query_tokens=size["queries"]).save_pretrained(out)
 
 
 def _clip_text(tokenizer, width: int, projection: int | None = None):

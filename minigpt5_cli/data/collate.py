@@ -1,11 +1,14 @@
 """The collator: samples to one batch of model inputs, labels and targets.
 
-A prompt is written in one of two forms, `data.prompt_format`: the paper's `###Human: ...
-###Assistant:` text, or the model's own chat template (`auto`: the template when the model has one),
-and goes through the model's own processor (image-text LLMs) or tokenizer, identically with and
-without images. Every tensor the processor returns goes to the model: per-token tensors padded to
-the batch width (and carried on over the target tokens), per-image tensors concatenated along the
-image axis, with their masks. Only target tokens carry labels.
+A prompt is written in one of three forms, `data.prompt_format`: the paper's `###Human: ...
+###Assistant:` text, the model's own chat template (`auto`: the template when the model has one), or
+the released MiniGPT-5's templates (`official`, tokenised as its slow tokenizer did: `legacy_ids`,
+after its BOS), and goes through the model's own processor (image-text LLMs) or tokenizer, identically
+with and without images. A family whose processor puts image tokens before the text (BLIP-2) gets them
+where each image is, and its pixels from its image processor alone (or, `data.image_preprocessing`, as
+the released model prepared them). Every tensor the processor returns goes to the model: per-token
+tensors padded to the batch width (and carried on over the target tokens), per-image tensors
+concatenated along the image axis, with their masks. Only target tokens carry labels.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ import torch.nn.functional as F
 from minigpt5_cli.data import prompts
 from minigpt5_cli.data.samples import Sample
 from minigpt5_cli.errors import UserError
+from minigpt5_cli.images import clip_pixels
 from minigpt5_cli.modeling.llm_families import Quirks
 from minigpt5_cli.modeling.runner import continued
+from minigpt5_cli.modeling.vokens import voken_tokens
 
 
 @dataclass(kw_only=True)
@@ -33,7 +38,10 @@ class Collator:
     first_voken: int
     n_vokens: int
     max_length: int
-    prompt_format: str = "paper"  # paper, chat or auto
+    prompt_format: str = "paper"  # paper, chat, auto or official
+    image_preprocessing: str = "processor"  # processor, official or official_pad
+    story_system: str = ""  # the official format's system prompts (empty: none)
+    dialogue_system: str = ""
     quirks: Quirks = field(default_factory=Quirks)
     _layout: dict | None = field(default=None, init=False, repr=False)
     _marker: str | None = field(default=None, init=False, repr=False)  # image_marker, read once
@@ -41,15 +49,23 @@ class Collator:
     @classmethod
     def for_model(cls, model, data) -> "Collator":
         """The collator that tokenises samples for a MiniGPT5 model, in training and generation alike, as
-        the recipe's `data` section says (max_length, prompt_format)."""
+        the recipe's `data` section says (max_length, prompt_format, image_preprocessing, the system prompts)."""
+        quirks = model.runner.quirks
+        if data.image_preprocessing != "processor" and not quirks.images_in_place:
+            raise UserError(f"data.image_preprocessing={data.image_preprocessing} is the released MiniGPT-5's, for a "
+                            "BLIP-2 LLM; this LLM's processor prepares its own images: use processor")
+        if data.prompt_format == "official" and model.processor is not None and not quirks.images_in_place:
+            raise UserError("data.prompt_format=official writes images as a BLIP-2 LLM reads them; this LLM's "
+                            "processor writes its own: use paper, chat or auto")
         return cls(tokenizer=model.tokenizer, processor=model.processor, first_voken=model.first_voken,
                    n_vokens=model.vokens.n, max_length=data.max_length, prompt_format=data.prompt_format,
-                   quirks=model.runner.quirks)
+                   image_preprocessing=data.image_preprocessing, story_system=data.story_system,
+                   dialogue_system=data.dialogue_system, quirks=quirks)
 
     @property
     def chat(self) -> bool:
         """Whether prompts are written with the model's chat template."""
-        if self.prompt_format == "paper":
+        if self.prompt_format in ("paper", "official"):
             return False
         template = getattr(self.processor or self.tokenizer, "chat_template", None)
         if self.prompt_format == "chat" and not template:
@@ -61,8 +77,14 @@ class Collator:
     def _render(self, sample: Sample, history: list) -> tuple[str, list]:
         if sample.prompt is not None:
             return sample.prompt, []
+        self._plain(text for text, _ in history)
         take = self.processor is not None  # a text-only LLM never sees the images
         images = [img for _, img in history if img is not None and take]
+        if images and self._marker is None:
+            self._marker = image_marker(self.processor)
+        if self.prompt_format == "official":
+            steps = [(text, img is not None and take) for text, img in history]
+            return prompts.official(steps, self._marker, self.story_system, self.dialogue_system), images
         if self.chat and self.processor is not None:
             parts = []
             for text, img in history:
@@ -74,8 +96,6 @@ class Collator:
         if self.chat:
             return self.tokenizer.apply_chat_template([{"role": "user", "content": "\n".join(t for t, _ in history)}],
                                                       tokenize=False, add_generation_prompt=True), []
-        if images and self._marker is None:
-            self._marker = image_marker(self.processor)
         marker = self._marker if images else ""
         lines = [f"{text} {marker}".strip() if img is not None and take else text for text, img in history]
         return prompts.dialogue(lines), images
@@ -83,6 +103,12 @@ class Collator:
     def _encode(self, text: str, images: list) -> dict[str, torch.Tensor]:
         """The model inputs of one prompt, batch dimension 1, as the model's processor gives them."""
         special = {"add_special_tokens": False} if self.chat else {}  # a chat template writes its own BOS
+        if self.prompt_format == "official":
+            ids = torch.tensor([[self.tokenizer.bos_token_id, *legacy_ids(self.tokenizer, text, self._specials())]])
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), **self._pixels(images)}
+        if self.quirks.images_in_place:
+            enc = self.tokenizer(text, return_tensors="pt", **special)
+            return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], **self._pixels(images)}
         if self.processor is None:
             enc = self.tokenizer(text, return_tensors="pt", **special)
             return {k: enc[k] for k in self.tokenizer.model_input_names if k in enc}
@@ -93,6 +119,32 @@ class Collator:
             return {"input_ids": ids, "attention_mask": enc["attention_mask"], "token_type_ids": torch.zeros_like(ids)}
         enc = self.processor(text=[text], images=images or None, return_tensors="pt", **special)
         return {k: v for k, v in enc.items() if torch.is_tensor(v) and k != "labels"}  # our labels, not its
+
+    def _plain(self, texts) -> None:
+        """Refuse story text holding the image token of a family that puts image features at its positions:
+        the text would take an image's place."""
+        token = str(getattr(self.processor, "image_token", "") or "") if self.quirks.images_in_place else ""
+        for text in texts:
+            if token and token in text:
+                raise UserError(f"a story step's text holds {token}, the LLM's image token, which would take an "
+                                f"image's place: {text[:80]!r}; remove it from the text")
+
+    def _specials(self) -> list[str]:
+        """The tokens the released model's tokenizer splits its text at: the image token and the vokens."""
+        image = str(getattr(self.processor, "image_token", "") or "")
+        return [*([image] if image else []), *voken_tokens(self.n_vokens)]
+
+    def _pixels(self, images: list) -> dict[str, torch.Tensor]:
+        """The pixels of a prompt's images (none without), for a family that encodes them apart."""
+        if not images:
+            return {}
+        images_out = self.processor.image_processor
+        if self.image_preprocessing == "processor":
+            out = images_out(images, return_tensors="pt")
+            return {k: v for k, v in out.items() if torch.is_tensor(v)}
+        size = images_out.size.get("height") or images_out.size["shortest_edge"]
+        pad = self.image_preprocessing == "official_pad"
+        return {"pixel_values": torch.stack([clip_pixels(img, size, square=pad) for img in images])}
 
     def prompt(self, sample: Sample, room: int, keep_end: bool = False) -> dict[str, torch.Tensor]:
         """The model inputs of the prompt, dropping the oldest steps to fit `room` tokens. `keep_end`
@@ -152,7 +204,12 @@ class Collator:
     # -- targets
 
     def _target_ids(self, sample: Sample) -> list[int]:
+        self._plain([sample.target])
         vokens = self.tokenizer.convert_ids_to_tokens(list(range(self.first_voken, self.first_voken + self.n_vokens)))
+        if self.prompt_format == "official":  # "{text} [IMG0]..[IMG7] ###", no eos, as the released model learnt
+            text = " ".join([*([sample.target] if sample.target else []), *(["".join(vokens)] if sample.vokens else []),
+                             prompts.END])
+            return legacy_ids(self.tokenizer, text, self._specials())
         text = sample.target
         if sample.vokens:
             text = (text + " " if text else "") + "".join(vokens)
@@ -250,12 +307,32 @@ class Collator:
         return batch
 
 
+def legacy_ids(tokenizer, text: str, specials: list[str]) -> list[int]:
+    """The ids of `text` (no BOS) as the slow sentencepiece LLaMA tokenizer of transformers 4.31 (legacy)
+    gave them, whatever the loaded tokenizer's own handling of added tokens: the text split at `specials`,
+    the whitespace on both sides of each stripped, and every piece between them encoded on its own, so
+    each starts as a text's start does (sentencepiece's leading "▁")."""
+    parts = re.split("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")", text) \
+        if specials else [text]
+    ids = []
+    for k, part in enumerate(parts):
+        if k % 2:
+            ids.append(tokenizer.convert_tokens_to_ids(part))
+            continue
+        part = part.lstrip() if k > 0 else part
+        part = part.rstrip() if k < len(parts) - 1 else part
+        if part:
+            ids += tokenizer(part, add_special_tokens=False)["input_ids"]
+    return ids
+
+
 def image_marker(processor) -> str:
     """How the model writes one image in its text: its chat template's rendering of an image (with the
     family's markers, e.g. Qwen2-VL's <|vision_start|>...<|vision_end|>), else the processor's image
-    token. The rendering is what an image adds to a turn, wherever the template puts it: between the
-    texts around it, or (LLaVA's templates) before all of the turn's text."""
-    token = getattr(processor, "image_token", None) or ""
+    token, as many times as the image takes where the processor counts them for the text (BLIP-2's
+    query tokens). The rendering is what an image adds to a turn, wherever the template puts it: between
+    the texts around it, or (LLaVA's templates) before all of the turn's text."""
+    token = str(getattr(processor, "image_token", None) or "") * (getattr(processor, "num_query_tokens", None) or 1)
     if not getattr(processor, "chat_template", None):
         return token
     from jinja2 import TemplateError

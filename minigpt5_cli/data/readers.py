@@ -346,10 +346,12 @@ def read_mmdialog(path: Path, images: Path | None = None, outside: bool = False)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
         return "json-array", _dialogs(records, folder, outside)
-    return "jsonl", _dialogs(_json_lines(text), folder, outside)
+    return "jsonl", _dialogs(text_json_lines(text), folder, outside)
 
 
-def _json_lines(text: str):
+def text_json_lines(text: str):
+    """(where, record, JSON error or None) for each non-blank line of JSON Lines text: a bad line is the
+    caller's to reject, not the end of the file."""
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip():
             try:

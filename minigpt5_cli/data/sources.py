@@ -20,6 +20,7 @@ from minigpt5_cli.files import json_lines, read_json
 from minigpt5_cli.story import Picture, Step, Story, step_from_json, story_from_row
 
 SUMMARY_FILE = "summary.json"  # written by prepare-data beside every dataset
+REJECTS_FILE = "rejects.jsonl"  # and the records it skipped, with why
 
 
 # A training file's images lie in its folder, unless the recipe says otherwise.

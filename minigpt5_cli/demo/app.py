@@ -140,7 +140,7 @@ def build_app(loaded, workdir: Path):
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
             with gr.Row():
                 max_new_tokens = gr.Slider(1, 512, value=sample.max_new_tokens, step=1, label="Tokens per response")
-                min_images = gr.Slider(0, 4, value=1, step=1, label="Images at least")
+                min_images = gr.Slider(0, 4, value=sample.min_images, step=1, label="Images at least")
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=sample.temperature, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=sample.top_p, step=0.05, label="Top p")

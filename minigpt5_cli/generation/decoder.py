@@ -25,7 +25,7 @@ STOP_WINDOW = 8  # tokens decoded together when looking for STOP, which may span
 
 @dataclass
 class _Row:
-    ids: list[int]  # prompt and response so far, for the repetition penalty
+    ids: list[int]  # the tokens the repetition penalty counts: the prompt and response so far
     generator: torch.Generator
     text: list[int] = dataclasses.field(default_factory=list)  # text tokens since the last image
     segments: list[dict] = dataclasses.field(default_factory=list)  # {"text": str} or {"image": i}
@@ -57,9 +57,17 @@ class Decoder:
         self.warpers = LogitsProcessorList(warpers)
         self.data = data
         self.collator = Collator.for_model(model, data)
-        # generate's stop tokens: eos, and the end of turn of chat models (generation_config may list several)
-        stops = getattr(model.llm_info.model.generation_config, "eos_token_id", None)
-        self.stop_ids = {self.tok.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops else [])}
+        # generate's stop tokens: eos, and the end of turn of chat models (generation_config may list several);
+        # or the recipe's own (the released model stops at id 1)
+        config = model.llm_info.model.generation_config
+        stops = getattr(config, "eos_token_id", None)
+        self.stop_ids = set(self.s.eos_ids) or \
+            {self.tok.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops else [])}
+        # penalize=response counts what transformers' generate counts when fed the prompt as embeddings (as the
+        # released code was): the sequence it starts, the generation config's BOS (0 for Vicuna v0, not the
+        # tokenizer's 1), then the sampled tokens
+        bos = getattr(config, "bos_token_id", None)
+        self.start = [bos if bos is not None else self.tok.bos_token_id]
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         scores = logits[None].clone()
@@ -67,7 +75,7 @@ class Decoder:
         room = self.s.max_new_tokens - row.new
         if self.s.mode == "two-stage" or room < self.n:
             scores[:, vokens] = float("-inf")
-        else:
+        elif self.s.mask_vokens:
             scores[:, self.first + 1:self.first + self.n] = float("-inf")  # only [IMG0] opens a group
         scores = self.warpers(torch.tensor([row.ids], device=scores.device), scores)
         if self.s.temperature <= 0:
@@ -95,8 +103,8 @@ class Decoder:
         pad = self.tok.pad_token_id
         runner = self.model.runner
         batch = {k: v.to(self.device) for k, v in self.collator.merge(prompts, left=True).items()}
-        rows = [_Row(ids=p["input_ids"][0].tolist(), generator=torch.Generator(self.device).manual_seed(seed))
-                for p, seed in zip(prompts, seeds)]
+        rows = [_Row(ids=p["input_ids"][0].tolist() if self.s.penalize == "prompt" else list(self.start),
+                     generator=torch.Generator(self.device).manual_seed(seed)) for p, seed in zip(prompts, seeds)]
         logits, hidden, decoding = runner.start(batch, self.s.max_new_tokens)
         last = hidden[:, -1]
         states: list[torch.Tensor] = []
@@ -127,7 +135,7 @@ class Decoder:
                 else:
                     row.text.append(token)
                     chunks.append([token])
-                row.ids += chunks[-1]
+                row.ids += chunks[-1] if self.s.penalize == "prompt" else [token]  # the forced vokens, or not
                 row.new += len(chunks[-1])
                 if row.new >= self.s.max_new_tokens:
                     row.done = True
@@ -150,5 +158,8 @@ class Decoder:
         for row in rows:
             if row.text:
                 self._close_text(row)
+            if self.s.render == "first":  # later groups were decoded through, as text goes on, not rendered
+                first = next((seg for seg in row.segments if "image" in seg), None)
+                row.segments = [seg for seg in row.segments if "image" not in seg or seg is first]
         out = torch.stack(states) if states else hidden.new_zeros(0, self.n, hidden.shape[-1])
         return [row.segments for row in rows], out

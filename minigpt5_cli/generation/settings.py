@@ -23,9 +23,13 @@ class Settings:
     top_p: float | None = None
     temperature: float | None = None  # 0 decodes greedily
     repetition_penalty: float | None = None
-    min_images: int = 1  # a response that ends with fewer images gets a voken group at its end
+    min_images: int | None = None  # a response that ends with fewer images gets a voken group at its end
     diffusion_steps: int | None = None
     guidance_scale: float | None = None  # 1 or less turns classifier-free guidance off
+    penalize: str | None = None  # prompt or response: what the repetition penalty counts
+    eos_ids: list[int] | None = None  # empty: the tokenizer's eos and the generation config's
+    mask_vokens: bool | None = None
+    render: str | None = None  # all or first: the voken groups that become images
     image_size: int = 0  # 0: the generator's own resolution
     seed: int = 0
     batch_size: int = 1
@@ -48,11 +52,10 @@ class Settings:
         if self.mode not in MODES:
             raise UserError(f"unknown mode {self.mode!r}; choose one of {', '.join(MODES)}")
         for f in dataclasses.fields(SampleConfig):  # the recipe's ranges for the same values
-            if getattr(self, f.name) is not None:
+            if getattr(self, f.name) is not None and f"sample.{f.name}" in RANGES:
                 in_range(f"--{f.name.replace('_', '-')}", getattr(self, f.name), RANGES[f"sample.{f.name}"])
         for name in ("steps", "batch_size"):
             in_range(f"--{name.replace('_', '-')}", getattr(self, name), (1, math.inf, True))
-        in_range("--min-images", self.min_images, (0, math.inf, True))
         in_range("--seed", self.seed, (0, 2**63 - 1, True))
         if self.image_size and (self.image_size % 8 or not 8 <= self.image_size <= MAX_IMAGE_SIZE):
             raise UserError(f"--image-size must be a multiple of 8 from 8 to {MAX_IMAGE_SIZE} (or 0 for the "

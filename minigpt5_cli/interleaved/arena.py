@@ -9,7 +9,8 @@ ids being positions in their baseline_models.json (or in --models).
 Scores (`results`), per model over every battle it took part in, as OpenING's calculate_model_winrate.py:
 FDT counts Tie(A) and Tie(B) as wins for that side, over all battles; without tie counts only battles
 decided A or B; tie 0 is plain wins over all battles; tie 0.5 adds half a win per tie (any winner holding
-"Tie"). Judgements are keyed by data_id, A's id and B's id, the last one counting. Their per-opponent
+"Tie"). Judgements are keyed by data_id, A's id and B's id, the last one counting. Agreement with human
+labels (`agreement`) is computed as their calculate_agreement.py computes it. Their per-opponent
 "without tie" matrix divides by all battles, ties too; that is reproduced only with compat "opening".
 """
 
@@ -26,11 +27,11 @@ from rich.table import Table
 
 from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import json_lines, read_json, writable_file, write_atomic
+from minigpt5_cli.files import json_lines, json_records, read_json, writable_file, write_atomic
 from minigpt5_cli.rating import stats
 
 FORMAT = "minigpt5-arena-results"
-DATA_FILES = ("test_data.jsonl", "dev_data.jsonl")
+DATA_FILES = ("test_data.jsonl", "dev_data.jsonl", "stories.jsonl")  # OpenING's own, or prepare-data opening's
 METRICS = ("fdt", "without_tie", "tie_zero", "tie_half")
 COMPATS = ("opening",)
 WINNERS = ("A", "B", "Tie(A)", "Tie(B)", "Tie")  # what their judge's parsing gives, lower case aside
@@ -40,11 +41,12 @@ WINNERS = ("A", "B", "Tie(A)", "Tie(B)", "Tie")  # what their judge's parsing gi
 
 
 def read_instances(data: Path) -> dict[str, list[str]]:
-    """{subtask name: [total_uid, ...]} in file order, from OpenING's test or dev JSON Lines (or a folder holding one)."""
+    """{subtask name: [total_uid, ...]} in file order, from OpenING's test or dev JSON Lines, or the stories
+    `prepare-data opening` wrote (each keeps its record), or a folder holding one of them."""
     if data.is_dir():
         found = [data / name for name in DATA_FILES if (data / name).is_file()]
         if len(found) != 1:
-            raise UserError(f"--data {data} holds {'both' if found else 'neither'} of {' and '.join(DATA_FILES)}; "
+            raise UserError(f"--data {data} holds {'several' if found else 'none'} of {', '.join(DATA_FILES)}; "
                             "give the file")
         data = found[0]
     elif not data.exists():
@@ -52,6 +54,8 @@ def read_instances(data: Path) -> dict[str, list[str]]:
     subtasks: dict[str, list[str]] = defaultdict(list)
     seen: set[str] = set()
     for _, where, record in json_lines(data):
+        if isinstance(record, dict) and isinstance(record.get("source"), dict):  # a prepared story
+            record = record["source"]
         uid = record.get("total_uid") if isinstance(record, dict) else None
         subtask = record.get("subtask_name") if isinstance(record, dict) else None
         if not isinstance(uid, str) or not uid or not isinstance(subtask, str):
@@ -133,27 +137,41 @@ def write_pairs(pairs: list[dict], output: Path) -> None:
 # ---- results
 
 
+def check_battle(where: str, r, winner: bool) -> None:
+    """Refuse a record that is not a pair (with `winner`, a judgement) of OpenING's files."""
+    if not (isinstance(r, dict) and isinstance(r.get("data_id"), (str, int))
+            and (not winner or isinstance(r.get("winner"), str))
+            and all(isinstance(r.get(s), dict) and "id" in r[s] and isinstance(r[s].get("name"), str)
+                    for s in ("model_A", "model_B"))):
+        what = "a judgement" if winner else "a pair"
+        raise UserError(f"{where} is not {what}: it needs data_id, model_A and model_B (each with id and name)"
+                        + (" and winner" if winner else ""))
+
+
+def key(r: dict) -> str:
+    """How OpenING's scripts key a battle: data_id, A's id and B's id."""
+    return f"{r['data_id']}_{r['model_A']['id']}_{r['model_B']['id']}"
+
+
+def read_pairs(path: Path) -> list[dict]:
+    """The pairs of a pair file (`sample`'s, or OpenING's data_instance_modelAB.json), each once, in file order."""
+    kept: dict[str, dict] = {}
+    for where, r in json_records(path, "pairs"):
+        check_battle(where, r, winner=False)
+        kept.setdefault(key(r), r)
+    if not kept:
+        raise UserError(f"no pairs in {path}")
+    return list(kept.values())
+
+
 def read_judgements(paths: list[Path]) -> list[dict]:
     """The judgements of every file (a JSON list, or JSON Lines when named .jsonl), one per data_id, A id and
     B id: the last one read."""
     kept: dict[str, dict] = {}
     for path in paths:
-        if not path.is_file():
-            raise UserError(f"{path} not found" if not path.exists() else f"{path} is not a file")
-        if path.suffix == ".jsonl":
-            records = [(where, r) for _, where, r in json_lines(path)]
-        else:
-            doc = read_json(path)
-            if not isinstance(doc, list):
-                raise UserError(f"{path} is not a list of judgements (nor JSON Lines named .jsonl)")
-            records = [(f"{path} record {i}", r) for i, r in enumerate(doc, start=1)]
-        for where, r in records:
-            if not (isinstance(r, dict) and isinstance(r.get("data_id"), (str, int)) and isinstance(r.get("winner"), str)
-                    and all(isinstance(r.get(s), dict) and "id" in r[s] and isinstance(r[s].get("name"), str)
-                            for s in ("model_A", "model_B"))):
-                raise UserError(f"{where} is not a judgement: it needs data_id, model_A and model_B (each with id and "
-                                "name) and winner")
-            kept[f"{r['data_id']}_{r['model_A']['id']}_{r['model_B']['id']}"] = r
+        for where, r in json_records(path, "judgements"):
+            check_battle(where, r, winner=True)
+            kept[key(r)] = r
     if not kept:
         raise UserError(f"no judgements in {', '.join(map(str, paths))}")
     return list(kept.values())
@@ -210,9 +228,73 @@ def differences(report: dict) -> int:
                for m in report["models"].values() for o in m["opponents"].values())
 
 
+def _tie(winner: str) -> str:
+    return "Tie" if "tie" in winner.lower() else winner
+
+
+def _forced(winner: str) -> str:
+    return {"Tie(A)": "A", "Tie(B)": "B", "Tie": "A"}.get(winner, winner)
+
+
+def agreement(human: list[dict], judged: list[dict]) -> dict:
+    """How often the judge's winners match the human ones on the battles both hold (keyed by data_id and the
+    two models' names; a judge's last one counting; every human label counting, several raters' included), as
+    OpenING's calculate_agreement.py: with tie (any winner holding "tie", in any case, is a tie), without tie
+    (battles either side called a tie left out) and FDT (Tie(A) is A, Tie(B) is B, a plain Tie is A).
+    Fractions, with 95% Wilson intervals."""
+    def named(r: dict) -> str:
+        return f"{r['data_id']}_{r['model_A']['name']}_{r['model_B']['name']}"
+
+    judge = {named(r): r["winner"] for r in judged}
+    both = [(h["winner"], judge[named(h)]) for h in human if named(h) in judge]
+    out = {}
+    for name, same in (("with_tie", _tie), ("without_tie", _tie), ("fdt", _forced)):
+        pairs = [(same(h), same(j)) for h, j in both]
+        if name == "without_tie":
+            pairs = [(h, j) for h, j in pairs if "Tie" not in (h, j)]
+        agreed = sum(h == j for h, j in pairs)
+        out[name] = {"agreement": agreed / len(pairs) if pairs else None, "agreed": agreed, "battles": len(pairs),
+                     "ci95": list(stats.wilson(agreed, len(pairs)))}
+    return out
+
+
+def rated(study: Path, answers: list[Path], question: str, judged: list[dict]) -> list[dict]:
+    """Human labels from a rating study (`rate build`: two models over the same stories) and its raters' answer
+    files: for every judged battle between the study's two models (by name) on one of its stories (by
+    data_id), each rater's answer to `question` as the battle's A, B or Tie."""
+    from minigpt5_cli.rating.build import read_key
+    from minigpt5_cli.rating.results import read_answers
+
+    study_key, _ = read_key(study)
+    asked = [q["key"] for q in study_key["questions"]]
+    if question not in asked:
+        raise UserError(f"--question {question!r}: the study asks {', '.join(asked)}")
+    names = {m: study_key["models"][m]["name"] for m in "ab"}
+    battles = [r for r in judged if {r["model_A"]["name"], r["model_B"]["name"]} == set(names.values())]
+    labels = []
+    for path in answers:
+        given = read_answers(path, study_key)["answers"]
+        for r in battles:
+            choice = given.get(str(r["data_id"]), {}).get(question)
+            if choice is not None:
+                side = {r["model_A"]["name"]: "A", r["model_B"]["name"]: "B"}
+                labels.append({**r, "winner": side.get(names.get(choice), "Tie")})
+    if not labels:
+        raise UserError(f"no judged battle was rated in {study}: it compares {names['a']!r} and {names['b']!r}; the "
+                        "judgements must name them so, with data_ids that are the study's story ids")
+    return labels
+
+
 def write_results(report: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic({output: lambda f: f.write(json.dumps(report, indent=2, ensure_ascii=False) + "\n")})
+
+
+def agreement_line(found: dict) -> str:
+    said = [f"{label} {found[k]['agreement']:.2%} of {found[k]['battles']}" if found[k]["battles"] else
+            f"{label} n/a (no battles)" for label, k in (("with tie", "with_tie"), ("without tie", "without_tie"),
+                                                           ("FDT", "fdt"))]
+    return f"agreement with {', '.join(found['human'])}: " + ", ".join(said)
 
 
 def _pct(row: dict, metric: str) -> str:

@@ -82,11 +82,11 @@ BUNDLE_ENTRIES = {"llm", "generator", "recipe.yaml", "mapper", "adapter", "recip
 
 
 def _is_bundle(folder: Path) -> bool:
-    from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE
+    from minigpt5_cli.modeling.checkpoint import BASE_ROWS_FILE, META_FILE, PREFIX_FILE, VOKENS_FILE
 
     names = {p.name for p in folder.iterdir()}
     return {"llm", "generator", "recipe.yaml", META_FILE} <= names and \
-        names <= BUNDLE_ENTRIES | {META_FILE, PREFIX_FILE, VOKENS_FILE}
+        names <= BUNDLE_ENTRIES | {META_FILE, PREFIX_FILE, VOKENS_FILE, BASE_ROWS_FILE}
 
 
 def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
@@ -130,7 +130,8 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     run its LLM's code is refused."""
     from minigpt5_cli.modeling.backbones import load_llm, remote_code
     from minigpt5_cli.modeling.generators import load_generator
-    from minigpt5_cli.modeling.checkpoint import META_FILE, PREFIX_FILE, VOKENS_FILE, checkpoint_folder
+    from minigpt5_cli.modeling.checkpoint import (BASE_ROWS_FILE, META_FILE, PREFIX_FILE, VOKENS_FILE,
+                                               checkpoint_folder)
 
     out = Path(output)
     files.writable_folder(out, "OUTPUT")
@@ -146,7 +147,7 @@ def bundle(checkpoint: str | Path, output: str | Path, half: bool = True, overwr
     with files.staged(out, replace=overwrite) as tmp:
         # The trained weights as train wrote them (no optimizer state); the base backbones beside them,
         # without vokens or adapter: loading adds both again, as for any checkpoint.
-        for name in (VOKENS_FILE, "mapper", "adapter", PREFIX_FILE, META_FILE):
+        for name in (VOKENS_FILE, "mapper", "adapter", PREFIX_FILE, BASE_ROWS_FILE, META_FILE):
             src = folder / name
             if src.is_dir():
                 shutil.copytree(src, tmp / name)

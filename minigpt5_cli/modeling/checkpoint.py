@@ -2,9 +2,11 @@
 
 A checkpoint holds `vokens.safetensors` (the voken rows), `mapper/` (`FeatureMapper.save_pretrained`),
 `adapter/` (the PEFT adapter, stage 2; prefix tuning also keeps `prefix_encoder.safetensors`),
-`minigpt5.json` (the backbones it fits) and `recipe.yaml`. Training adds optimizer and scheduler
-state for `--resume` (`training/state.py`) and `trainer_state.json`. Every file is safetensors or
-JSON: reading a checkpoint runs no code that came with it.
+`minigpt5.json` (the backbones it fits) and `recipe.yaml`; an imported checkpoint may also hold
+`base_rows.safetensors`, the LLM's whole input embedding and LM head, which then replace the base's.
+Training adds optimizer and scheduler state for `--resume` (`training/state.py`) and
+`trainer_state.json`. Every file is safetensors or JSON: reading a checkpoint runs no code that came
+with it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ DAMAGED = (RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError, Valu
 META_FILE = "minigpt5.json"
 PREFIX_FILE = "prefix_encoder.safetensors"
 VOKENS_FILE = "vokens.safetensors"
+BASE_ROWS_FILE = "base_rows.safetensors"  # optional: "embed" and "head", the LLM's whole matrices
 ADAPTER_FILE = "adapter_model.safetensors"  # in adapter/, as PEFT names it
 MAPPER_CONFIG, MAPPER_FILE = "config.json", "diffusion_pytorch_model.safetensors"  # in mapper/, as diffusers names them
 STEP_FILE = "trainer_state.json"  # the step it was written at; written last: a folder without it is incomplete
@@ -163,6 +166,10 @@ def save(model, folder: str | Path) -> None:
         with writing(folder / PREFIX_FILE):
             save_file({k: v.detach().contiguous() for k, v in model.llm.prompt_encoder.state_dict().items()},
                       folder / PREFIX_FILE)
+    rows = getattr(model, "base_rows", None)
+    if rows is not None:  # frozen, so as they were read (a sharded model need not gather them)
+        with writing(folder / BASE_ROWS_FILE):
+            save_file(rows, folder / BASE_ROWS_FILE)
     with writing(folder / META_FILE):
         (folder / META_FILE).write_text(json.dumps(describe(model), indent=2))
 
@@ -199,7 +206,27 @@ def read(model, folder: str | Path, adapter: bool = True) -> dict:
                              "llm.prompt_encoder."))
     elif adapter and kind == "lora":
         state.update(_read_adapter(model, folder, folder / "adapter" / ADAPTER_FILE))
+    path = folder / BASE_ROWS_FILE
+    if path.is_file():
+        names, params = row_parameters(model)
+        rows = tensors(folder, path)
+        bad = _misfit(params, rows)
+        if bad:
+            raise UserError(f"{path} does not fit this model: {bad}")
+        state.update({names[k]: v for k, v in rows.items()})
+        model.base_rows = rows  # `save` writes them again
     return state
+
+
+def row_parameters(model) -> tuple[dict, dict]:
+    """The LLM's input embedding ("embed") and LM head ("head", unless tied to it): their parameter names in
+    `model`, and the parameters."""
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    names, params = {}, {}
+    for key, module in (("embed", model.llm.get_input_embeddings()), ("head", model.llm.get_output_embeddings())):
+        if module is not None and by_id.get(id(module.weight)) not in (None, *names.values()):
+            names[key], params[key] = by_id[id(module.weight)], module.weight
+    return names, params
 
 
 def _defaults(cls) -> dict:

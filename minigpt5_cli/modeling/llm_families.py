@@ -33,9 +33,13 @@ class Quirks:
     # a filled cache for generation): the prompt's attention would change with the batch. Prefix tuning
     # then leaves token types out, and the prompt attends causally, in training and generation alike.
     prefix_drops_token_types: bool = False
+    # a processor that puts one image's tokens before the text, whatever the images (BLIP-2's): the image
+    # tokens are written where each image is instead, the pixels come from its image processor alone
+    images_in_place: bool = False
 
 
 QUIRKS = {
+    "blip-2": Quirks(images_in_place=True),
     "paligemma": Quirks(target_token_type=1, position_offset=1, prefix_drops_token_types=True,
                         text_only=lambda text, tokenizer: f"{tokenizer.bos_token}{text}\n"),
 }

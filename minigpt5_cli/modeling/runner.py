@@ -47,6 +47,11 @@ def prefix_cache(peft_model, rows: int, length: int):
     return cache
 
 
+def cache_arg(model) -> str:
+    """The name `model` takes its cache by: transformers renamed `past_key_values` to `cache` during 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @dataclass
 class Decoding:
     """A batch being decoded: its cache, the attention mask of everything fed so far (any prefix
@@ -70,8 +75,7 @@ class LLMRunner:
         # Models with multimodal RoPE (Qwen2-VL's 3-D positions) compute positions from the attention mask
         # and the image grids themselves; a 1-D position_ids would override them.
         self.own_positions = hasattr(getattr(base, "model", None), "get_rope_index")
-        # transformers renamed `past_key_values` to `cache` during 5.x
-        self.cache_arg = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        self.cache_arg = cache_arg(base)
         # PEFT's prefix forward rebuilds the cache (and drops token_type_ids: Gemma 3's image blocks,
         # PaliGemma's prefix-LM mask), so behind a cache of our own the base model is called.
         self.call = model.get_base_model() if self.prefix else model
@@ -83,6 +87,10 @@ class LLMRunner:
         inputs = {k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items() if k not in TARGETS}
         if self.prefix and self.quirks.prefix_drops_token_types:
             inputs.pop("token_type_ids", None)
+        return inputs
+
+    def _feed(self, inputs: dict) -> dict[str, torch.Tensor]:
+        """What the model is called with for `inputs` (the token ids and the processor's other tensors)."""
         return inputs
 
     def _rope(self, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -97,13 +105,13 @@ class LLMRunner:
         base model behind a cache holding the prefix, as decoding calls it; positions after the prefix."""
         inputs = self._inputs(batch)
         if not self.prefix:
-            return self.model(**inputs, output_hidden_states=True)
+            return self.call(**self._feed(inputs), output_hidden_states=True)
         rows, length = inputs["input_ids"].shape
         mask = inputs.pop("attention_mask")
         if self.own_positions:
             inputs["position_ids"] = self._rope(inputs, mask)
         cache = prefix_cache(self.model, rows, length + self.virtual)
-        return self.call(**inputs, attention_mask=torch.cat([mask.new_ones(rows, self.virtual), mask], 1),
+        return self.call(**self._feed(inputs), attention_mask=torch.cat([mask.new_ones(rows, self.virtual), mask], 1),
                          output_hidden_states=True, **{self.cache_arg: cache})
 
     def start(self, batch: dict, room: int) -> tuple[torch.Tensor, torch.Tensor, Decoding]:
@@ -140,14 +148,43 @@ class LLMRunner:
             positions = self._rope(seq, state.mask[:, self.virtual:])[..., -width:]
         else:
             positions = (state.mask.cumsum(-1) - 1).clamp(min=0)[:, -width:] + self.quirks.position_offset
-        out = self.call(input_ids=ids, attention_mask=state.mask, use_cache=True, output_hidden_states=True,
-                        logits_to_keep=1, position_ids=positions, **{self.cache_arg: state.cache}, **inputs)
+        out = self.call(**self._feed({"input_ids": ids, **inputs}), attention_mask=state.mask, use_cache=True,
+                        output_hidden_states=True, logits_to_keep=1, position_ids=positions,
+                        **{self.cache_arg: state.cache})
         state.cache = out[self.cache_arg]
         return out.logits[:, -1].float(), out.hidden_states[-1]
 
 
+class Blip2Runner(LLMRunner):
+    """BLIP-2 with a decoder-only language model (MiniGPT-4's layout): each image is encoded once into the
+    Q-Former's query embeddings (vision tower, Q-Former, projection), spliced in order where the prompt
+    holds the image token; the language model then runs on the embeddings, for training, the prompt and
+    every cached step alike. A prompt without images needs no pixels. Where no pixels come with the ids
+    (a cached step), an image token is an ordinary token, embedded by its own row: the released MiniGPT-5
+    can sample its image placeholder and embeds it so."""
+
+    def __init__(self, model, adapter: str = "none", virtual_tokens: int = 0):
+        super().__init__(model, adapter, virtual_tokens)
+        self.blip = unwrap(model)
+        self.call = self.blip.language_model  # LoRA's layers live inside it
+        self.cache_arg = cache_arg(self.call)
+
+    def _feed(self, inputs: dict) -> dict[str, torch.Tensor]:
+        inputs = dict(inputs)
+        ids, pixels = inputs.pop("input_ids"), inputs.pop("pixel_values", None)
+        embeds = self.blip.get_input_embeddings()(ids)  # the voken rows come in through its hook
+        if pixels is None:
+            return {"inputs_embeds": embeds, **inputs}
+        slots = (ids == self.blip.config.image_token_id).unsqueeze(-1)
+        features = self.blip.get_image_features(pixels, return_dict=True).pooler_output
+        if slots.sum() != features.shape[0] * features.shape[1]:
+            raise RuntimeError(f"{int(slots.sum())} image tokens for {features.shape[0]} images of "
+                               f"{features.shape[1]} query embeddings; the collator is out of step")
+        return {"inputs_embeds": embeds.masked_scatter(slots, features.to(embeds.dtype)), **inputs}
+
+
 # Runners of families with a calling convention of their own, by model_type.
-RUNNERS: dict[str, type[LLMRunner]] = {}
+RUNNERS: dict[str, type[LLMRunner]] = {"blip-2": Blip2Runner}
 
 
 def runner_for(model, adapter: str = "none", virtual_tokens: int = 0) -> LLMRunner:
