@@ -150,9 +150,14 @@ def python_tree(path: Path, option: str):
     if not path.is_file():
         raise UserError(f"{option}: {path} not found (give a checkout of the repository it belongs to)")
     try:
-        return ast.parse(read_text(path), str(path))
+        tree = ast.parse(read_text(path).removeprefix("\ufeff"), str(path))  # a BOM is valid Python
     except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        raise UserError(f"{option}: {path} is not Python this version can read ({e})") from None
+        raise UserError(f"{option}: {path} is not Python this version can read ({e or type(e).__name__})") \
+            from None
+    for node in ast.walk(tree):  # its strings are written on: "\ud800" escapes make no text
+        if isinstance(node, ast.Constant) and isinstance(node.value, str):
+            _valid_text(node.value, f"{option}: {path} line {node.lineno}")
+    return tree
 
 
 def inside(path: Path, root: Path) -> bool:

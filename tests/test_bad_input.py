@@ -659,6 +659,14 @@ def export_image_leading_out(c: Ctx) -> list[str]:
     return args
 
 
+def export_image_with_nul(c: Ctx) -> list[str]:
+    """ISG's gold answers exported from {tmp}/d, whose stories.jsonl names a Golden image by a path holding NUL."""
+    args = export_args(c, "--gold", fmt="isg")
+    path = c.tmp / "d/stories.jsonl"
+    path.write_text(path.read_text().replace('"images/0000_g1.png"', '"images/0000\\u0000g1.png"', 1))
+    return args
+
+
 def export_into_linked_folder(c: Ctx) -> list[str]:
     """ISG's gold answers exported into {tmp}/exp, whose images/ is a link to a folder outside it."""
     args = export_args(c, "--gold", fmt="isg")
@@ -1415,6 +1423,12 @@ CASES = [
     Case("judge-isg-output-an-export", lambda c: [c.file("j.jsonl", json.dumps(isg_record()) + "\n"),
                                                   *benchmark_judge_args(c, "isg")][1:],
          "{tmp}/j.jsonl is not a judgement file of ISG-Bench; give another --output"),
+    Case("judge-isg-output-id-a-list", lambda c: [c.file("j.jsonl", json.dumps(
+        {"id": ["0"], "Category": "c", "model": "m", "judge": "j"}) + "\n"), *benchmark_judge_args(c, "isg")][1:],
+         "{tmp}/j.jsonl is not a judgement file of ISG-Bench; give another --output"),
+    Case("judge-isg-exports-nested-deep", lambda c: [c.file("exp/deep.jsonl", "[" * 100000 + "\n"),
+                                                     *benchmark_judge_args(c, "isg")][1:],
+         "{tmp}/exp/deep.jsonl line 1: not valid JSON (nested too deeply)"),
     Case("judge-isg-output-foreign-end", lambda c: [c.file("j.jsonl", "my notes"),
                                                     *benchmark_judge_args(c, "isg")][1:],
          "{tmp}/j.jsonl does not end with a judgement"),
@@ -1508,6 +1522,8 @@ CASES = [
          "{tmp}/e/stories.jsonl: story id '../x' is not a plain file name"),
     Case("export-story-image-leads-out", export_image_leading_out,
          "{tmp}/d/stories.jsonl line 1: story '0000' names image '../d/images/0000_g1.png': the folder was not"),
+    Case("export-story-image-with-nul", export_image_with_nul,
+         "{tmp}/d/stories.jsonl line 1: story '0000' names image 'images/0000\\x00g1.png': the folder was not"),
     Case("export-output-folder-linked-out", export_into_linked_folder,
          "{tmp}/exp/images/0000_q1.png leads outside --output {tmp}/exp"),
     # import-official: the original files checked name by name before anything is written
@@ -1551,7 +1567,11 @@ CASES = [
          "--upstream {tmp}/MiniGPT-5/dataloader.py assigns no string to system_prompt in MMDialogDataset (the "
          "dialogue system prompt)"),
     Case("import-official-vit-deeper-than-the-file", lambda c: lavis_args(c) + ["--vision-layers", "4"],
-         "--eva-vit {tmp}/lavis/eva_vit_g.pth lacks blocks.3."),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth holds 3 ViT blocks, fewer than the 4 of --vision-layers"),
+    Case("import-official-pos-embed-no-grid", lambda c: reshaped(c, "eva", "pos_embed", 1, 0, 16),
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth: pos_embed [1, 0, 16] is not a square grid plus a class token"),
+    Case("import-official-vit-width-zero", lambda c: reshaped(c, "eva", "cls_token", 1, 1, 0) + ["--vision-heads", "2"],
+         "--eva-vit {tmp}/lavis/eva_vit_g.pth: width 0 does not split into 2 attention heads"),
     Case("import-official-pos-embed-1d", lambda c: reshaped(c, "eva", "pos_embed", 5),
          "--eva-vit {tmp}/lavis/eva_vit_g.pth: pos_embed is [5], expected 3 dimensions"),
     Case("import-official-cls-token-0d", lambda c: reshaped(c, "eva", "cls_token"),

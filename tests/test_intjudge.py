@@ -307,3 +307,13 @@ def test_output_step_without_image_and_last_line_kept(tmp_path):
     (tmp_path / "j.jsonl").write_text(line)
     assert intjudge.read_done(tmp_path / "j.jsonl") == {"1_0_1"}
     assert (tmp_path / "j.jsonl").read_text() == line + "\n"
+
+
+@pytest.mark.parametrize("extra, size", [([], 4), (["--compat", "opening"], 1), (["--compat", "opening", "-b", "3"], 3)])
+def test_compat_opening_judges_one_battle_at_a_time_unless_told(monkeypatch, tmp_path, extra, size):
+    """OpenING's script decodes one prompt at a time; left-padded batches can change a greedy verdict."""
+    seen = []
+    monkeypatch.setattr(intjudge, "run", lambda job: seen.append(job.batch_size) or "judged")
+    assert run_cli("judge", "--benchmark", "opening", "--judge", "j", "--exports", str(tmp_path),
+                   "-o", str(tmp_path / "j.jsonl"), *extra) == 0
+    assert seen == [size]

@@ -81,7 +81,7 @@ class Collator:
         take = self.processor is not None  # a text-only LLM never sees the images
         images = [img for _, img in history if img is not None and take]
         if images and self._marker is None:
-            self._marker = image_marker(self.processor)
+            self._marker = image_marker(self.processor, self.quirks.images_in_place)
         if self.prompt_format == "official":
             steps = [(text, img is not None and take) for text, img in history]
             return prompts.official(steps, self._marker, self.story_system, self.dialogue_system), images
@@ -326,13 +326,14 @@ def legacy_ids(tokenizer, text: str, specials: list[str]) -> list[int]:
     return ids
 
 
-def image_marker(processor) -> str:
+def image_marker(processor, in_place: bool = False) -> str:
     """How the model writes one image in its text: its chat template's rendering of an image (with the
     family's markers, e.g. Qwen2-VL's <|vision_start|>...<|vision_end|>), else the processor's image
-    token, as many times as the image takes where the processor counts them for the text (BLIP-2's
-    query tokens). The rendering is what an image adds to a turn, wherever the template puts it: between
+    token; `in_place` (a family whose image tokens we write, BLIP-2's), as many times as the image has
+    query tokens. The rendering is what an image adds to a turn, wherever the template puts it: between
     the texts around it, or (LLaVA's templates) before all of the turn's text."""
-    token = str(getattr(processor, "image_token", None) or "") * (getattr(processor, "num_query_tokens", None) or 1)
+    repeat = getattr(processor, "num_query_tokens", None) or 1 if in_place else 1
+    token = str(getattr(processor, "image_token", None) or "") * repeat
     if not getattr(processor, "chat_template", None):
         return token
     from jinja2 import TemplateError

@@ -139,8 +139,11 @@ def build_app(loaded, workdir: Path):
                                 info="vokens: MiniGPT-5; two-stage: text, then text-to-image")
                 seed = gr.Number(0, precision=0, minimum=0, label="Seed")
             with gr.Row():
-                max_new_tokens = gr.Slider(1, 512, value=sample.max_new_tokens, step=1, label="Tokens per response")
-                min_images = gr.Slider(0, 4, value=sample.min_images, step=1, label="Images at least")
+                # wide enough for the recipe's own values, which may lie past the usual range
+                max_new_tokens = gr.Slider(1, max(512, sample.max_new_tokens), value=sample.max_new_tokens, step=1,
+                                           label="Tokens per response")
+                min_images = gr.Slider(0, max(4, sample.min_images), value=sample.min_images, step=1,
+                                       label="Images at least")
             with gr.Row():
                 temperature = gr.Slider(0, 2, value=sample.temperature, step=0.05, label="Temperature (0: greedy)")
                 top_p = gr.Slider(0.05, 1, value=sample.top_p, step=0.05, label="Top p")

@@ -67,7 +67,8 @@ class Decoder:
         # released code was): the sequence it starts, the generation config's BOS (0 for Vicuna v0, not the
         # tokenizer's 1), then the sampled tokens
         bos = getattr(config, "bos_token_id", None)
-        self.start = [bos if bos is not None else self.tok.bos_token_id]
+        bos = bos if bos is not None else self.tok.bos_token_id
+        self.start = [] if bos is None else [bos]
 
     def _pick(self, row: _Row, logits: torch.Tensor) -> int:
         scores = logits[None].clone()
@@ -77,7 +78,7 @@ class Decoder:
             scores[:, vokens] = float("-inf")
         elif self.s.mask_vokens:
             scores[:, self.first + 1:self.first + self.n] = float("-inf")  # only [IMG0] opens a group
-        scores = self.warpers(torch.tensor([row.ids], device=scores.device), scores)
+        scores = self.warpers(torch.tensor([row.ids], dtype=torch.long, device=scores.device), scores)
         if self.s.temperature <= 0:
             return int(scores.argmax(-1))
         probs = torch.softmax(scores, dim=-1)

@@ -204,7 +204,8 @@ def judgement(output: Path, benchmark: str, keys: tuple[str, ...]) -> Callable[[
     """A `check` for `resume`: a judgement is an object holding `keys`; its key is (model, id)."""
 
     def check(where: str, record) -> tuple:
-        if not (isinstance(record, dict) and all(k in record for k in keys)):
+        if not (isinstance(record, dict) and all(k in record for k in keys)
+                and isinstance(record["model"], str) and isinstance(record["id"], str)):
             raise UserError(f"{output} is not a judgement file of {benchmark}; give another --output ({where} is "
                             "not one)")
         return record["model"], record["id"]

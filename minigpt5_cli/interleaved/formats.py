@@ -371,7 +371,7 @@ def _check_paths(story: dict, where: str) -> None:
     reference normalized and relative, and leaves the source's relative and inside (OpenING's start with ./)."""
     def bad(path, strict: bool) -> bool:
         norm = posixpath.normpath(path)
-        return posixpath.isabs(path) or norm == ".." or norm.startswith("../") or \
+        return "\x00" in path or posixpath.isabs(path) or norm == ".." or norm.startswith("../") or \
             strict and (".." in path.split("/") or path != norm)
 
     named = [(s.get("image"), True) for s in story["steps"] if isinstance(s, dict)] + \

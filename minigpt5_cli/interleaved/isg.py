@@ -32,7 +32,7 @@ from typing import Callable
 
 from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.files import MAX_LINE, inside, json_lines, python_tree
+from minigpt5_cli.files import MAX_LINE, inside, json_lines, loads, python_tree
 from minigpt5_cli.interleaved import api
 
 PROMPT_FILE = "ISG_eval/get_judge_prompt.py"
@@ -245,7 +245,7 @@ def is_export(path: Path) -> bool:
     Anything else is read, and refused if it is not an export."""
     try:
         with path.open(encoding="utf-8", errors="replace") as f:
-            first = json.loads(f.readline(MAX_LINE))
+            first = loads(f.readline(MAX_LINE))
     except (ValueError, OSError):
         return True
     return not (isinstance(first, dict) and ("result" in first or all(k in first for k in KEYS)))

@@ -71,7 +71,9 @@ def judge(
     prompts: Optional[Path] = typer.Option(None, "--prompts", help="A local checkout of the benchmark's "
                                            "repository: its own prompts are read from it (as text; nothing in it "
                                            "is run)."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", help="Items judged at once."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", help="Items judged at once (isg, mmie: "
+                                             "requests in flight).", show_default="4; 1 with --compat opening, "
+                                             "whose judge decodes one at a time"),
     seed: int = typer.Option(0, help="Seeds the coin that decides an unreadable verdict."),
     compat: Optional[str] = typer.Option(None, "--compat", help="Reproduce the benchmark's own script exactly, "
                                          "quirks included (opening, isg, mmie)."),
@@ -86,6 +88,8 @@ def judge(
         raise UserError(f"--benchmark {benchmark!r}: the choices are {', '.join(JUDGES)}")
     if compat is not None and compat != benchmark:
         raise UserError(f"--compat {compat!r}: with --benchmark {benchmark}, the only choice is {benchmark}")
+    if batch_size is None:  # left-padded batches can change a greedy verdict against OpenING's one-at-a-time run
+        batch_size = 1 if compat == "opening" else 4
     if batch_size < 1 or limit < 0 or max_new_tokens < 0:
         raise UserError("--batch-size must be at least 1, --limit and --max-new-tokens at least 0")
     run = JudgeRun(benchmark=benchmark, judge=judge_model, exports=list(exports), output=output, pairs=pairs,

@@ -83,5 +83,5 @@ def minigpt5(
     typer.echo(f"wrote {output}")
     for key, name in (("embed", "input embedding"), ("head", "LM head")):
         s = record["row_scale"][key]
-        typer.echo(f"{name}: row norm / base row norm: median {s['median']:.6f}, min {s['min']:.6f}, "
-                   f"max {s['max']:.6f}")
+        typer.echo(f"{name}: row norm / base row norm: " + (f"median {s['median']:.6f}, min {s['min']:.6f}, "
+                   f"max {s['max']:.6f}" if s["median"] is not None else "none (the base's rows are zero)"))

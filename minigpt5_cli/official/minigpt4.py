@@ -96,11 +96,15 @@ def vision_config(eva: dict, where: str, heads: int | None, layers: int) -> dict
     released file's 40)."""
     width = _need(eva, "cls_token", where, 3).shape[-1]
     patch = _need(eva, "patch_embed.proj.weight", where, 4).shape[-1]
-    grid = math.isqrt(_need(eva, "pos_embed", where, 3).shape[1] - 1)
-    if grid * grid != eva["pos_embed"].shape[1] - 1:
+    positions = _need(eva, "pos_embed", where, 3).shape[1] - 1
+    grid = math.isqrt(max(positions, 0))
+    if positions < 1 or grid * grid != positions:
         raise UserError(f"{where}: pos_embed {list(eva['pos_embed'].shape)} is not a square grid plus a class token")
+    blocks = len(_indices(eva, r"blocks\.(\d+)\."))
+    if layers > blocks:
+        raise UserError(f"{where} holds {blocks} ViT blocks, fewer than the {layers} of --vision-layers")
     heads = heads or width // 88
-    if not heads or width % heads:
+    if not width or not heads or width % heads:
         raise UserError(f"{where}: width {width} does not split into {heads} attention heads; pass --vision-heads")
     return {"hidden_size": width, "num_hidden_layers": layers,
             "intermediate_size": _need(eva, "blocks.0.mlp.fc1.weight", where, 2).shape[0], "num_attention_heads": heads,
@@ -118,7 +122,7 @@ def qformer_config(blip2: dict, where: str, heads: int | None) -> dict:
     if not cross or cross[0] != 0:
         raise UserError(f"{where} lacks {layer}.0.crossattention.self.key.weight")
     heads = heads or width // 64
-    if not heads or width % heads:
+    if not width or not heads or width % heads:
         raise UserError(f"{where}: width {width} does not split into {heads} attention heads; pass --qformer-heads")
     return {"hidden_size": width, "num_hidden_layers": len(layers), "num_attention_heads": heads,
             "intermediate_size": _need(blip2, f"{layer}.0.intermediate_query.dense.weight", where, 2).shape[0],
@@ -226,7 +230,7 @@ def import_minigpt4(vicuna: Path, eva_vit: Path, qformer: Path, minigpt4: Path, 
 
     vision_wanted = _wanted(shapes, ("vision_model.embeddings.", "vision_model.encoder."), joined_bias=True)
     # the blocks past those built, which the original's non-strict load drops
-    unbuilt = VISION_IGNORED + (rf"blocks\.(?!(?:{'|'.join(map(str, range(vision_layers)))})\.)\d+\..*",)
+    unbuilt = VISION_IGNORED + (rf"blocks\.(?!(?:{'|'.join(map(str, range(vision_layers)))})\.)\d+\..*",)  # at most the file's
     tower = "visual_encoder."
     parts = [Part(eva_where, eva, VISION_RULES, "vision_model.", vision_wanted, unbuilt),
              Part(q_where, {k: v for k, v in blip2.items() if not k.startswith(tower)}, QFORMER_RULES, "",

@@ -143,7 +143,11 @@ def _base_rows(base: Path, names: dict) -> dict:
     index = base / "model.safetensors.index.json"
     out = {}
     try:
-        where = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
+        doc = files.read_json(index) if index.is_file() else {"weight_map": {}}
+    except UserError as e:
+        raise UserError(f"--base {base} is damaged: {e}") from None
+    try:
+        where = doc["weight_map"]
         for key, name in names.items():
             shard = base / where.get(name, "model.safetensors")
             if not files.inside(shard, base):
@@ -162,6 +166,8 @@ def row_scale(new, old) -> dict:
     """Median, min and max of the norm of each row of `new` over that of `old` (their shared rows)."""
     ratio = new[:old.shape[0]].norm(dim=1) / old.norm(dim=1)
     ratio = ratio[ratio.isfinite()]
+    if not ratio.numel():  # the base's rows are all zero
+        return {"median": None, "min": None, "max": None}
     return {"median": ratio.median().item(), "min": ratio.min().item(), "max": ratio.max().item()}
 
 
