@@ -160,6 +160,13 @@ def python_tree(path: Path, option: str):
     return tree
 
 
+def overlaps(a: Path, b: Path) -> bool:
+    """Whether the folders `a` and `b` are one, or one holds the other, once both are resolved: writing the
+    one would write into, or over, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def inside(path: Path, root: Path) -> bool:
     """Whether `path` lies in the folder `root` (or is it) once both are resolved: `..` and symbolic
     links followed, so that neither leads out of it."""

@@ -27,6 +27,14 @@ class OversizedImage(ValueError):
     """An image whose size, read from its header, is over the bounds."""
 
 
+def check_size(w: int, h: int) -> None:
+    """Refuse (`OversizedImage`) a size, read from a header, past MAX_PIXELS or MAX_ASPECT."""
+    if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
+        limit = (f"more than {MAX_PIXELS // 1_000_000} megapixels" if w * h > MAX_PIXELS
+                 else f"more than {MAX_ASPECT} times longer than wide")
+        raise OversizedImage(f"{w} x {h} pixels, {limit}")
+
+
 def load(source: bytes | str | Path, size: int | None = None) -> Image.Image:
     """Open and fully decode an image file or encoded bytes, as stored (any mode), turned upright by its
     EXIF orientation. The size is checked before decoding (`OversizedImage`); with `size`, a JPEG much
@@ -40,10 +48,7 @@ def load(source: bytes | str | Path, size: int | None = None) -> Image.Image:
         Image.MAX_IMAGE_PIXELS = limit
     with img:
         w, h = img.size
-        if w * h > MAX_PIXELS or max(w, h) > MAX_ASPECT * max(1, min(w, h)):
-            limit = (f"more than {MAX_PIXELS // 1_000_000} megapixels" if w * h > MAX_PIXELS
-                     else f"more than {MAX_ASPECT} times longer than wide")
-            raise OversizedImage(f"{w} x {h} pixels, {limit}")
+        check_size(w, h)
         img.info["stored_size"] = (w, h)  # before a draft decode shrinks it
         if size and img.format == "JPEG":
             img.draft(None, (size, size))  # a no-op unless the image is at least twice `size`

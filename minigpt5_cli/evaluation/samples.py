@@ -15,6 +15,7 @@ from pathlib import Path
 
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import inside, json_lines, read_json
+from minigpt5_cli.generation.output import story_folders
 from minigpt5_cli.story import STORY_FILE, Picture, Step, picture_of
 
 PREDICTION = "a story's first generated response (its text, images and segments)"
@@ -77,8 +78,7 @@ def read_references(path: str | Path, outside: bool = False) -> list[Sample]:
 def _read_generate_folder(folder: Path) -> tuple[list[Sample], dict]:
     import json
 
-    single = (folder / STORY_FILE).is_file()
-    folders = [folder] if single else sorted(d for d in folder.iterdir() if (d / STORY_FILE).is_file())
+    folders = story_folders(folder)
     if not folders and not (folder / "index.html").is_file() and any(folder.iterdir()):
         raise UserError(f"{folder} is not a generate output folder (no {STORY_FILE}, no story folders)")
     samples, runs = [], []

@@ -111,6 +111,14 @@ def read_record(folder: Path, name: str = STORY_FILE) -> dict | None:
     return doc if ok else {}
 
 
+def story_folders(out: Path) -> list[Path]:
+    """The story folders of generate's output `out`: itself when it holds one story, else its folders that
+    hold a story.json."""
+    if (out / STORY_FILE).is_file():
+        return [out]
+    return sorted(p for p in out.iterdir() if (p / STORY_FILE).is_file())
+
+
 def finished(folder: Path, job: Job) -> bool:
     """Whether `folder` holds this very story, generated: same id and the same input texts."""
     doc = read_record(folder)

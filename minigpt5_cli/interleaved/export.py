@@ -29,7 +29,7 @@ from rich.console import Console
 from minigpt5_cli import files
 from minigpt5_cli.display import plural
 from minigpt5_cli.errors import UserError
-from minigpt5_cli.generation.output import folder_name, read_record
+from minigpt5_cli.generation.output import folder_name, read_record, story_folders
 from minigpt5_cli.interleaved.formats import READERS, STORIES, link, plain_name, read_prepared, steps_of
 from minigpt5_cli.story import STORY_FILE
 
@@ -110,7 +110,7 @@ def _generated(out: Path, stories: dict[str, dict]) -> dict[str, list[dict]]:
     if not out.is_dir():
         raise UserError(f"--generated {out} is not a folder generate wrote")
     answers, seen = {}, {}
-    for folder in [out, *sorted(p for p in out.iterdir() if p.is_dir())]:
+    for folder in story_folders(out):
         doc = read_record(folder)
         if not doc or doc["id"] not in stories:
             continue

@@ -245,8 +245,10 @@ def _check_image(path: Path) -> None:
             width, height = img.size
     except Exception as e:  # PIL raises many kinds for files it cannot read
         raise _Bad("corrupt_image", f"{path.name}: {type(e).__name__}") from None
-    if width * height > images.MAX_PIXELS or max(width, height) > images.MAX_ASPECT * max(1, min(width, height)):
-        raise _Bad("oversized_image", f"{path.name}: {width} x {height} pixels")
+    try:
+        images.check_size(width, height)
+    except images.OversizedImage as e:
+        raise _Bad("oversized_image", f"{path.name}: {e}") from None
 
 
 def _placed(raw: str, root: Path, outside: bool) -> tuple[Path, str]:

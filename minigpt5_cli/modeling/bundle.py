@@ -93,9 +93,8 @@ def _check_output(out: Path, folder: Path, overwrite: bool) -> None:
     """Never write into, or over, the checkpoint or its run; replace only a bundle."""
     from minigpt5_cli.modeling.checkpoint import owners
 
-    target = out.resolve()
     for source in owners(folder):
-        if target == source or source in target.parents or target in source.parents:
+        if files.overlaps(out, source):
             raise UserError(f"{out} overlaps {source}, which holds the checkpoint; write the bundle elsewhere")
     if out.exists():
         if not overwrite:

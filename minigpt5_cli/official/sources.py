@@ -74,11 +74,9 @@ def check_output(out: Path, inputs: list[Path], overwrite: bool) -> None:
     """Refuse an output that overlaps an input, or exists and is not a folder this command wrote (which
     --overwrite alone replaces)."""
     files.writable_folder(out, "--output")
-    target = out.resolve()
     for source in inputs:
-        source = source.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise UserError(f"--output {out} overlaps {source}, an input; write it elsewhere")
+        if files.overlaps(out, source):
+            raise UserError(f"--output {out} overlaps {source.resolve()}, an input; write it elsewhere")
     if out.exists():
         if not overwrite:
             raise UserError(f"{out} exists; pass --overwrite to replace it")

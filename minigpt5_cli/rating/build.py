@@ -27,7 +27,7 @@ from pathlib import Path
 from minigpt5_cli import images
 from minigpt5_cli.errors import UserError
 from minigpt5_cli.files import inside, read_json, staged, writable_folder, write_atomic
-from minigpt5_cli.generation.output import read_record
+from minigpt5_cli.generation.output import read_record, story_folders
 from minigpt5_cli.recipe import in_range
 from minigpt5_cli.story import STORY_FILE
 
@@ -61,8 +61,7 @@ def read_output(folder: Path, option: str) -> dict[str, tuple[Path, dict]]:
         raise UserError(f"{option} {folder} not found; give a folder written by minigpt5 generate")
     if not folder.is_dir():
         raise UserError(f"{option} {folder} is a file; give a folder written by minigpt5 generate")
-    found = [folder] if (folder / STORY_FILE).exists() else \
-        sorted(p for p in folder.iterdir() if p.is_dir() and (p / STORY_FILE).exists())
+    found = story_folders(folder)
     if not found:
         raise UserError(f"{option} {folder} holds no {STORY_FILE}; give a folder written by minigpt5 generate")
     stories: dict[str, tuple[Path, dict]] = {}
